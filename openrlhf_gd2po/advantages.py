@@ -1,0 +1,182 @@
+"""GD²PO advantage estimation (arXiv 2606.16771), pure torch, no OpenRLHF import.
+
+Read next to the paper:
+  1. per-dimension group normalisation A_k = (r_k - mean_g) / (std_g + 1e-6)        (GDPO)
+  2. conflict: some A_k > 1e-8 and some A_k < -1e-8 on the same rollout
+     hard: mask every conflicted rollout; snr: mask only conflicted rollouts whose
+     consensus |Σ_k A_k| / (Σ_k |A_k| + 1e-8) is below τ
+  3. scale each rollout's Σ_k A_k by its query's kept fraction (group_keep_ratio)
+  4. whiten over the tokens of kept rollouts only; masked rollouts get exactly 0
+
+Every group operation is a scatter over `torch.unique(group_ids, return_inverse=True)`,
+so the cost is a handful of O(N·K) kernels whatever the number or size of groups.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+ESTIMATORS = ("grpo", "gdpo", "gd2po_hard", "gd2po_snr")
+GROUP_NORM_EPS = 1e-6  # std epsilon of GRPO/GDPO group normalisation (authors' code)
+SIGN_EPS = 1e-8  # |A_k| at or below this has no sign
+SNR_EPS = 1e-8
+WHITEN_EPS = 1e-8
+
+
+@dataclass
+class AdvantageResult:
+    advantages: torch.Tensor  # [N] float, one scalar per rollout, exactly 0.0 where masked
+    keep_mask: torch.Tensor  # [N] bool
+    group_keep_ratio: torch.Tensor  # [N] float, kept fraction of the rollout's query group
+    metrics: dict  # str -> float
+
+
+def compute_advantages(
+    rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    estimator: str,
+    response_lengths: torch.Tensor | None = None,
+    snr_threshold: float = 0.8,
+    group_reweight: bool = True,
+    whiten: bool = True,
+    reward_weights: torch.Tensor | None = None,
+) -> AdvantageResult:
+    """One scalar advantage per rollout from K reward dimensions; see the module docstring.
+
+    `reward_weights` scale each dimension's normalised advantage (for grpo, each raw reward
+    before the sum). Conflict and SNR are measured on the weighted advantages, so a zero
+    weight removes a dimension from the filter as well as from the sum.
+    """
+    rewards, group_ids, lengths, weights = _validate(
+        rewards, group_ids, estimator, response_lengths, snr_threshold, reward_weights
+    )
+    n, k = rewards.shape
+    group_index, group_size = _group_index(group_ids)
+
+    per_dim = _group_normalize(rewards, group_index, group_size) * weights
+    conflict = (per_dim > SIGN_EPS).any(dim=1) & (per_dim < -SIGN_EPS).any(dim=1)
+    summed = per_dim.sum(dim=1)
+    consensus = summed / (per_dim.abs().sum(dim=1) + SNR_EPS)
+
+    keep_mask = torch.ones(n, dtype=torch.bool, device=rewards.device)
+    if estimator == "gd2po_hard":
+        keep_mask = ~conflict
+    elif estimator == "gd2po_snr":
+        keep_mask = ~(conflict & (consensus.abs() < min(max(float(snr_threshold), 0.0), 1.0)))
+
+    kept_per_group = torch.zeros_like(group_size).index_add_(0, group_index, keep_mask.double())
+    group_keep_ratio = (kept_per_group / group_size)[group_index]
+
+    if estimator == "grpo":
+        advantages = _group_normalize((rewards * weights).sum(dim=1, keepdim=True), group_index, group_size)[:, 0]
+    else:
+        advantages = summed
+        if estimator.startswith("gd2po") and group_reweight:
+            advantages = advantages * group_keep_ratio
+        advantages = torch.where(keep_mask, advantages, torch.zeros_like(advantages))
+        if whiten:
+            advantages = _whiten(advantages, lengths * keep_mask)
+
+    metrics = {
+        "conflict_ratio": conflict.double().mean().item(),
+        "keep_ratio": keep_mask.double().mean().item(),
+        "group_keep_ratio_mean": (kept_per_group / group_size).mean().item(),
+        "group_keep_ratio_min": (kept_per_group / group_size).min().item(),
+        "group_keep_ratio_max": (kept_per_group / group_size).max().item(),
+        # Share of the per-dimension advantage mass that sign disagreement cancels in the sum.
+        "advantage_cancellation": 1.0 - (summed.abs().sum() / per_dim.abs().sum().clamp(min=SNR_EPS)).item(),
+    }
+    for dim in range(k):
+        metrics[f"reward_dim{dim}_mean"] = rewards[:, dim].mean().item()
+        metrics[f"reward_dim{dim}_std"] = rewards[:, dim].std(correction=0).item()
+    return AdvantageResult(advantages.float(), keep_mask, group_keep_ratio.float(), metrics)
+
+
+def _group_index(group_ids):
+    """Dense group index per rollout and each group's size (float64)."""
+    _, group_index = torch.unique(group_ids, return_inverse=True)
+    group_size = torch.bincount(group_index).double()
+    return group_index, group_size
+
+
+def _group_normalize(values, group_index, group_size):
+    """(x - group mean) / (group std + 1e-6) per column, Bessel-corrected std.
+
+    A group of one rollout has no spread to normalise by: it keeps its raw value
+    (mean 0, std 1), as GRPO's reference implementation does.
+    """
+    num_groups = group_size.shape[0]
+    sums = values.new_zeros(num_groups, values.shape[1]).index_add_(0, group_index, values)
+    centred = values - (sums / group_size[:, None])[group_index]
+    squares = torch.zeros_like(sums).index_add_(0, group_index, centred.square())
+    std = (squares / (group_size - 1).clamp(min=1)[:, None]).sqrt()
+    normalised = centred / (std[group_index] + GROUP_NORM_EPS)
+    singleton = (group_size == 1)[group_index]
+    return torch.where(singleton[:, None], values, normalised)
+
+
+def _whiten(values, token_weights):
+    """Token-weighted whitening: each rollout counts once per response token in `token_weights`.
+
+    Unbiased variance over tokens, (x - mean) / sqrt(var + 1e-8). Rollouts with zero weight
+    (masked, or empty responses) get 0; with no weighted token at all everything is 0.
+    """
+    token_weights = token_weights.double()
+    total = token_weights.sum()
+    if total <= 0:
+        return torch.zeros_like(values)
+    mean = (values * token_weights).sum() / total
+    squared = ((values - mean).square() * token_weights).sum()
+    var = squared / (total - 1) if total > 1 else torch.zeros_like(squared)
+    whitened = (values - mean) * torch.rsqrt(var + WHITEN_EPS)
+    return torch.where(token_weights > 0, whitened, torch.zeros_like(whitened))
+
+
+def _validate(rewards, group_ids, estimator, response_lengths, snr_threshold, reward_weights):
+    """Check shapes and values; return float64 rewards, group ids, float64 lengths and weights."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    rewards = torch.as_tensor(rewards)
+    if rewards.dim() != 2 or rewards.shape[0] == 0 or rewards.shape[1] == 0:
+        raise ValueError(f"rewards must be a non-empty [N, K] tensor, got shape {tuple(rewards.shape)}")
+    if not rewards.is_floating_point():
+        raise ValueError(f"rewards must be a float tensor, got dtype {rewards.dtype}")
+    n, k = rewards.shape
+    bad = (~torch.isfinite(rewards)).nonzero()
+    if len(bad):
+        row, dim = bad[0].tolist()
+        raise ValueError(
+            f"rewards[{row}, {dim}] is {rewards[row, dim].item()} (rollout {row}, dimension {dim}); "
+            f"{len(bad)} non-finite reward(s) in total"
+        )
+    group_ids = torch.as_tensor(group_ids)
+    if group_ids.shape != (n,) or group_ids.is_floating_point() or group_ids.dtype == torch.bool:
+        raise ValueError(
+            f"group_ids must be an integer tensor of shape [{n}], got dtype {group_ids.dtype} "
+            f"shape {tuple(group_ids.shape)}"
+        )
+    if response_lengths is None:
+        lengths = torch.ones(n)
+    else:
+        lengths = torch.as_tensor(response_lengths)
+        if lengths.shape != (n,):
+            raise ValueError(f"response_lengths must have shape [{n}], got {tuple(lengths.shape)}")
+        # `~(x >= 0)` also catches NaN, which would otherwise turn every whitened advantage NaN.
+        bad_lengths = ~(lengths >= 0) | torch.isinf(lengths)
+        if bad_lengths.any():
+            row = int(bad_lengths.nonzero()[0])
+            raise ValueError(f"response_lengths[{row}] is {lengths[row].item()}; lengths must be finite and >= 0")
+        lengths = lengths.double()
+    if reward_weights is None:
+        weights = torch.ones(k)
+    else:
+        weights = torch.as_tensor(reward_weights, dtype=torch.float64)
+        if weights.shape != (k,):
+            raise ValueError(f"reward_weights must have {k} entries (one per dimension), got {tuple(weights.shape)}")
+        if not torch.isfinite(weights).all():
+            raise ValueError(f"reward_weights must be finite, got {weights.tolist()}")
+    snr_threshold = float(snr_threshold)
+    if snr_threshold != snr_threshold:
+        raise ValueError("snr_threshold is NaN")
+    device = rewards.device
+    return rewards.double(), group_ids.to(device), lengths.to(device, torch.float64), weights.to(device, torch.float64)

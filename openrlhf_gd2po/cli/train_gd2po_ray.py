@@ -1,0 +1,121 @@
+"""`train_gd2po_ray`: OpenRLHF's `train_ppo_ray` with GD²PO estimators and multi-server rewards.
+
+OpenRLHF builds its parser inside `train_ppo_ray`'s `__main__` block, so we run that block
+unchanged (every OpenRLHF flag, check and default stays as is) and hook two calls while it runs:
+`parse_args`, to add and validate our flags before anything starts, and `ray.init`, to add the
+worker hook that installs GD2POExperienceMaker in every Ray worker (the trainer is a Ray actor).
+"""
+
+import argparse
+import os
+import runpy
+import sys
+from contextlib import contextmanager
+from unittest import mock
+
+import ray
+
+import openrlhf_gd2po
+from openrlhf_gd2po.advantages import ESTIMATORS
+from openrlhf_gd2po.reward_client import parse_reward_servers
+
+WORKER_SETUP_HOOK = "openrlhf_gd2po.install"
+
+
+def add_gd2po_arguments(parser):
+    estimator = next(a for a in parser._actions if a.dest == "algo.advantage.estimator")
+    estimator.choices = list(estimator.choices) + [e for e in ESTIMATORS if e not in estimator.choices]
+    estimator.help += "; GD²PO plugin: grpo (sum, then group-normalise), gdpo, gd2po_hard, gd2po_snr"
+    group = parser.add_argument_group("GD²PO")
+    group.add_argument("--gd2po.snr_threshold", type=float, default=0.8,
+                       help="tau of gd2po_snr: a mixed-sign rollout is kept when |sum A_k| / sum |A_k| >= tau, in [0, 1]")
+    group.add_argument("--gd2po.no_group_reweight", action="store_true", default=False,
+                       help="do not scale each query's advantages by its kept fraction")
+    group.add_argument("--gd2po.no_whiten", action="store_true", default=False,
+                       help="do not whiten advantages over the kept tokens")
+    group = parser.add_argument_group("GD²PO multi-reward servers")
+    group.add_argument("--reward.servers", type=str, default=None,
+                       help="reward dimensions as name=url[#dimension],... (a dimension picks extra_logs[dimension] "
+                            "of a multi-dimension server); every server is queried for the whole batch in parallel")
+    group.add_argument("--reward.weights", type=float, nargs="+", default=None,
+                       help="one weight per --reward.servers dimension (default all 1)")
+    group.add_argument("--reward.timeout", type=float, default=300.0, help="seconds per reward request")
+    group.add_argument("--reward.retries", type=int, default=3,
+                       help="retries per request on connection errors, timeouts and HTTP 5xx/429")
+    group.add_argument("--reward.batch_size", type=int, default=256, help="samples per reward request")
+    group.add_argument("--reward.max_in_flight", type=int, default=8, help="concurrent requests per reward server")
+    group.add_argument("--reward.on_failure", choices=["raise", "mask"], default="raise",
+                       help="after retries: raise (stop training) or mask the affected rollouts (GD²PO estimators)")
+
+
+def validate_gd2po_arguments(args):
+    """Return an error message for an invalid combination, or None. `args` is the flat namespace."""
+    get = lambda name: getattr(args, name)  # noqa: E731  (flat dest names contain dots)
+    estimator, servers = get("algo.advantage.estimator"), get("reward.servers")
+    if estimator in ESTIMATORS and not servers:
+        return f"--algo.advantage.estimator {estimator} needs --reward.servers (one entry per reward dimension)"
+    if not servers:
+        return None
+    try:
+        dimensions = parse_reward_servers(servers)
+    except ValueError as error:
+        return str(error)
+    weights = get("reward.weights")
+    if weights is not None and len(weights) != len(dimensions):
+        return f"--reward.weights has {len(weights)} values for {len(dimensions)} --reward.servers dimensions"
+    for flag in ("reward.remote_url", "reward.model_name_or_path"):
+        if get(flag):
+            return f"--{flag} and --reward.servers are two reward sources; give one"
+    for flag in ("algo.dynamic_filtering_enable", "eval.dataset"):
+        if get(flag):
+            return f"--{flag} needs per-sample rewards at generation time, which --reward.servers does not provide"
+    if estimator in ESTIMATORS:
+        if get("rollout.n_samples_per_prompt") < 2:
+            return f"{estimator} normalises inside each prompt's group: --rollout.n_samples_per_prompt must be >= 2"
+        for flag in ("reward.overlong_buffer_len", "reward.stop_properly_penalty_coef"):
+            if get(flag) is not None:
+                return f"--{flag} shapes a single reward; it is not applied to {estimator}'s reward dimensions"
+    elif get("reward.on_failure") == "mask":
+        return f"--reward.on_failure mask needs a GD²PO-family estimator ({', '.join(ESTIMATORS)}), got {estimator}"
+    if not 0.0 <= get("gd2po.snr_threshold") <= 1.0:
+        return f"--gd2po.snr_threshold must be in [0, 1], got {get('gd2po.snr_threshold')}"
+    for flag, minimum in (("reward.timeout", 1e-3), ("reward.retries", 0), ("reward.batch_size", 1),
+                          ("reward.max_in_flight", 1)):
+        if get(flag) < minimum:
+            return f"--{flag} must be >= {minimum}, got {get(flag)}"
+    return None
+
+
+@contextmanager
+def gd2po_hooks():
+    """While OpenRLHF's main block runs: our flags in its parser, our worker hook in its ray.init."""
+    original_parse_args, original_ray_init = argparse.ArgumentParser.parse_args, ray.init
+
+    def parse_args(parser, args=None, namespace=None):
+        add_gd2po_arguments(parser)
+        parsed = original_parse_args(parser, args, namespace)
+        error = validate_gd2po_arguments(parsed)
+        if error:
+            parser.error(error)
+        if getattr(parsed, "reward.servers"):
+            setattr(parsed, "reward.remote_url", os.path.abspath(sys.modules["openrlhf_gd2po.deferred_reward"].__file__))
+        return parsed
+
+    def ray_init(*args, runtime_env=None, **kwargs):
+        runtime_env = dict(runtime_env or {}, worker_process_setup_hook=WORKER_SETUP_HOOK)
+        return original_ray_init(*args, runtime_env=runtime_env, **kwargs)
+
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_args), mock.patch.object(ray, "init", ray_init):
+        yield
+
+
+def main():
+    import openrlhf_gd2po.deferred_reward  # noqa: F401  (its path becomes --reward.remote_url)
+
+    openrlhf_gd2po.install()  # the driver too, for anything it builds in-process
+    with gd2po_hooks():
+        runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""OpenRLHF's RemoteExperienceMaker with multi-server rewards and the GD²PO advantage step.
+
+Traceability: `--reward.servers` → `fetch_rewards` → `experience.info["reward/<name>"]` →
+`compute_advantages` → token-level `experience.advantages` → `experience.info["gd2po/*"]`,
+which OpenRLHF's actor averages per sample into its wandb/tensorboard logs.
+
+KL (a documented choice): kept rollouts are treated exactly like OpenRLHF's `group_norm`: the
+scalar advantage sits on the last response token and, unless `--algo.kl.use_loss`, the per-token
+KL penalty is added before the cumulative return. Masked rollouts get exactly zero on every
+token, KL included, so they contribute no gradient. With `--algo.kl.use_loss` (the GRPO/GD²PO
+setting) the advantage is the same scalar on every response token.
+"""
+
+import torch
+
+from openrlhf.models.utils import compute_reward
+from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+from openrlhf.utils.logging_utils import init_logger
+from openrlhf_gd2po.advantages import ESTIMATORS, compute_advantages
+from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
+
+logger = init_logger(__name__)
+
+
+class GD2POExperienceMaker(RemoteExperienceMaker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        servers = getattr(self.args.reward, "servers", None)
+        self.reward_dimensions = parse_reward_servers(servers) if servers else []
+        weights = getattr(self.args.reward, "weights", None)
+        self.reward_weights = torch.tensor(weights or [1.0] * len(self.reward_dimensions), dtype=torch.float32)
+
+    @torch.no_grad()
+    def make_experience_batch(self, rollout_samples):
+        if self.reward_dimensions:
+            self.fetch_multi_rewards(rollout_samples)
+        return super().make_experience_batch(rollout_samples)
+
+    @torch.no_grad()
+    def fetch_multi_rewards(self, rollout_samples):
+        """Score every rollout on every dimension; fill `rewards` (weighted sum) and per-dimension info."""
+        args = self.args.reward
+        queries = [self.tokenizer.decode(s.sequences[0], skip_special_tokens=False) for s in rollout_samples]
+        batch = fetch_rewards(
+            self.reward_dimensions,
+            queries,
+            [s.prompts[0] for s in rollout_samples],
+            [s.labels[0] for s in rollout_samples],
+            batch_size=args.batch_size,
+            timeout=args.timeout,
+            retries=args.retries,
+            max_in_flight=args.max_in_flight,
+            on_failure=args.on_failure,
+        )
+        if batch.failed.any():
+            logger.warning(
+                f"Reward fetch failed for {int(batch.failed.sum())}/{len(rollout_samples)} rollouts; "
+                "they are masked out of this step (--reward.on_failure mask)"
+            )
+        # Failed rollouts never reach an advantage (they are masked); 0 only keeps the logs finite.
+        rewards = torch.nan_to_num(batch.rewards, nan=0.0)
+        combined = rewards @ self.reward_weights
+        for i, sample in enumerate(rollout_samples):
+            sample.rewards = combined[i : i + 1]
+            sample.info["reward"] = combined[i : i + 1]
+            sample.info["reward_fetch_failed"] = batch.failed[i : i + 1].float()
+            for k, dim in enumerate(self.reward_dimensions):
+                sample.info[f"reward/{dim.name}"] = rewards[i : i + 1, k]
+                sample.info[f"timing/reward_{dim.name}"] = torch.tensor([batch.seconds[dim.name]])
+
+    @torch.no_grad()
+    def compute_advantages_and_returns(self, experiences):
+        if self.advantage_estimator not in ESTIMATORS:
+            return super().compute_advantages_and_returns(experiences)
+        args = self.args
+        names = [d.name for d in self.reward_dimensions]
+        rewards = torch.cat([torch.stack([e.info[f"reward/{n}"] for n in names], dim=1) for e in experiences])
+        fetched = torch.cat([e.info["reward_fetch_failed"] for e in experiences]) == 0
+        # OpenRLHF's prompt grouping: samples keep their rollout index, n per prompt in order.
+        group_ids = torch.cat([torch.as_tensor(e.index) for e in experiences]) // args.rollout.n_samples_per_prompt
+        lengths = torch.cat([e.action_mask.sum(dim=-1) for e in experiences])
+
+        advantages = torch.zeros(len(rewards))
+        keep_mask = torch.zeros(len(rewards), dtype=torch.bool)
+        group_keep_ratio = torch.zeros(len(rewards))
+        metrics = {}
+        if fetched.any():
+            result = compute_advantages(
+                rewards[fetched],
+                group_ids[fetched],
+                self.advantage_estimator,
+                response_lengths=lengths[fetched],
+                snr_threshold=args.gd2po.snr_threshold,
+                group_reweight=not args.gd2po.no_group_reweight,
+                whiten=not args.gd2po.no_whiten,
+                reward_weights=self.reward_weights,
+            )
+            advantages[fetched], keep_mask[fetched] = result.advantages, result.keep_mask
+            group_keep_ratio[fetched] = result.group_keep_ratio
+            metrics = {k: v for k, v in result.metrics.items() if not k.startswith("reward_dim")}
+
+        start = 0
+        for experience in experiences:
+            rows = slice(start, start + len(experience.index))
+            start = rows.stop
+            kept = keep_mask[rows]
+            token_rewards = compute_reward(
+                advantages[rows],
+                self.kl_ctl.value,
+                experience.kl,
+                action_mask=experience.action_mask,
+                reward_clip_range=args.reward.clip_range,
+            )
+            returns = self.get_cumulative_returns(token_rewards, experience.action_mask, 1.0)
+            experience.returns = returns * kept[:, None]
+            experience.advantages = experience.returns.clone()
+            experience.info["return"] = token_rewards.sum(dim=-1) * kept
+            experience.info["gd2po/keep"] = kept.float()
+            experience.info["gd2po/group_keep_ratio"] = group_keep_ratio[rows]
+            for key, value in metrics.items():  # batch-level: the same value on every sample
+                experience.info[f"gd2po/{key}"] = torch.full((len(kept),), value)
+            experience.kl = None
+        return experiences

@@ -1,0 +1,88 @@
+"""What every task shares: the scorer signature, response extraction and per-sample error reporting."""
+
+from collections.abc import Callable, Sequence
+
+# (queries, prompts, labels) -> {dimension: one float per sample}, the primary dimension first.
+Scorer = Callable[[list[str], list[str], list[str | None]], dict[str, list[float]]]
+
+ASSISTANT_MARKER = "<|im_start|>assistant"
+END_MARKERS = ("<|im_end|>", "<|endoftext|>", "</s>", "<|eot_id|>")
+
+
+class InvalidInput(ValueError):
+    """The client's data for one sample cannot be scored (a missing or malformed label, a query
+    without a findable response). The server answers 422 naming the field and sample."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(field, message)
+        self.field = field
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class SampleError(Exception):
+    """Scoring failed on sample `index` of a batch. With `field` set it is the client's fault (422,
+    e.g. labels[3] is null), otherwise the scorer's (500). Picklable, so it can come back from a
+    worker process."""
+
+    def __init__(self, index: int, message: str, field: str | None = None):
+        super().__init__(index, message, field)
+        self.index = index
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        if self.field is not None:
+            return f"{self.field}[{self.index}]: {self.message}"
+        return f"scoring sample {self.index} failed: {self.message}"
+
+
+def extract_response(query: str, prompt: str) -> str:
+    """The model's response inside `query` (prompt + response, special tokens included).
+
+    If the query starts with the prompt, the rest; otherwise the text after the last ChatML
+    assistant marker. Surrounding whitespace and trailing end-of-turn markers are removed, as
+    ToolRL's own extraction (`split(assistant)[-1].split("<|im_end|>")[0].strip()`) does.
+    """
+    if query.startswith(prompt):
+        response = query[len(prompt) :]
+    elif ASSISTANT_MARKER in query:
+        response = query.rsplit(ASSISTANT_MARKER, 1)[1]
+    else:
+        raise InvalidInput("query", f"does not start with its prompt and has no {ASSISTANT_MARKER!r} marker")
+    response = response.strip()
+    while response.endswith(END_MARKERS):
+        marker = next(marker for marker in END_MARKERS if response.endswith(marker))
+        response = response[: -len(marker)].rstrip()
+    return response
+
+
+def require_label(label: str | None) -> str:
+    if label is None:
+        raise InvalidInput("labels", "is null but this task scores against a label")
+    return label
+
+
+def score_each(
+    dimensions: Sequence[str], score_one: Callable[..., Sequence[float]], *columns: Sequence
+) -> dict[str, list[float]]:
+    """Apply `score_one` to each sample (one value per column) and collect its values by dimension.
+
+    Any exception becomes a SampleError carrying the sample's index, so a failure is reported
+    instead of being scored as zero.
+    """
+    scores = {name: [] for name in dimensions}
+    for index, sample in enumerate(zip(*columns, strict=True)):
+        try:
+            values = [float(value) for value in score_one(*sample)]
+            if len(values) != len(dimensions):
+                raise ValueError(f"got {len(values)} values for dimensions {list(dimensions)}")
+        except InvalidInput as error:
+            raise SampleError(index, error.message, error.field) from error
+        except Exception as error:
+            raise SampleError(index, f"{type(error).__name__}: {error}") from error
+        for name, value in zip(dimensions, values):
+            scores[name].append(value)
+    return scores

@@ -1,0 +1,1 @@
+from vllm import SamplingParams as TokensPrompt  # noqa: F401  (raises on use)

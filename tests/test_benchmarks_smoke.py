@@ -1,0 +1,31 @@
+"""Smoke tests: each benchmark script runs in its quick mode and prints its table."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_advantages_quick():
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/bench_advantages.py", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "speed-up" in completed.stdout
+    assert "gd2po_snr    1024" in completed.stdout
+
+
+def test_learning_efficiency_quick(tmp_path):
+    out = tmp_path / "le.png"
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/learning_efficiency.py", "--quick", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "steps to target" in completed.stdout
+    for estimator in ("grpo", "gdpo", "gd2po_hard", "gd2po_snr"):
+        assert estimator in completed.stdout
+    assert out.stat().st_size > 0
+    assert "results" in (tmp_path / "le.json").read_text()

@@ -1,0 +1,293 @@
+"""Reward servers started for real (`python -m reward_servers ...`) and queried over HTTP."""
+
+import json
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from servers import running_server
+
+from reward_servers.__main__ import build_parser
+from reward_servers.app import create_app
+
+ROWS_FILE = Path(__file__).parent / "data" / "toolrl_rlla_4k_test_rows.json"
+ROWS = {row["row"]: row for row in json.loads(ROWS_FILE.read_text())}
+API_KEY = "test-key-123"
+
+
+def chatml_prompt(messages: list[dict]) -> str:
+    turns = "".join(f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n" for message in messages)
+    return turns + "<|im_start|>assistant\n"
+
+
+def sample(row: int, response: str) -> tuple[str, str, str]:
+    """(query, prompt, label) for a response to RLLA test row `row`, as OpenRLHF would send it."""
+    prompt = chatml_prompt(ROWS[row]["prompt"])
+    return prompt + response + "<|im_end|>", prompt, ROWS[row]["ground_truth"]
+
+
+def batch(*samples: tuple[str, str, str | None]) -> dict:
+    queries, prompts, labels = zip(*samples)
+    return {"query": list(queries), "prompts": list(prompts), "labels": list(labels)}
+
+
+def post(url: str, body, **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}/get_reward", json=body, timeout=60, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def toolcall_url():
+    with running_server(["toolcall"]) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def length_url():
+    # Target 20 characters; a 10 KiB body limit; an API key.
+    with running_server(["length", "--target-length", "20", "--max-body-mb", str(10 / 1024)], api_key=API_KEY) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def math_url():
+    with running_server(["math"]) as url:
+        yield url
+
+
+# 11 words: length round(11/512, 2) = 0.02.
+THINK = "<think> The user wants the latest Azure news, so I call GetNews. </think>"
+
+
+def test_toolcall_scores_rlla_rows(toolcall_url):
+    password_calls = (
+        '{"name": "generate_password", "parameters": {"length": 10}}\n'
+        '{"name": "is_valid_parentheses", "parameters": {"s": "([)]"}}\n'
+        '{"name": "is_valid_parentheses", "parameters": {"s": "([{}])"}}'
+    )
+    good = sample(0, ROWS[0]["ground_truth"])
+    wrong_page = sample(0, THINK + '\n<tool_call>\n{"name": "GetNews", "parameters": {"page": "2"}}\n</tool_call>')
+    partial = sample(5, "<think>" + " step" * 256 + " </think>\n<tool_call>\n" + password_calls + "\n</tool_call>")
+    direct_answer = sample(1, THINK + "\n<response> Please give me the text to analyse. </response>")
+    no_tool_call = sample(0, "Azure news: nothing new today.")
+    # A prompt that does not prefix the query: the response is found after the last assistant marker.
+    query, _, label = sample(0, ROWS[0]["ground_truth"])
+    other_prompt = (query, "Hey, fetch Azure news", label)
+
+    answer = post(toolcall_url, batch(good, wrong_page, partial, direct_answer, no_tool_call, other_prompt))
+
+    assert answer.status_code == 200, answer.text
+    scores = answer.json()
+    expected = {
+        # exact: 3; page "2": names 1 + (names 1 + values 0) = 2 of 3 points -> 6*2/3 - 3 = 1;
+        # see test_toolcall_reward.py for 6.5 of 8 points -> 1.875; the truth calls no tool -> 0;
+        # no <tool_call> -> -3.
+        "correctness": [3.0, 1.0, 1.875, 0.0, -3.0, 3.0],
+        "format": [1.0, 1.0, 1.0, 1.0, 0.0, 1.0],
+        # thinking words / 512 rounded to 0.01: 15, 11, 256, 11, none, 15.
+        "length": [0.03, 0.02, 0.5, 0.02, 0.0, 0.03],
+    }
+    assert list(scores["extra_logs"]) == ["correctness", "format", "length"]
+    for name, values in expected.items():
+        assert scores["extra_logs"][name] == pytest.approx(values)
+    assert scores["rewards"] == scores["scores"] == scores["extra_logs"]["correctness"]
+
+
+def test_toolcall_correctness_max_option():
+    with running_server(["toolcall", "--correctness-max", "1"]) as url:
+        wrong_page = sample(0, THINK + '\n<tool_call>\n{"name": "GetNews", "parameters": {"page": "2"}}\n</tool_call>')
+        answer = post(url, batch(wrong_page, sample(0, "no call")))
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["rewards"] == pytest.approx([2 * 2 / 3 - 1, -1.0])
+
+
+def test_info_health_and_openapi(toolcall_url):
+    assert httpx.get(f"{toolcall_url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{toolcall_url}/info").json() == {
+        "task": "toolcall",
+        "dimensions": ["correctness", "format", "length"],
+        "primary": "correctness",
+    }
+    openapi = httpx.get(f"{toolcall_url}/openapi.json").json()
+    get_reward = openapi["paths"]["/get_reward"]["post"]
+    request_schema = get_reward["requestBody"]["content"]["application/json"]["schema"]
+    assert set(request_schema["required"]) == {"query", "prompts", "labels"}
+    response_schema = get_reward["responses"]["200"]["content"]["application/json"]["schema"]
+    assert response_schema["$ref"].endswith("/RewardResponse")
+    assert httpx.get(f"{toolcall_url}/docs").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, status, named",
+    [
+        ({"query": "one string", "prompts": ["p"], "labels": ["l"]}, 422, "query: "),
+        ({"query": ["q", 5], "prompts": ["p", "p"], "labels": ["l", "l"]}, 422, "query[1]"),
+        ({"query": ["q"], "prompts": ["p"]}, 422, "labels: Field required"),
+        ({"query": ["q", "q"], "prompts": ["p"], "labels": ["l", "l"]}, 422, "got 2, 1 and 2 entries"),
+        ({"query": ["q"], "prompts": [None], "labels": ["l"]}, 422, "prompts[0]"),
+        (["q"], 422, "body: "),
+        # Well-formed, but unusable for this task: a missing label, a ground truth that is not ToolRL's.
+        (batch(sample(0, "x"), (sample(0, "x")[0], sample(0, "x")[1], None)), 422, "labels[1]: is null"),
+        (batch((*sample(0, "x")[:2], "<think> t </think>\n<tool_call>\nGetNews()\n</tool_call>")), 422, "labels[0]: "),
+        (batch(("no markers here", "a different prompt", "label")), 422, "query[0]: "),
+    ],
+)
+def test_malformed_requests_are_rejected_naming_the_field(toolcall_url, body, status, named):
+    answer = post(toolcall_url, body)
+    assert answer.status_code == status, answer.text
+    assert named in answer.json()["detail"]
+    # The server keeps serving.
+    assert post(toolcall_url, batch(sample(0, "x"))).json()["rewards"] == [-3.0]
+
+
+def test_invalid_json_is_rejected(toolcall_url):
+    headers = {"content-type": "application/json"}
+    answer = httpx.post(f"{toolcall_url}/get_reward", content=b'{"query": [', headers=headers)
+    assert answer.status_code == 422
+    assert "Invalid JSON" in answer.json()["detail"]
+
+
+def test_length_server_with_api_key_and_body_limit(length_url):
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    responses = ["x" * 20, "x" * 10, "", "x" * 30, "x" * 70]
+    queries = [prompt + response + "<|im_end|>" for response in responses]
+    body = {"query": queries, "prompts": [prompt] * 5, "labels": [None] * 5}
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    assert httpx.get(f"{length_url}/health").status_code == 200  # open without the key
+    assert httpx.get(f"{length_url}/info").status_code == 401
+    assert post(length_url, body).status_code == 401
+    assert post(length_url, body, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    info = httpx.get(f"{length_url}/info", headers=auth).json()
+    assert info == {"task": "length", "dimensions": ["length"], "primary": "length"}
+
+    answer = post(length_url, body, headers=auth)
+    assert answer.status_code == 200, answer.text
+    # 1 - |length - 20| / 20, clipped to [-1, 1]: 70 characters give -1.5 -> -1.
+    assert answer.json()["extra_logs"] == {"length": [1.0, 0.5, 0.0, 0.5, -1.0]}
+
+    too_large = {"query": ["x" * 11_000], "prompts": [""], "labels": [None]}
+    answer = post(length_url, too_large, headers=auth)
+    assert answer.status_code == 413
+    assert "--max-body-mb" in answer.json()["detail"]
+    assert post(length_url, body, headers=auth).status_code == 200
+
+
+def test_api_key_defaults_to_the_environment(monkeypatch):
+    monkeypatch.setenv("GD2PO_REWARD_API_KEY", "from-env")
+    assert build_parser().parse_args(["length", "--port", "1", "--target-length", "5"]).api_key == "from-env"
+    monkeypatch.delenv("GD2PO_REWARD_API_KEY")
+    assert build_parser().parse_args(["math", "--port", "1"]).api_key is None
+
+
+def test_math_server(math_url):
+    prompt = "<|im_start|>user\nWhat is 1/2 as a decimal?<|im_end|>\n<|im_start|>assistant\n"
+    answers = [
+        ("So the answer is \\boxed{\\frac{1}{2}}.", "0.5"),  # equal values: correct, boxed
+        ("The answer is 0.5.", "\\frac{1}{2}"),  # correct, not boxed
+        ("It is \\boxed{3}.", "4"),  # wrong, boxed
+        ("\\boxed{}", "1"),  # nothing boxed: wrong, bad format
+    ]
+    queries = [prompt + text + "<|im_end|>" for text, _ in answers]
+    body = {"query": queries, "prompts": [prompt] * 4, "labels": [label for _, label in answers]}
+    answer = post(math_url, body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["extra_logs"] == {"correctness": [1.0, 1.0, 0.0, 0.0], "format": [1.0, 0.0, 1.0, 0.0]}
+    assert httpx.get(f"{math_url}/info").json()["dimensions"] == ["correctness", "format"]
+
+    answer = post(math_url, {**body, "labels": ["0.5", None, "4", "1"]})
+    assert answer.status_code == 422
+    assert "labels[1]" in answer.json()["detail"]
+
+
+def build_tiny_reward_model(directory: Path) -> None:
+    """A ~40k-parameter Qwen2 sequence classifier and a byte-level tokenizer, built offline."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForSequenceClassification
+
+    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<pad>": 0} | {symbol: index + 1 for index, symbol in enumerate(byte_symbols)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"]
+    )
+    wrapped.save_pretrained(directory)
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(wrapped),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        num_labels=1,
+        pad_token_id=0,
+    )
+    model = Qwen2ForSequenceClassification(config)
+    torch.nn.init.normal_(model.score.weight, std=1.0)  # logits of order 1, so a sign flip is visible
+    model.save_pretrained(directory)
+
+
+def own_logits(directory: Path, queries: list[str]) -> list[float]:
+    """The model's logit for each query, one unpadded forward each."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+    logits = []
+    with torch.no_grad():
+        for query in queries:
+            input_ids = tokenizer(query, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            logits.append(model(input_ids=input_ids).logits[0, 0].item())
+    return logits
+
+
+def test_reward_model_server_serves_the_models_logits(tmp_path):
+    build_tiny_reward_model(tmp_path)
+    prompt = "<|im_start|>user\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\n"
+    responses = ["Yes.", "Mostly, on a clear day; it is Rayleigh scattering.", "No idea", "Blue, yes — ça va."]
+    queries = [prompt + response + "<|im_end|>" for response in responses]
+    body = {"query": queries, "prompts": [prompt] * 4, "labels": [None] * 4}
+    expected = own_logits(tmp_path, queries)
+    assert len(set(round(value, 4) for value in expected)) == 4  # the check below can tell queries apart
+
+    # Batches of 3 then 1, padded to different lengths: padding must not change any reward.
+    model_args = ["reward_model", "--model", str(tmp_path), "--device", "cpu", "--max-batch-size", "3"]
+    with running_server(model_args + ["--dimension-name", "helpfulness"]) as url:
+        answer = post(url, body)
+        info = httpx.get(f"{url}/info").json()
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["rewards"] == pytest.approx(expected, abs=1e-5)
+    assert answer.json()["extra_logs"] == {"helpfulness": answer.json()["rewards"]}
+    assert info == {"task": "reward_model", "dimensions": ["helpfulness"], "primary": "helpfulness"}
+
+    with running_server(model_args + ["--negate"]) as url:
+        answer = post(url, body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["extra_logs"]["reward"] == pytest.approx([-value for value in expected], abs=1e-5)
+
+
+def test_a_failing_scorer_is_a_500_naming_the_sample_not_a_zero():
+    from reward_servers.scoring import score_each
+
+    def divide(queries, prompts, labels):
+        return score_each(["ratio"], lambda query: (1 / len(query),), queries)
+
+    client = TestClient(create_app("divide", ["ratio"], divide))
+    answer = client.post("/get_reward", json={"query": ["ab", "", "c"], "prompts": ["", "", ""], "labels": [None] * 3})
+    assert answer.status_code == 500
+    assert answer.json()["detail"] == "scoring sample 1 failed: ZeroDivisionError: division by zero"
+
+    def not_a_number(queries, prompts, labels):
+        return {"ratio": [0.5, math.nan]}
+
+    client = TestClient(create_app("nan", ["ratio"], not_a_number))
+    answer = client.post("/get_reward", json={"query": ["a", "b"], "prompts": ["", ""], "labels": [None, None]})
+    assert answer.status_code == 500
+    assert "sample 1" in answer.json()["detail"]

@@ -205,7 +205,8 @@ def main() -> None:
     for name, fixed_ms, per_sample_ms in SERVERS:
         print(f"  {name:13s} {fixed_ms} ms + {per_sample_ms} ms/sample")
     print(f"fetch_rewards: batch_size {BATCH_SIZE}, max_in_flight {MAX_IN_FLIGHT}; median of {repeats} run(s).")
-    print(f"OpenRLHF pattern: one POST per sample per server, new session each, {OPENRLHF_CONCURRENCY} samples in flight.")
+    print(f"OpenRLHF pattern: one POST per sample per server, new session each, "
+          f"{OPENRLHF_CONCURRENCY} samples in flight.")
     print(f"Cost-model floor for the slowest server: {slowest_server_floor(n):.2f} s\n")
     print(f"{'mode':44s} {'requests':>9s} {'wall s':>8s} {'vs (a)':>7s} {'(b)/client':>10s}")
     print("-" * 82)

@@ -29,3 +29,15 @@ def test_learning_efficiency_quick(tmp_path):
         assert estimator in completed.stdout
     assert out.stat().st_size > 0
     assert "results" in (tmp_path / "le.json").read_text()
+
+
+def test_bench_reward_stage_quick():
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/bench_reward_stage.py", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    for row in ("(a) slowest server alone", "client: fetch_rewards, 3 servers", "(b) OpenRLHF pattern, 3 servers"):
+        assert row in completed.stdout
+    assert "target client <= 1.2x (a)" in completed.stdout
+    assert "target (b) >= 10x client" in completed.stdout

@@ -1,0 +1,180 @@
+# Shared by train_toolcall_gd2po.sh and train_safety_gd2po.sh (sourced, not run): input checks,
+# printing commands, reward servers (started, health-checked, stopped on exit), Ray, the job.
+#
+# The sourcing script sets REPO_ROOT, PYTHON, RAY_ADDRESS, NUM_GPUS, SAVE_PATH and DRY_RUN first.
+
+SERVER_STARTUP_SECONDS=900  # a 7B reward model can take minutes to load from a slow disk
+SERVER_PIDS=()
+JOB_ID=""
+JOB_RUNNING=0
+
+die() {
+    echo "error: $*" >&2
+    exit 1
+}
+
+require_set() {
+    [[ -n "${!1:-}" ]] || die "$1 is not set (the variables are described at the top of $(basename "$0"))"
+}
+
+require_dir() {
+    require_set "$1"
+    [[ -d "${!1}" ]] || die "$1=${!1}: no such directory"
+}
+
+require_file() {
+    require_set "$1"
+    [[ -f "${!1}" ]] || die "$1=${!1}: no such file"
+}
+
+require_one_of() {
+    local name=$1 choice
+    shift
+    for choice in "$@"; do
+        [[ "${!name}" == "$choice" ]] && return 0
+    done
+    die "$name=${!name}: must be one of: $*"
+}
+
+require_positive_int() {
+    [[ "${!1}" =~ ^[1-9][0-9]*$ ]] || die "$1=${!1}: must be a positive integer"
+}
+
+require_free_port() {
+    local name=$1 port=${!1}
+    [[ "$port" =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || die "$name=$port: not a port number"
+    # Connecting succeeds only if something listens there already.
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        die "$name=$port: something already listens on 127.0.0.1:$port; stop it or pick another port"
+    fi
+}
+
+require_command() {
+    command -v "$1" >/dev/null 2>&1 || die "$1: command not found ($2)"
+}
+
+# `ray job submit` joins the entrypoint with list2cmdline and runs it through /bin/sh, so an
+# argument with quotes, `$`, `;`, `|`, `<`, `*` ... would be reinterpreted there. Refuse it here.
+require_shell_safe() {
+    local safe='^[-A-Za-z0-9_./:=,#@%+ ]*$' arg
+    for arg in "$@"; do
+        [[ "$arg" =~ $safe && "$arg" != "#"* ]] ||
+            die "argument '$arg' has characters that the Ray job's shell would reinterpret; use paths and values without them"
+    done
+}
+
+# One argument per line before each --flag, quoted where it has spaces: copy-pasteable.
+show_command() {
+    local line="" arg
+    for arg in "$@"; do
+        [[ -z "$arg" || "$arg" =~ [[:space:]] ]] && arg="'$arg'"
+        if [[ "$arg" == --* && -n "$line" ]]; then
+            echo "    $line \\"
+            line="  $arg"
+        else
+            line="${line:+$line }$arg"
+        fi
+    done
+    echo "    $line"
+}
+
+dashboard_reachable() {
+    "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/api/version", timeout=5)' \
+        "$RAY_ADDRESS" >/dev/null 2>&1
+}
+
+# Use the Ray cluster at RAY_ADDRESS, or start a local head there if it is this machine's.
+ensure_ray() {
+    require_command ray "install ray[default], as OpenRLHF needs"
+    if dashboard_reachable; then
+        echo "Ray: using the cluster at $RAY_ADDRESS"
+        return
+    fi
+    [[ "$RAY_ADDRESS" =~ ^http://(127\.0\.0\.1|localhost):([0-9]+)$ ]] ||
+        die "RAY_ADDRESS=$RAY_ADDRESS: no Ray dashboard answers there (start the cluster, or use http://127.0.0.1:PORT for a local head)"
+    local command=(ray start --head --num-gpus "$NUM_GPUS" --dashboard-host 127.0.0.1 --dashboard-port "${BASH_REMATCH[2]}")
+    echo "Ray: nothing answers at $RAY_ADDRESS; starting a local head (it keeps running afterwards; stop it with 'ray stop'):"
+    show_command "${command[@]}"
+    [[ "$DRY_RUN" == 1 ]] && return
+    "${command[@]}"
+    local waited
+    for ((waited = 0; waited < 60; waited++)); do
+        dashboard_reachable && return
+        sleep 1
+    done
+    die "the Ray head started but its dashboard does not answer at $RAY_ADDRESS after 60 s"
+}
+
+# start_reward_server NAME PORT COMMAND...: run it in the background, logging to $SAVE_PATH/logs.
+start_reward_server() {
+    local name=$1 port=$2
+    shift 2
+    local log="$SAVE_PATH/logs/reward_server_$name.log"
+    echo "Reward server '$name' on http://127.0.0.1:$port (log: $log):"
+    show_command "$@"
+    [[ "$DRY_RUN" == 1 ]] && return
+    mkdir -p "$SAVE_PATH/logs"
+    "$@" >"$log" 2>&1 &
+    SERVER_PIDS+=("$!")
+    wait_until_healthy "$name" "$port" "$!" "$log"
+}
+
+wait_until_healthy() {
+    local name=$1 port=$2 pid=$3 log=$4 waited
+    for ((waited = 0; waited < SERVER_STARTUP_SECONDS; waited += 2)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 30 "$log" >&2
+            die "reward server '$name' exited during startup (log above: $log)"
+        fi
+        if "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+            "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
+            echo "Reward server '$name' is up."
+            return
+        fi
+        sleep 2
+    done
+    die "reward server '$name' did not answer http://127.0.0.1:$port/health within $SERVER_STARTUP_SECONDS s (log: $log)"
+}
+
+# submit_job NAME TRAIN_ARGS...: `ray job submit` of train_gd2po_ray, waiting for it to end
+# (TRAIN_ARGS already passed require_shell_safe).
+submit_job() {
+    local name=$1
+    shift
+    local entrypoint=("$PYTHON" -m openrlhf_gd2po.cli.train_gd2po_ray "$@")
+    JOB_ID="gd2po_${name}_$(date +%Y%m%d_%H%M%S)"
+    # Ray workers import openrlhf_gd2po from this checkout; Ray expands ${PYTHONPATH} on the worker.
+    local runtime_env
+    runtime_env=$("$PYTHON" -c 'import json, sys; print(json.dumps({"env_vars": {"PYTHONPATH": sys.argv[1] + ":${PYTHONPATH}"}}))' "$REPO_ROOT")
+    local command=(ray job submit --address "$RAY_ADDRESS" --submission-id "$JOB_ID" --runtime-env-json "$runtime_env" -- "${entrypoint[@]}")
+    echo "Training job $JOB_ID:"
+    show_command "${command[@]}"
+    if [[ "$DRY_RUN" == 1 ]]; then
+        echo "DRY_RUN=1: nothing was launched."
+        return
+    fi
+    JOB_RUNNING=1
+    "${command[@]}"
+    JOB_RUNNING=0
+}
+
+# On any exit: stop the job if this script is interrupted while it runs (the servers it needs go
+# away next), then the reward servers this script started.
+cleanup() {
+    local status=$? pid
+    if ((JOB_RUNNING)); then
+        echo "Stopping Ray job $JOB_ID ..." >&2
+        ray job stop --address "$RAY_ADDRESS" "$JOB_ID" >/dev/null 2>&1 || true
+    fi
+    for pid in "${SERVER_PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${SERVER_PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    exit "$status"
+}
+
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM

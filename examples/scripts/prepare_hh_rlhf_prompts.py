@@ -1,0 +1,84 @@
+"""verl-format prompt parquet → OpenRLHF prompt JSONL for the helpfulness–safety recipe (train_safety_gd2po.sh).
+
+Each output line is `{"prompt": [messages], "label": ""}`, read with `--data.input_key prompt
+--data.apply_chat_template`. The reward-model servers score prompt + response, so there is no label.
+
+Inputs: parquet files with a `prompt` column of chat messages whose last turn is the user's, e.g.
+the Anthropic HH-RLHF test prompts in /work/shared/data/hh_rlhf/test.parquet (GD²PO authors' copy).
+
+Alpaca and PKU-SafeRLHF prompts (CC BY-NC 4.0, not shipped here): the GD²PO authors' repository
+(github.com/Qwen-Applications/GD2PO) has them in the same verl format, which this script converts
+unchanged. Download them yourself, e.g. from
+https://raw.githubusercontent.com/Qwen-Applications/GD2PO/main/safe-alignment/dataset/<file> with
+<file> = alpaca_prompt_only/train.parquet (the paper's training prompts), alpaca_prompt_only/test.parquet
+or pku-saferlhf/test.parquet. A file in another layout fails with the row and field at fault.
+
+Usage:
+  python examples/scripts/prepare_hh_rlhf_prompts.py --parquet test.parquet [more.parquet ...] --output hh_rlhf_prompts.jsonl
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pyarrow
+import pyarrow.parquet as pq
+
+ROLES = ("system", "user", "assistant")
+
+
+class InputError(ValueError):
+    pass
+
+
+def check_messages(messages, where: str) -> list[dict]:
+    """The prompt as plain {"role", "content"} dicts ending with the user's turn."""
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"{where}: prompt must be a non-empty list of messages, got {messages!r:.100}")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise InputError(f"{where}: prompt[{index}] must be {{'role': one of {ROLES}, 'content': str}}, got {message!r:.100}")
+        checked.append({"role": message["role"], "content": message["content"]})
+    if checked[-1]["role"] != "user":
+        raise InputError(f"{where}: the last prompt message must be the user's, got role {checked[-1]['role']!r}")
+    return checked
+
+
+def prompts_from_parquet(path: Path) -> list[list[dict]]:
+    table = pq.read_table(path)
+    if "prompt" not in table.column_names:
+        raise InputError(f"{path}: no `prompt` column (columns: {table.column_names}); expected verl-format prompts")
+    return [check_messages(messages, f"{path}: row {index}") for index, messages in enumerate(table.column("prompt").to_pylist())]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parquet", type=Path, nargs="+", required=True, help="verl-format prompt parquet file(s)")
+    parser.add_argument("--output", type=Path, required=True, help="JSONL file to write")
+    args = parser.parse_args(argv)
+
+    prompts = []
+    for path in args.parquet:
+        if not path.is_file():
+            sys.exit(f"error: {path}: no such file")
+        try:
+            file_prompts = prompts_from_parquet(path)
+        except InputError as error:
+            sys.exit(f"error: {error}")
+        except (OSError, ValueError, pyarrow.ArrowException) as error:  # unreadable or not parquet
+            sys.exit(f"error: {path}: cannot read it: {error}")
+        print(f"{path}: {len(file_prompts)} prompts")
+        prompts += file_prompts
+
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("w", encoding="utf-8") as out:
+        for messages in prompts:
+            out.write(json.dumps({"prompt": messages, "label": ""}, ensure_ascii=False) + "\n")
+    turns = sum(len(messages) for messages in prompts)
+    print(f"{args.output}: {len(prompts)} prompts, {turns / max(len(prompts), 1):.1f} messages per prompt on average")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""GD²PO inside the installed OpenRLHF 0.11.2, on CPU: CLI, experience maker, Ray workers, DeepSpeed."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+import ray
+import torch
+
+from openrlhf_gd2po.advantages import compute_advantages
+from openrlhf_gd2po.cli.train_gd2po_ray import WORKER_SETUP_HOOK, main
+from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
+from servers import free_port, running_server
+from tiny_models import build_tiny_chat_model
+
+TESTS = Path(__file__).parent
+ROWS = json.loads((TESTS / "data" / "toolrl_rlla_4k_test_rows.json").read_text())
+N_SAMPLES = 4
+
+
+class ReachedTraining(Exception):
+    pass
+
+
+def parse_cli(argv):
+    """Run the real CLI (OpenRLHF's main block with our hooks) up to `get_strategy(args)`.
+
+    Returns OpenRLHF's hierarchised args, exactly what its trainer receives, and the keyword
+    arguments of every `ray.init` call made on the way.
+    """
+    ray_init_calls = []
+
+    def stop(args):
+        raise ReachedTraining(args)
+
+    with (
+        mock.patch.object(sys, "argv", ["train_gd2po_ray", *argv]),
+        mock.patch.object(ray, "is_initialized", return_value=False),
+        mock.patch.object(ray, "init", side_effect=lambda *a, **kw: ray_init_calls.append(kw)),
+        mock.patch("openrlhf.utils.get_strategy", side_effect=stop),
+    ):
+        with pytest.raises(ReachedTraining) as reached:
+            main()
+    return reached.value.args[0], ray_init_calls
+
+
+def training_argv(estimator, servers, *extra):
+    return [
+        "--actor.model_name_or_path", "unused", "--actor.num_gpus_per_node", "1",
+        "--rollout.n_samples_per_prompt", str(N_SAMPLES), "--rollout.batch_size", "2",
+        "--rollout.micro_batch_size", "2", "--algo.advantage.estimator", estimator,
+        "--reward.servers", servers, "--reward.batch_size", "3", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def toolcall_url():
+    with running_server(["toolcall"]) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # Every Ray worker runs our hook, as `train_gd2po_ray` asks; tests/ goes along for pickled test code.
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={
+            "worker_process_setup_hook": WORKER_SETUP_HOOK,
+            "env_vars": {"PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(TESTS)])},
+        },
+    )
+    yield
+    ray.shutdown()
+
+
+class InProcessActorGroup:
+    """Stands in for a RayActorGroup of PolicyModelActors (which ask for a GPU each).
+
+    It answers the experience maker's batched `forward` with OpenRLHF's real `Actor` on CPU and
+    hands results back as Ray object refs, the way the real group does.
+    """
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def async_run_method_batch(self, method_name, sequences, action_mask, attention_mask):
+        assert method_name == "forward"
+        return [ray.put([self.actor(s, a, m).float() for s, a, m in zip(sequences, action_mask, attention_mask)])]
+
+
+def rollout_samples(tokenizer):
+    """Two ToolRL queries x 4 responses whose reward dimensions disagree, as OpenRLHF's samples."""
+    from openrlhf.trainer.ppo_utils.experience import Experience
+
+    samples = []
+    for row in (ROWS[0], ROWS[2]):
+        truth = row["ground_truth"]
+        tool_calls = truth[truth.index("<tool_call>") :]
+        responses = [
+            truth,  # right format, right calls
+            tool_calls,  # right calls, no <think>: correctness and format disagree
+            truth.replace('"name": "', '"name": "wrong_'),  # right format, wrong calls
+            "I cannot help with that.",
+        ]
+        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        for response in responses:
+            response_ids = tokenizer(response + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            sequence = torch.tensor(prompt_ids + response_ids)
+            action_mask = torch.zeros(len(sequence) - 1, dtype=torch.bool)
+            action_mask[len(prompt_ids) - 1 :] = True
+            samples.append(
+                Experience(
+                    sequences=sequence[None],
+                    attention_mask=torch.ones_like(sequence)[None],
+                    action_mask=action_mask[None],
+                    prompts=[prompt],
+                    labels=[truth],
+                    response_length=torch.tensor([len(response_ids)]),
+                    total_length=torch.tensor([float(len(sequence))]),
+                    truncated=torch.tensor([False]),
+                    info={"response_clip_ratio": torch.tensor([False])},
+                )
+            )
+    return samples
+
+
+def make_experiences(tiny_model, args):
+    from openrlhf.models import Actor
+    from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
+    from openrlhf.utils.utils import get_tokenizer
+    from openrlhf_gd2po.experience_maker import GD2POExperienceMaker
+
+    strategy = SimpleNamespace(args=args)
+    tokenizer = get_tokenizer(str(tiny_model), None, "left", strategy)
+    actor = Actor(str(tiny_model), attn_implementation="eager", param_dtype="bf16")
+    maker = GD2POExperienceMaker(InProcessActorGroup(actor), None, None, None, FixedKLController(0.0), strategy, tokenizer)
+    samples = rollout_samples(tokenizer)
+    queries = [tokenizer.decode(s.sequences[0], skip_special_tokens=False) for s in samples]
+    return maker.make_experience_batch(samples), samples, queries
+
+
+@pytest.mark.parametrize("estimator", ["gd2po_hard", "gd2po_snr", "gdpo", "grpo"])
+def test_experience_maker_end_to_end(tiny_model, toolcall_url, local_ray, estimator):
+    servers = f"correctness={toolcall_url}#correctness,format={toolcall_url}#format"
+    args, _ = parse_cli(training_argv(estimator, servers, "--gd2po.snr_threshold", "0.5"))
+    experiences, samples, queries = make_experiences(tiny_model, args)
+
+    # Independently: the same rewards over HTTP, then the algorithm module on its own.
+    rewards = fetch_rewards(parse_reward_servers(servers), queries, [s.prompts[0] for s in samples],
+                            [s.labels[0] for s in samples]).rewards  # fmt: skip
+    lengths = torch.stack([s.action_mask.sum() for s in samples])
+    expected = compute_advantages(rewards, torch.arange(8) // N_SAMPLES, estimator, lengths, snr_threshold=0.5)
+    assert rewards[[1, 5], 0].tolist() == [3.0, 3.0] and rewards[[1, 5], 1].tolist() == [0.0, 0.0]
+
+    assert len(experiences) == 4  # micro batches of 2, so the batch is gathered across experiences
+    row = 0
+    for experience in experiences:
+        for advantages, action_mask in zip(experience.advantages, experience.action_mask):
+            assert torch.allclose(advantages[action_mask], expected.advantages[row].expand(int(action_mask.sum())))
+            if not expected.keep_mask[row]:
+                assert (advantages == 0).all()  # every token, not only the response
+            row += 1
+    info = {key: torch.cat([e.info[key] for e in experiences]) for key in experiences[0].info}
+    assert torch.equal(info["gd2po/keep"].bool(), expected.keep_mask)
+    assert torch.allclose(info["gd2po/group_keep_ratio"], expected.group_keep_ratio)
+    assert torch.equal(info["reward/correctness"], rewards[:, 0]) and torch.equal(info["reward/format"], rewards[:, 1])
+    assert torch.equal(info["reward"], rewards.sum(dim=1))
+    assert info["gd2po/conflict_ratio"][0].item() == pytest.approx(expected.metrics["conflict_ratio"])
+    assert info["gd2po/keep_ratio"][0].item() == pytest.approx(expected.metrics["keep_ratio"])
+    assert expected.metrics["conflict_ratio"] > 0
+    if estimator == "gd2po_hard":
+        assert not expected.keep_mask[[1, 5]].any()  # the mixed-sign rollouts are out
+
+
+def test_vanilla_estimator_with_reward_servers_is_openrlhf_group_norm(tiny_model, toolcall_url, local_ray):
+    servers = f"correctness={toolcall_url}#correctness,format={toolcall_url}#format"
+    args, _ = parse_cli(training_argv("group_norm", servers, "--reward.weights", "1", "2"))
+    experiences, _, _ = make_experiences(tiny_model, args)
+    combined = torch.cat([e.info["reward/correctness"] + 2 * e.info["reward/format"] for e in experiences])
+    groups = combined.reshape(2, N_SAMPLES)
+    expected = ((groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + 1e-9)).flatten()
+    # The scalar sits on each rollout's last response token (no KL here, so every token has it).
+    got = torch.stack([adv[mask][-1] for e in experiences for adv, mask in zip(e.advantages, e.action_mask)])
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not any(key.startswith("gd2po/") for key in experiences[0].info)
+
+
+@ray.remote
+class TrainerProbe:
+    def experience_maker_class(self, args):
+        from openrlhf.trainer.ppo_trainer import BasePPOTrainer
+
+        # BasePPOTrainer.__init__ builds the experience maker for PPOTrainer and the async trainer alike.
+        trainer = BasePPOTrainer(SimpleNamespace(args=args), None, None, None, None, None, tokenizer=None)
+        return type(trainer.experience_maker).__qualname__, trainer.experience_maker.reward_dimensions
+
+
+def test_ray_actor_builds_the_patched_experience_maker(local_ray):
+    args, ray_init_calls = parse_cli(training_argv("gd2po_snr", "c=http://127.0.0.1:1#correctness"))
+    assert ray_init_calls[0]["runtime_env"]["worker_process_setup_hook"] == WORKER_SETUP_HOOK
+    assert ray_init_calls[0]["runtime_env"]["env_vars"]["NCCL_DEBUG"]  # OpenRLHF's own env kept
+    name, dimensions = ray.get(TrainerProbe.remote().experience_maker_class.remote(args))
+    assert name == "GD2POExperienceMaker"
+    assert [d.name for d in dimensions] == ["c"]
+
+
+def test_cli_passes_openrlhf_flags_through_and_points_remote_url_at_batch_scoring():
+    args, _ = parse_cli(training_argv("gd2po_hard", "c=http://h:1", "--ds.zero_stage", "3", "--algo.kl.use_loss"))
+    assert args.ds.zero_stage == 3 and args.algo.kl.use_loss and args.critic.model_name_or_path is None
+    assert args.algo.advantage.estimator == "gd2po_hard" and args.gd2po.snr_threshold == 0.8
+    assert args.reward.remote_url[0].endswith("openrlhf_gd2po/deferred_reward.py")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--algo.advantage.estimator", "gd2po_snr"], "gd2po_snr needs --reward.servers"),
+        (training_argv("gdpo", "c=http://h:1", "--reward.weights", "1", "2"), "--reward.weights has 2 values for 1"),
+        (training_argv("gdpo", "c=h:1"), "must look like name=http://host:port"),
+        (training_argv("gdpo", "c=http://h:1", "--reward.remote_url", "http://x"), "two reward sources"),
+        (training_argv("gdpo", "c=http://h:1", "--algo.dynamic_filtering_enable"), "per-sample rewards"),
+        (training_argv("gdpo", "c=http://h:1", "--rollout.n_samples_per_prompt", "1"), "must be >= 2"),
+        (training_argv("group_norm", "c=http://h:1", "--reward.on_failure", "mask"), "needs a GD²PO-family"),
+        (training_argv("gd2po_snr", "c=http://h:1", "--gd2po.snr_threshold", "1.5"), "in [0, 1], got 1.5"),
+        (training_argv("gdpo", "c=http://h:1", "--reward.batch_size", "0"), "--reward.batch_size must be >= 1"),
+    ],
+)
+def test_bad_flag_combinations_exit_before_ray(argv, message, capsys):
+    with mock.patch.object(sys, "argv", ["train_gd2po_ray", *argv]), mock.patch.object(ray, "init") as ray_init:
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    ray_init.assert_not_called()
+
+
+def test_help_lists_new_flags_as_module_and_script():
+    for command in (["-m", "openrlhf_gd2po.cli.train_gd2po_ray"], [str(TESTS.parent / "examples/scripts/train_gd2po_ray.py")]):
+        result = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        for flag in ("--gd2po.snr_threshold", "--gd2po.no_group_reweight", "--gd2po.no_whiten", "--reward.servers",
+                     "--reward.weights", "--reward.timeout", "--reward.retries", "--reward.batch_size",
+                     "--reward.on_failure", "gd2po_snr", "--ds.zero_stage"):  # fmt: skip
+            assert flag in result.stdout
+
+
+def test_deepspeed_zero3_policy_step_masked_rollouts_get_zero_gradient(tiny_model):
+    result = subprocess.run(
+        [sys.executable, str(TESTS / "zero3_policy_step.py"), str(tiny_model), str(free_port())],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["zero_stage"] == 3
+    assert report["masked_rollouts"] == [1, 2, 5]
+    assert report["gradient_norm"] > 0 and report["repeat_max_diff"] == 0
+    assert report["masked_changed_max_diff"] == 0  # masked rollouts contribute exactly nothing
+    assert report["kept_changed_max_diff"] > 0  # while kept ones do: the check can fail
+    assert report["weight_change"] > 0

@@ -256,6 +256,16 @@ def test_help_lists_new_flags_as_module_and_script():
             assert flag in result.stdout
 
 
+def test_deepspeed_launcher_runs_the_script():
+    """`deepspeed examples/scripts/train_gd2po_ray.py` adds --local_rank; a bad combination still fails cleanly."""
+    script = TESTS.parent / "examples/scripts/train_gd2po_ray.py"
+    result = subprocess.run([Path(sys.executable).with_name("deepspeed"), str(script), "--algo.advantage.estimator",
+                             "gdpo"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    assert "--local_rank=0" in result.stdout + result.stderr
+    assert "train_gd2po_ray: error: --algo.advantage.estimator gdpo needs --reward.servers" in result.stderr
+
+
 def test_deepspeed_zero3_policy_step_masked_rollouts_get_zero_gradient(tiny_model):
     result = subprocess.run(
         [sys.executable, str(TESTS / "zero3_policy_step.py"), str(tiny_model), str(free_port())],

@@ -108,7 +108,10 @@ def generate_transformers(model_path: str, conversations: list[list[dict]], max_
 
 
 def generate_vllm(model_path: str, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
-    from vllm import LLM, SamplingParams
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError as error:
+        raise InputError(f"--backend vllm needs vLLM installed ({error}); use --backend transformers") from None
 
     llm = LLM(model=model_path)
     results = llm.chat(conversations, SamplingParams(temperature=0.0, max_tokens=max_new_tokens))

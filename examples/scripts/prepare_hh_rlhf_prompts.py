@@ -6,12 +6,11 @@ Each output line is `{"prompt": [messages], "label": ""}`, read with `--data.inp
 Inputs: parquet files with a `prompt` column of chat messages whose last turn is the user's, e.g.
 the Anthropic HH-RLHF test prompts in /work/shared/data/hh_rlhf/test.parquet (GD²PO authors' copy).
 
-Alpaca and PKU-SafeRLHF prompts (CC BY-NC 4.0, not shipped here): the GD²PO authors' repository
-(github.com/Qwen-Applications/GD2PO) has them in the same verl format, which this script converts
-unchanged. Download them yourself, e.g. from
-https://raw.githubusercontent.com/Qwen-Applications/GD2PO/main/safe-alignment/dataset/<file> with
-<file> = alpaca_prompt_only/train.parquet (the paper's training prompts), alpaca_prompt_only/test.parquet
-or pku-saferlhf/test.parquet. A file in another layout fails with the row and field at fault.
+Alpaca and PKU-SafeRLHF prompts (CC BY-NC 4.0, not shipped here): download them yourself from the
+GD²PO authors' repository, github.com/Qwen-Applications/GD2PO, folder safe-alignment/dataset/:
+alpaca_prompt_only/train.parquet (the paper's training prompts), alpaca_prompt_only/test.parquet and
+pku-saferlhf/test.parquet. They are the verl-format sets the authors use next to this HH-RLHF file,
+so pass them to --parquet as they are; a file in another layout fails naming the row and field.
 
 Usage:
   python examples/scripts/prepare_hh_rlhf_prompts.py --parquet test.parquet [more.parquet ...] --output hh_rlhf_prompts.jsonl

@@ -23,6 +23,7 @@ WORKER_SETUP_HOOK = "openrlhf_gd2po.install"
 
 
 def add_gd2po_arguments(parser):
+    parser.prog = "train_gd2po_ray"
     estimator = next(a for a in parser._actions if a.dest == "algo.advantage.estimator")
     estimator.choices = list(estimator.choices) + [e for e in ESTIMATORS if e not in estimator.choices]
     estimator.help += "; GD²PO plugin: grpo (sum, then group-normalise), gdpo, gd2po_hard, gd2po_snr"

@@ -9,13 +9,13 @@ worker hook that installs GD2POExperienceMaker in every Ray worker (the trainer 
 import argparse
 import os
 import runpy
-import sys
 from contextlib import contextmanager
 from unittest import mock
 
 import ray
 
 import openrlhf_gd2po
+from openrlhf_gd2po import deferred_reward
 from openrlhf_gd2po.advantages import ESTIMATORS
 from openrlhf_gd2po.reward_client import parse_reward_servers
 
@@ -99,7 +99,7 @@ def gd2po_hooks():
         if error:
             parser.error(error)
         if getattr(parsed, "reward.servers"):
-            setattr(parsed, "reward.remote_url", os.path.abspath(sys.modules["openrlhf_gd2po.deferred_reward"].__file__))
+            setattr(parsed, "reward.remote_url", os.path.abspath(deferred_reward.__file__))
         return parsed
 
     def ray_init(*args, runtime_env=None, **kwargs):
@@ -111,8 +111,6 @@ def gd2po_hooks():
 
 
 def main():
-    import openrlhf_gd2po.deferred_reward  # noqa: F401  (its path becomes --reward.remote_url)
-
     openrlhf_gd2po.install()  # the driver too, for anything it builds in-process
     with gd2po_hooks():
         runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)

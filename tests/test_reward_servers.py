@@ -204,17 +204,11 @@ def test_math_server(math_url):
 def build_tiny_reward_model(directory: Path) -> None:
     """A ~40k-parameter Qwen2 sequence classifier and a byte-level tokenizer, built offline."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForSequenceClassification
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
-    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<pad>": 0} | {symbol: index + 1 for index, symbol in enumerate(byte_symbols)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"]
-    )
+    from tiny_models import build_tiny_tokenizer
+
+    wrapped = build_tiny_tokenizer()
     wrapped.save_pretrained(directory)
 
     torch.manual_seed(0)
@@ -226,7 +220,7 @@ def build_tiny_reward_model(directory: Path) -> None:
         num_key_value_heads=1,
         intermediate_size=64,
         num_labels=1,
-        pad_token_id=0,
+        pad_token_id=wrapped.pad_token_id,
     )
     model = Qwen2ForSequenceClassification(config)
     torch.nn.init.normal_(model.score.weight, std=1.0)  # logits of order 1, so a sign flip is visible

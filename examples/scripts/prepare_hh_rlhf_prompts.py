@@ -24,25 +24,8 @@ from pathlib import Path
 import pyarrow
 import pyarrow.parquet as pq
 
-ROLES = ("system", "user", "assistant")
-
-
-class InputError(ValueError):
-    pass
-
-
-def check_messages(messages, where: str) -> list[dict]:
-    """The prompt as plain {"role", "content"} dicts ending with the user's turn."""
-    if not isinstance(messages, list) or not messages:
-        raise InputError(f"{where}: prompt must be a non-empty list of messages, got {messages!r:.100}")
-    checked = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
-            raise InputError(f"{where}: prompt[{index}] must be {{'role': one of {ROLES}, 'content': str}}, got {message!r:.100}")
-        checked.append({"role": message["role"], "content": message["content"]})
-    if checked[-1]["role"] != "user":
-        raise InputError(f"{where}: the last prompt message must be the user's, got role {checked[-1]['role']!r}")
-    return checked
+# The same prompt checks as the ToolRL preparation (this folder is sys.path[0] when run as a script).
+from prepare_toolrl_data import InputError, check_messages  # noqa: E402
 
 
 def prompts_from_parquet(path: Path) -> list[list[dict]]:

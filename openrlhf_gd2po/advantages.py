@@ -53,10 +53,12 @@ def compute_advantages(
     n, k = rewards.shape
     group_index, group_size = _group_index(group_ids)
 
-    per_dim = _group_normalize(rewards, group_index, group_size) * weights
-    conflict = (per_dim > SIGN_EPS).any(dim=1) & (per_dim < -SIGN_EPS).any(dim=1)
+    per_dim = _group_normalize(rewards, group_index, group_size, weights)
+    lowest, highest = per_dim.aminmax(dim=1)
+    conflict = (highest > SIGN_EPS) & (lowest < -SIGN_EPS)
     summed = per_dim.sum(dim=1)
-    consensus = summed / (per_dim.abs().sum(dim=1) + SNR_EPS)
+    magnitude = per_dim.abs().sum(dim=1)
+    consensus = summed / (magnitude + SNR_EPS)
 
     keep_mask = torch.ones(n, dtype=torch.bool, device=rewards.device)
     if estimator == "gd2po_hard":
@@ -84,7 +86,7 @@ def compute_advantages(
         "group_keep_ratio_min": (kept_per_group / group_size).min().item(),
         "group_keep_ratio_max": (kept_per_group / group_size).max().item(),
         # Share of the per-dimension advantage mass that sign disagreement cancels in the sum.
-        "advantage_cancellation": 1.0 - (summed.abs().sum() / per_dim.abs().sum().clamp(min=SNR_EPS)).item(),
+        "advantage_cancellation": 1.0 - (summed.abs().sum() / magnitude.sum().clamp(min=SNR_EPS)).item(),
     }
     for dim in range(k):
         metrics[f"reward_dim{dim}_mean"] = rewards[:, dim].mean().item()
@@ -99,20 +101,20 @@ def _group_index(group_ids):
     return group_index, group_size
 
 
-def _group_normalize(values, group_index, group_size):
-    """(x - group mean) / (group std + 1e-6) per column, Bessel-corrected std.
+def _group_normalize(values, group_index, group_size, weights=1.0):
+    """(x - group mean) / (group std + 1e-6) per column, Bessel-corrected std, times `weights`.
 
     A group of one rollout has no spread to normalise by: it keeps its raw value
     (mean 0, std 1), as GRPO's reference implementation does.
     """
     num_groups = group_size.shape[0]
     sums = values.new_zeros(num_groups, values.shape[1]).index_add_(0, group_index, values)
-    centred = values - (sums / group_size[:, None])[group_index]
-    squares = torch.zeros_like(sums).index_add_(0, group_index, centred.square())
+    # Singletons (mean 0, scale 1) and weights are applied per group, so each [N, K] step runs once.
+    singleton = (group_size == 1)[:, None]
+    centred = values - torch.where(singleton, 0.0, sums / group_size[:, None])[group_index]
+    squares = torch.zeros_like(sums).index_add_(0, group_index, centred * centred)
     std = (squares / (group_size - 1).clamp(min=1)[:, None]).sqrt()
-    normalised = centred / (std[group_index] + GROUP_NORM_EPS)
-    singleton = (group_size == 1)[group_index]
-    return torch.where(singleton[:, None], values, normalised)
+    return centred * (torch.where(singleton, 1.0, 1.0 / (std + GROUP_NORM_EPS)) * weights)[group_index]
 
 
 def _whiten(values, token_weights):

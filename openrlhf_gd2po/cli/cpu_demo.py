@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         dimensions += stack.enter_context(local_reward_server(["length", "--target-length", str(args.target_chars)]))
         names = [d.name for d in dimensions]
         print(f"gd2po-cpu-demo: {args.estimator} on {model_path.name}, {args.prompts_per_step} prompts x "
-              f"{args.n_samples} samples a step, rewards {', '.join(names)}, DeepSpeed ZeRO-{engine.zero_optimization_stage()}")
+              f"{args.n_samples} samples a step, rewards {', '.join(names)}, "
+              f"DeepSpeed ZeRO-{engine.zero_optimization_stage()}")
         print(f"{'step':>4} " + " ".join(f"{name:>11}" for name in names)
               + f" {'conflict':>8} {'keep':>6} {'grad norm':>9} {'resp len':>8} {'seconds':>7}")
         for step in range(1, args.steps + 1):
@@ -152,12 +153,11 @@ def train_step(engine, sampler, tokenizer, dimensions, questions, args) -> dict:
         dimensions, [r["query"] for r in rollouts], [prompts[r["prompt_index"]] for r in rollouts],
         [labels[r["prompt_index"]] for r in rollouts],
     ).rewards
+    scored = time.perf_counter()
     group_ids = torch.tensor([r["prompt_index"] for r in rollouts])
     lengths = torch.tensor([r["response_length"] for r in rollouts])
     result = compute_advantages(rewards, group_ids, args.estimator, response_lengths=lengths,
                                 snr_threshold=args.snr_threshold)
-
-    scored = time.perf_counter()
     sequences, attention_mask, action_mask = policy_batch(rollouts, tokenizer.pad_token_id)
     log_probs = engine(sequences, action_mask, attention_mask)
     advantages = result.advantages[:, None] * action_mask  # one scalar per rollout on each response token
@@ -180,7 +180,7 @@ def train_step(engine, sampler, tokenizer, dimensions, questions, args) -> dict:
         "response_length": lengths.double().mean().item(),
         "timing/generate": generated - started,
         "timing/reward": scored - generated,
-        "timing/update": time.perf_counter() - scored,
+        "timing/update": time.perf_counter() - scored,  # advantages, forward, backward, step, weight sync
         "seconds": time.perf_counter() - started,
     }
 

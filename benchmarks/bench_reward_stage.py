@@ -30,19 +30,16 @@ import argparse
 import asyncio
 import contextlib
 import math
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 import torch
 
 from openrlhf_gd2po.reward_client import RewardDimension, fetch_rewards
+from reward_servers.local import running_process
 
 HERE = Path(__file__).resolve().parent
 SERVERS = [  # dimension, fixed ms per request, ms per sample
@@ -72,56 +69,17 @@ def make_samples(n: int) -> tuple[list[str], list[str], list[str]]:
     return queries, prompts, labels
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"server for {url} exited with code {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"server for {url} not healthy after {timeout:.0f} s")
-
-
 @contextlib.contextmanager
 def sleepy_servers():
     """Start one sleepy server per entry of SERVERS; yield their RewardDimensions in that order."""
     with contextlib.ExitStack() as stack:
-        started = []
+        dimensions = []
         for name, fixed_ms, per_sample_ms in SERVERS:
-            port = free_port()
-            command = [sys.executable, str(HERE / "sleepy_reward_server.py"), "--port", str(port),
-                       "--dimension", name, "--fixed-ms", str(fixed_ms), "--per-sample-ms", str(per_sample_ms)]
-            stderr = stack.enter_context(tempfile.TemporaryFile())
-            server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
-            stack.callback(stop, server)
-            started.append((RewardDimension(name, f"http://127.0.0.1:{port}/get_reward", None), server, stderr))
-        for dimension, server, stderr in started:  # the servers start in parallel, checked one by one
-            try:
-                wait_until_healthy(dimension.url.removesuffix("/get_reward"), server)
-            except RuntimeError as error:
-                stderr.seek(0)
-                raise RuntimeError(f"{error}:\n{stderr.read().decode(errors='replace')}") from None
-        yield [dimension for dimension, _, _ in started]
-
-
-def stop(server: subprocess.Popen) -> None:
-    server.terminate()
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+            command = [sys.executable, str(HERE / "sleepy_reward_server.py"), "--dimension", name,
+                       "--fixed-ms", str(fixed_ms), "--per-sample-ms", str(per_sample_ms)]
+            url, _ = stack.enter_context(running_process(command))
+            dimensions.append(RewardDimension(name, f"{url}/get_reward", None))
+        yield dimensions
 
 
 def check_rewards(rewards: torch.Tensor, queries: list[str], mode: str) -> None:

@@ -2,6 +2,12 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,4 +169,26 @@ def test_unreachable_reward_server_raises_instead_of_scoring_zero(tiny_model, tm
     with pytest.raises(RewardServerError, match="127.0.0.1:9"):
         main(["--model", str(tiny_model), "--num-prompts", "1", "--n-samples", "2", "--max-new-tokens", "2",
               "--reward-servers", "correctness=http://127.0.0.1:9", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_stops_the_reward_server_it_started(tiny_model, tmp_path):
+    """A scheduler's SIGTERM must not leave the toolcall server running (Python skips `finally` on it by default)."""
+    analyze_process = subprocess.Popen(
+        [sys.executable, "-m", "openrlhf_gd2po.cli.analyze", "--model", str(tiny_model), "--num-prompts", "80",
+         "--n-samples", "8", "--max-new-tokens", "512", "--out", str(tmp_path / "out")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    children_file = Path(f"/proc/{analyze_process.pid}/task/{analyze_process.pid}/children")
+    deadline = time.monotonic() + 120
+    while not children_file.read_text().split() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    servers = [int(pid) for pid in children_file.read_text().split()]
+    assert servers, "gd2po-analyze started no reward server"
+    time.sleep(3)  # into generation, with the server up
+    analyze_process.send_signal(signal.SIGTERM)
+    assert analyze_process.wait(timeout=60) == 128 + signal.SIGTERM
+    for pid in servers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
     assert not (tmp_path / "out").exists()

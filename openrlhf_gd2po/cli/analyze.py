@@ -15,12 +15,9 @@ import json
 import math
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,11 +26,11 @@ from tqdm import tqdm
 
 from openrlhf_gd2po.advantages import ESTIMATORS, compute_advantages
 from openrlhf_gd2po.reward_client import API_KEY_ENV, fetch_rewards, parse_reward_servers
+from reward_servers.local import exit_on_sigterm, running_process
 
 DEFAULT_PROMPTS = importlib.resources.files("openrlhf_gd2po") / "data" / "toolrl_test_prompts.jsonl"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SNR_THRESHOLDS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-SERVER_STARTUP_SECONDS = 60
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
 
@@ -105,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     keep_freed_memory()
+    exit_on_sigterm()
     model_path = Path(args.model) if args.model else smollm2_checkpoint()
     model, tokenizer = load_model(model_path)
     # As OpenRLHF's --apply_chat_template does: a string prompt becomes one user message.
@@ -269,46 +267,14 @@ def load_model(path: Path):
 def local_reward_server(task_args: list[str]):
     """Run `python -m reward_servers <task_args>` on a free local port until the block ends; yield
     the dimensions it serves (from its /info), one per extra_logs field."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    # Output goes to a file, not a pipe, so a chatty server never blocks on a full pipe.
-    with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "reward_servers", *task_args, "--port", str(port)], stdout=log, stderr=log
+    with running_process([sys.executable, "-m", "reward_servers", *task_args]) as (url, _):
+        api_key = os.environ.get(API_KEY_ENV)  # the server reads the same variable
+        request = urllib.request.Request(
+            f"{url}/info", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
         )
-        try:
-            info = wait_for_server(url, server, log)
-            yield parse_reward_servers(",".join(f"{name}={url}#{name}" for name in info["dimensions"]))
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-
-
-def wait_for_server(url: str, server: subprocess.Popen, log) -> dict:
-    """Poll /health until it answers, then return /info; fail with the server's output."""
-    deadline = time.monotonic() + SERVER_STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            log.seek(0)
-            output = log.read().decode(errors="replace")[-3000:]
-            raise RuntimeError(f"reward server {url} exited with code {server.returncode}:\n{output}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1):
-                break
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.2)
-    else:
-        raise RuntimeError(f"reward server {url} did not answer /health within {SERVER_STARTUP_SECONDS} s")
-    api_key = os.environ.get(API_KEY_ENV)  # the server reads the same variable
-    request = urllib.request.Request(f"{url}/info", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            dimensions = json.load(response)["dimensions"]
+        yield parse_reward_servers(",".join(f"{name}={url}#{name}" for name in dimensions))
 
 
 @torch.no_grad()

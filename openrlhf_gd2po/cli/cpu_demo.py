@@ -34,6 +34,7 @@ from openrlhf_gd2po.cli.analyze import (
     sample_rollouts, smollm2_checkpoint,
 )
 from openrlhf_gd2po.reward_client import fetch_rewards
+from reward_servers.local import exit_on_sigterm
 
 # SmolLM2-135M boxes its answer in about a third of its replies to this wording, so `format` varies.
 QUESTION = (
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     keep_freed_memory()
+    exit_on_sigterm()
     torch.manual_seed(args.seed)
     model_path = Path(args.model) if args.model else smollm2_checkpoint()
     sampler, tokenizer = load_model(model_path)

@@ -14,7 +14,8 @@ the same metrics, under the names the trainer logs, to `<out>/metrics.jsonl`.
 
 Sampling runs on a plain copy of the model that gets the updated weights after every step, as
 OpenRLHF broadcasts them to its vLLM engines: generating through the ZeRO-3 module itself would
-run DeepSpeed's parameter hooks on every decoding step, which slowed it tenfold (measured).
+run DeepSpeed's parameter hooks on every decoding step: from the third step on, generation went
+from 6-7 s to over a minute a step (measured).
 """
 
 import argparse

@@ -1,7 +1,8 @@
 """Run a reward server (any server with `GET /health` and a `--port` flag) as a local subprocess.
 
-Used by `gd2po-analyze` and `gd2po-cpu-demo` (which start their own servers), the benchmarks and
-the tests, so that all of them start, wait for and stop a server the same way.
+Used by `gd2po-analyze` and `gd2po-cpu-demo` (which start their own servers and call
+`exit_on_sigterm`), the benchmarks and the tests, so that all of them start, wait for and stop a
+server the same way.
 """
 
 import contextlib

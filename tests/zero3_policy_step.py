@@ -74,6 +74,9 @@ def main(model_path, port):
         "kept_changed_max_diff": kept_changed_diff,
         "weight_change": (weights_after - weights_before).abs().max().item(),
     }))
+    # Left to interpreter exit, gloo's worker threads were once torn down while still joinable,
+    # which aborts the process ("terminate called without an active exception").
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

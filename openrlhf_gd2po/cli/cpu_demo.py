@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{step:>4} " + " ".join(f"{metrics[f'reward/{name}']:>11.3f}" for name in names)
                   + f" {metrics['gd2po/conflict_ratio']:>8.3f} {metrics['gd2po/keep_ratio']:>6.3f}"
                   f" {metrics['grad_norm']:>9.3f} {metrics['response_length']:>8.1f} {metrics['seconds']:>7.1f}")
+    # Left to interpreter exit, gloo's worker threads can be torn down while still joinable, which
+    # aborts the process ("terminate called without an active exception"; seen once in CI's tests).
+    torch.distributed.destroy_process_group()
     print(f"\nwrote {metrics_file}")
 
 

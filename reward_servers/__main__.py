@@ -59,10 +59,33 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_parser("math", parents=[server_options], help="math-verify answer correctness and \\boxed format")
 
     reward_model = tasks.add_parser(
-        "reward_model", parents=[server_options], help="a local sequence-classification model's logit"
+        "reward_model", parents=[server_options], help="a local reward (or cost) model's score"
+    )
+    reward_model.add_argument("--model", required=True, help="local checkpoint directory (weights + tokenizer)")
+    reward_model.add_argument(
+        "--model-format",
+        choices=["hf", "openrlhf", "align-anything"],
+        default="hf",
+        help="hf: AutoModelForSequenceClassification; openrlhf: trained by OpenRLHF (value head); "
+        "align-anything: Qwen2 + score_head, as the authors' safety RM/CM (default: %(default)s)",
     )
     reward_model.add_argument(
-        "--model", required=True, help="local checkpoint directory (AutoModelForSequenceClassification + tokenizer)"
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="weights' dtype; auto: bfloat16 on CUDA, float32 on CPU (default: %(default)s)",
+    )
+    reward_model.add_argument(
+        "--rm-chat-template",
+        action="store_true",
+        help="score the conversation re-rendered with the model's chat template (policy end token stripped), "
+        "as the authors do, instead of the raw query; prompts must be ChatML or Llama-3",
+    )
+    reward_model.add_argument(
+        "--normalize-reward",
+        action="store_true",
+        help="openrlhf only: serve (reward - mean) / std with config.json's mean/std, as OpenRLHF's "
+        "--reward.normalize_enable",
     )
     reward_model.add_argument("--negate", action="store_true", help="serve -logit (for cost models)")
     reward_model.add_argument(
@@ -101,7 +124,16 @@ def build_scorer(args: argparse.Namespace) -> tuple[list[str], Scorer]:
         from reward_servers import reward_model
 
         scorer = reward_model.make_scorer(
-            args.model, args.dimension_name, args.negate, args.max_batch_size, args.max_length, args.device
+            args.model,
+            args.dimension_name,
+            args.negate,
+            args.max_batch_size,
+            args.max_length,
+            args.device,
+            dtype=args.dtype,
+            model_format=args.model_format,
+            rm_chat_template=args.rm_chat_template,
+            normalize_reward=args.normalize_reward,
         )
         return [args.dimension_name], scorer
     if args.task == "length":

@@ -123,18 +123,21 @@ def build_scorer(args: argparse.Namespace) -> tuple[list[str], Scorer]:
     if args.task == "reward_model":
         from reward_servers import reward_model
 
-        scorer = reward_model.make_scorer(
-            args.model,
-            args.dimension_name,
-            args.negate,
-            args.max_batch_size,
-            args.max_length,
-            args.device,
-            dtype=args.dtype,
-            model_format=args.model_format,
-            rm_chat_template=args.rm_chat_template,
-            normalize_reward=args.normalize_reward,
-        )
+        try:
+            scorer = reward_model.make_scorer(
+                args.model,
+                args.dimension_name,
+                args.negate,
+                args.max_batch_size,
+                args.max_length,
+                args.device,
+                dtype=args.dtype,
+                model_format=args.model_format,
+                rm_chat_template=args.rm_chat_template,
+                normalize_reward=args.normalize_reward,
+            )
+        except reward_model.RewardModelError as error:
+            raise SystemExit(f"reward_model: {error}") from None
         return [args.dimension_name], scorer
     if args.task == "length":
         from reward_servers import length

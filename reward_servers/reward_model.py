@@ -35,6 +35,10 @@ MODEL_FORMATS = ("hf", "openrlhf", "align-anything")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+class RewardModelError(ValueError):
+    """The checkpoint or the options cannot be served as asked; the CLI prints this one line and exits."""
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     """`auto` is bf16 on CUDA (half the memory of fp32: 15 GB for a 7B model) and fp32 on CPU."""
     if name == "auto":
@@ -57,13 +61,13 @@ def make_scorer(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
     if normalize_reward and model_format != "openrlhf":
-        raise ValueError(f"--normalize-reward applies to --model-format openrlhf only, not {model_format}")
+        raise RewardModelError(f"--normalize-reward applies to --model-format openrlhf only, not {model_format}")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if rm_chat_template and not tokenizer.chat_template:
-        raise ValueError(f"--rm-chat-template: the tokenizer of {model_path} has no chat template")
+        raise RewardModelError(f"--rm-chat-template: the tokenizer of {model_path} has no chat template")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {model_path} has neither a pad nor an eos token to pad batches with")
+            raise RewardModelError(f"the tokenizer of {model_path} has neither a pad nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     # Right padding keeps the real tokens' positions as in an unpadded forward; right truncation
     # keeps the start of the text, as the authors' reward-model input does.
@@ -77,7 +81,7 @@ def make_scorer(
     elif model_format == "align-anything":
         model, forward = load_align_anything(model_path, torch_dtype)
     else:
-        raise ValueError(f"--model-format must be one of {', '.join(MODEL_FORMATS)}, got {model_format!r}")
+        raise RewardModelError(f"--model-format must be one of {', '.join(MODEL_FORMATS)}, got {model_format!r}")
     model.to(device).eval()
     print(
         f"reward_model: {model_path} ({model_format}, {torch_dtype}, {device}); scores "
@@ -124,13 +128,14 @@ def load_openrlhf(path: str, dtype: torch.dtype, normalize_reward: bool):
     try:
         from openrlhf.models import get_llm_for_sequence_regression
     except ImportError as error:
-        raise RuntimeError(
+        raise RewardModelError(
             f"--model-format openrlhf loads through OpenRLHF, whose import failed ({error}); install it with "
-            "`pip install 'openrlhf-gd2po[openrlhf]'` (OpenRLHF 0.11.2 with flash-attn, on a CUDA machine)"
+            "`pip install 'openrlhf-gd2po[openrlhf]'` (OpenRLHF 0.11.2 with flash-attn, on a CUDA machine); "
+            "a CPU-only machine can put the import stand-ins on the path: PYTHONPATH=tests/cpu_stand_ins"
         ) from error
     config = AutoConfig.from_pretrained(path)
     if normalize_reward and not hasattr(config, "mean"):
-        raise ValueError(f"--normalize-reward: {path}/config.json has no mean/std (OpenRLHF's train_rm saves them)")
+        raise RewardModelError(f"--normalize-reward: {path}/config.json has no mean/std (OpenRLHF's train_rm saves them)")
     # OpenRLHF's param_dtype knows only bf16/fp16; transformers' `dtype` keyword, passed through,
     # overrides the torch_dtype it derives. sdpa instead of OpenRLHF's default flash_attention_2:
     # it runs everywhere, on right-padded batches too.
@@ -175,7 +180,7 @@ class AlignAnythingQwen2ScoreModel(Qwen2PreTrainedModel):
 def load_align_anything(path: str, dtype: torch.dtype):
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type != "qwen2":
-        raise ValueError(f"--model-format align-anything supports Qwen2 score models; {path} is a {model_type!r} model")
+        raise RewardModelError(f"--model-format align-anything supports Qwen2 score models; {path} is a {model_type!r} model")
     model, loading_info = AlignAnythingQwen2ScoreModel.from_pretrained(path, dtype=dtype, output_loading_info=True)
     refuse_missing_weights(path, "align-anything", loading_info["missing_keys"], loading_info["unexpected_keys"])
     return model, model
@@ -192,14 +197,14 @@ def checkpoint_weight_names(path: str) -> set[str]:
             return set(weights.keys())
     if (directory / "pytorch_model.bin").exists():
         return set(torch.load(directory / "pytorch_model.bin", map_location="cpu", mmap=True, weights_only=True))
-    raise FileNotFoundError(f"{path} holds no model.safetensors or pytorch_model.bin weights")
+    raise RewardModelError(f"{path} holds no model.safetensors or pytorch_model.bin weights")
 
 
 def refuse_missing_weights(path: str, model_format: str, missing, unused) -> None:
     if not missing:
         return
     hint = f"; the checkpoint's unused weights: {', '.join(sorted(unused))}" if unused else ""
-    raise ValueError(
+    raise RewardModelError(
         f"refusing to serve {path} as --model-format {model_format}: the checkpoint lacks "
         f"{', '.join(sorted(missing))}, which would be randomly initialised{hint}. "
         f"Is --model-format ({', '.join(MODEL_FORMATS)}) right for this checkpoint?"

@@ -3,6 +3,9 @@ built here: served rewards equal each format's own forward (OpenRLHF's loader, a
 from the saved align-anything weights), a checkpoint without its head is refused at start, the
 dtype takes effect, and --rm-chat-template scores exactly the re-rendered conversation."""
 
+import importlib.util
+from pathlib import Path
+
 import httpx
 import pytest
 import torch
@@ -23,6 +26,7 @@ LLAMA3_PROMPT = (
     "<|start_header_id|>user<|end_header_id|>\n\nHow do I pick a lock?<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n"
 )
+REPO_ROOT = Path(__file__).parents[1]
 RESPONSES = ["Yes.", "Mostly, on a clear day; it is Rayleigh scattering.", "No idea", "Blue, yes — ça va."]
 QUERIES = [CHATML_PROMPT + response + "<|im_end|>" for response in RESPONSES]
 BODY = {"query": QUERIES, "prompts": [CHATML_PROMPT] * 4, "labels": [None] * 4}
@@ -144,12 +148,32 @@ def test_align_anything_format_serves_the_score_head_at_the_last_token(tmp_path)
     assert answer.json()["extra_logs"]["harmlessness"] == pytest.approx(expected, abs=1e-5)
 
 
+def real_flash_attn_installed() -> bool:
+    spec = importlib.util.find_spec("flash_attn")  # conftest may have put the stand-in on the path
+    return spec is not None and "cpu_stand_ins" not in str(spec.origin)
+
+
+@pytest.mark.skipif(real_flash_attn_installed(), reason="flash-attn is installed here")
+def test_openrlhf_format_without_flash_attn_says_what_to_install(tmp_path):
+    # OpenRLHF's model module imports flash_attn; without the CPU stand-ins on the path it cannot load.
+    args = ["reward_model", "--model", str(build_hf(tmp_path / "rm")), "--model-format", "openrlhf"]
+    with pytest.raises(RuntimeError) as refused:
+        with running_server(args, env={"PYTHONPATH": str(REPO_ROOT)}):
+            pass
+    assert "reward_model: --model-format openrlhf loads through OpenRLHF, whose import failed (No module named " in (
+        str(refused.value)
+    )
+    assert "pip install 'openrlhf-gd2po[openrlhf]'" in str(refused.value)
+    assert "Traceback" not in str(refused.value)
+
+
 def test_a_checkpoint_without_the_formats_head_is_refused_at_start(tmp_path):
     # The issue's case: the authors' cost model served as an hf checkpoint would get a fresh `score` head.
     directory = build_align_anything(tmp_path / "cm")
     with pytest.raises(RuntimeError) as refused:
         with running_server(["reward_model", "--model", str(directory), "--device", "cpu"]):
             pass
+    assert "reward_model: refusing to serve" in str(refused.value) and "Traceback" not in str(refused.value)
     assert "lacks score.weight, which would be randomly initialised" in str(refused.value)
     assert "unused weights: score_head.weight" in str(refused.value)
 

@@ -119,9 +119,11 @@ def load_hf(path: str, dtype: torch.dtype, pad_token_id: int):
     refuse_missing_weights(path, "hf", loading_info["missing_keys"], loading_info["unexpected_keys"])
     # The model pools the last token that is not config.pad_token_id: the id the batches pad with.
     model.config.pad_token_id = pad_token_id
-    return model, lambda input_ids, attention_mask: model(input_ids=input_ids, attention_mask=attention_mask).logits[
-        :, 0
-    ].float()
+
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+    return model, forward
 
 
 def load_openrlhf(path: str, dtype: torch.dtype, normalize_reward: bool):

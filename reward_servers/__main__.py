@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="openrlhf only: serve (reward - mean) / std with config.json's mean/std, as OpenRLHF's "
         "--reward.normalize_enable",
     )
-    reward_model.add_argument("--negate", action="store_true", help="serve -logit (for cost models)")
+    reward_model.add_argument(
+        "--negate", action="store_true", help="serve -score (for a model whose higher score is worse)"
+    )
     reward_model.add_argument(
         "--dimension-name", default="reward", help="name of the served dimension (default: %(default)s)"
     )
@@ -95,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-batch-size", type=positive_int, default=16, help="queries per forward pass (default: %(default)s)"
     )
     reward_model.add_argument(
-        "--max-length", type=positive_int, default=2048, help="tokens kept per query (default: %(default)s)"
+        "--max-length",
+        type=positive_int,
+        default=2048,
+        help="tokens kept per scored text, cut on the right (default: %(default)s)",
     )
     reward_model.add_argument(
         "--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available, else cpu"

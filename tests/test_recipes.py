@@ -1,7 +1,6 @@
 """The example recipes in examples/scripts: shell syntax, DRY_RUN launches, input checks, a real
 launch with a stand-in `ray`, the data preparation scripts on the shared data, the API-Bank eval."""
 
-import importlib.util
 import json
 import os
 import shlex
@@ -299,48 +298,3 @@ def test_prepare_hh_rlhf_prompts(tmp_path):
 
     result = run_python("prepare_hh_rlhf_prompts.py", "--parquet", TOOLRL / "rlla_sft.json", "--output", output)
     assert result.returncode != 0 and "rlla_sft.json: cannot read it" in result.stderr
-
-
-def load_eval_module():
-    spec = importlib.util.spec_from_file_location("eval_api_bank", SCRIPTS / "eval_api_bank.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_api_bank_scoring_rule():
-    evaluation = load_eval_module()
-    reference = evaluation.reference_call([{"name": "QueryMeeting", "parameters": {"user_name": "John"}}], "answer")
-    good = '<think> ok </think>\n<tool_call>\n{"name": "Other", "parameters": {}}\n{"name": "QueryMeeting", "parameters": {"user_name": "John"}}\n</tool_call>'
-    calls, error = evaluation.predicted_calls(good)
-    assert error is None and evaluation.is_correct(calls, reference)  # any call may match
-    for wrong in ('<tool_call>\n{"name": "QueryMeeting", "parameters": {"user_name": "john"}}\n</tool_call>',
-                  '<tool_call>\n{"name": "QueryMeeting", "parameters": {"user_name": "John", "x": 1}}\n</tool_call>',
-                  '<tool_call>\n{"name": "QueryMeeting", "parameters": {"user_name": "John"}}\nnot json\n</tool_call>',
-                  '{"name": "QueryMeeting", "parameters": {"user_name": "John"}}'):  # fmt: skip
-        calls, _ = evaluation.predicted_calls(wrong)
-        assert not evaluation.is_correct(calls, reference), wrong
-    assert evaluation.reference_call({"name": "A", "parameters": {}}, "answer") == {"name": "A", "parameters": {}}
-    with pytest.raises(evaluation.InputError, match="answer must be"):
-        evaluation.reference_call([], "answer")
-
-
-@needs_shared_data
-def test_eval_api_bank_on_a_tiny_model(tmp_path):
-    model = build_tiny_chat_model(tmp_path / "tiny")
-    output = tmp_path / "eval" / "api_bank.json"
-    result = run_python("eval_api_bank.py", "--model", model, "--data-dir", SHARED_DATA / "api_bank",
-                        "--output", output, "--limit", 2, "--max-new-tokens", 4)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    report = json.loads(output.read_text())
-    assert list(report["accuracy"]) == ["level1", "level2", "level3", "overall"]
-    assert [report["accuracy"][f"level{level}"]["total"] for level in (1, 2, 3)] == [2, 2, 2]
-    assert report["accuracy"]["overall"]["total"] == 6
-    assert [(s["level"], s["index"]) for s in report["samples"]] == [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
-    level2 = json.loads((SHARED_DATA / "api_bank" / "level-2-api_processed.json").read_text())[0]
-    assert report["samples"][2]["reference"] == level2["answer"]  # a dict in level 2, used as is
-    for line in ("level1", "level2", "level3", "overall"):
-        assert any(row.startswith(line) for row in result.stdout.splitlines())
-
-    missing = run_python("eval_api_bank.py", "--model", model, "--data-dir", tmp_path, "--output", output, "--levels", 2)
-    assert missing.returncode != 0 and "level-2-api_processed.json: no such file" in missing.stderr

@@ -7,8 +7,8 @@ which OpenRLHF's actor averages per sample into its wandb/tensorboard logs.
 KL (a documented choice): kept rollouts are treated exactly like OpenRLHF's `group_norm`: the
 scalar advantage sits on the last response token and, unless `--algo.kl.use_loss`, the per-token
 KL penalty is added before the cumulative return. Masked rollouts get exactly zero on every
-token, KL included, so they contribute no gradient. With `--algo.kl.use_loss` (the GRPO/GD²PO
-setting) the advantage is the same scalar on every response token.
+token, KL included, so they contribute no gradient. With `--algo.kl.use_loss` (KL as a loss term, as
+GRPO has it; the GD²PO authors use no KL) the advantage is the same scalar on every response token.
 """
 
 import torch

@@ -1,7 +1,7 @@
-"""The example recipes in examples/scripts: shell syntax, DRY_RUN launches, input checks, a real
-launch with a stand-in `ray`, the data preparation scripts on the shared data, the API-Bank eval."""
+"""The example recipes in examples/scripts: shell syntax, DRY_RUN launches with the authors' settings,
+input checks, a real launch with a stand-in `ray`, the data preparation scripts on the shared data.
+The evaluations and the reward direction check have their own test files."""
 
-import importlib.util
 import json
 import os
 import shlex
@@ -13,12 +13,15 @@ from pathlib import Path
 from unittest import mock
 
 import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
+import transformers
 
 from openrlhf_gd2po.cli.train_gd2po_ray import main as train_main
 from servers import free_port
-from tiny_models import build_tiny_chat_model
+from tiny_models import build_tiny_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO_ROOT / "examples" / "scripts"
@@ -120,8 +123,18 @@ def test_safety_dry_run_prints_the_launch(fake_paths, estimator):
                f"harmlessness=http://127.0.0.1:{env['COST_PORT']}#harmlessness")  # fmt: skip
     assert f"--reward.servers {servers}" in result.stdout
     assert f"--algo.advantage.estimator {estimator}" in result.stdout
-    assert f"env CUDA_VISIBLE_DEVICES=3 {sys.executable} -m reward_servers reward_model \\\n      --model {fake_paths / 'cost_model'} \\\n      --negate" in result.stdout
-    assert f"--model {fake_paths / 'reward_model'} \\\n      --dimension-name helpfulness" in result.stdout
+    # The cost model's score as the authors use it (higher = safer): no --negate anywhere.
+    assert "--negate" not in result.stdout
+    rm_flags = "--model-format align-anything \\\n      --rm-chat-template \\\n      --dtype auto \\\n      --max-length 2048"
+    for model, name, port, gpu in (("reward_model", "helpfulness", env["REWARD_PORT"], 0), ("cost_model", "harmlessness", env["COST_PORT"], 3)):
+        assert (f"env CUDA_VISIBLE_DEVICES={gpu} {sys.executable} -m reward_servers reward_model \\\n      --model {fake_paths / model} \\\n"
+                f"      {rm_flags} \\\n      --device cuda \\\n      --dimension-name {name} \\\n      --port {port}") in result.stdout
+    # Both servers are checked on the probe set before the job, with the policy's chat template.
+    check = result.stdout.index("Reward direction check on fixed probes:")
+    assert result.stdout.index("Reward server 'harmlessness'") < check < result.stdout.index("Training job")
+    assert (f"check_reward_direction.py \\\n      --reward-servers {servers} \\\n      --tokenizer {fake_paths / 'policy'}"
+            in result.stdout)
+    assert "DATA: 1 prompts; 0 rollout steps of 512 prompts (the authors: 100)" in result.stdout
     assert "DRY_RUN=1: nothing was launched." in result.stdout
 
 
@@ -143,7 +156,19 @@ def test_printed_training_flags_pass_the_real_cli(fake_paths, script, env_builde
     assert args.data.apply_chat_template and args.data.input_key == "prompt"
     if expected_servers:
         assert args.reward.servers == expected_servers.format(f"http://127.0.0.1:{env['PORT']}")
-    assert args.rollout.n_samples_per_prompt == 4 and args.algo.kl.init_coef == 0
+    # The authors' settings (their scripts and verl's defaults).
+    assert args.rollout.n_samples_per_prompt == 4 and args.algo.kl.init_coef == 0 and not args.algo.kl.use_loss
+    assert args.rollout.batch_size == 512 and args.train.batch_size == 512  # 128 prompts x 4 per optimizer step
+    assert args.actor.adam.lr == 1e-6 and args.actor.lr_scheduler == "constant" and args.actor.lr_warmup_ratio == 0
+    assert tuple(args.actor.adam.betas) == (0.9, 0.999) and args.actor.adam.weight_decay == 0.01
+    assert args.actor.eps_clip == 0.2 and args.actor.dual_clip == 3.0 and args.actor.max_norm == 1.0
+    assert not args.actor.entropy_coef and args.rollout.top_p == 1.0 and args.rollout.max_new_tokens == 1024
+    if script == "train_safety_gd2po.sh":  # one pass, 100 steps, prompts up to 512 tokens
+        assert args.rollout.temperature == 0.7 and args.train.num_episodes == 1 and args.data.max_samples == 51200
+        assert args.data.max_len - args.rollout.max_new_tokens == 512
+    else:  # 30 passes, prompts up to 2048 tokens
+        assert args.rollout.temperature == 1.0 and args.train.num_episodes == 30
+        assert args.data.max_len - args.rollout.max_new_tokens == 2048
 
 
 @pytest.mark.parametrize(
@@ -246,18 +271,31 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    """A policy checkpoint folder with the tiny byte-level ChatML tokenizer (one token per byte)."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def templated_lengths(tokenizer_path, prompts):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+    return [len(tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False)["input_ids"]) for p in prompts]  # fmt: skip
+
+
 @needs_shared_data
-def test_prepare_toolrl_data_from_parquet_and_sft_json(tmp_path):
+def test_prepare_toolrl_data_from_parquet_and_sft_json(tmp_path, tiny_tokenizer):
     output = tmp_path / "rlla.jsonl"
-    result = run_python("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet",
-                        "--sft-json", TOOLRL / "rlla_sft.json", "--output", output)  # fmt: skip
+    result = run_python("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet", "--sft-json", TOOLRL / "rlla_sft.json",
+                        "--tokenizer", tiny_tokenizer, "--max-prompt-tokens", 10**6, "--output", output)  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = read_jsonl(output)
-    # 80 test rows + 400 SFT rows, one SFT prompt being also a test prompt.
-    assert len(rows) == 479
-    assert "rlla_4k_test.parquet: 80 rows read, 80 kept" in result.stdout
-    assert "rlla_sft.json: 400 rows read, 399 kept" in result.stdout
-    assert "479 prompts" in result.stdout and "1 duplicate prompts dropped" in result.stdout
+    # 80 test rows + 400 SFT rows, one SFT prompt being also a test prompt: kept twice, as the authors do.
+    assert len(rows) == 480
+    assert "rlla_4k_test.parquet: 80 rows read" in result.stdout and "rlla_sft.json: 400 rows read" in result.stdout
+    assert "480 prompts" in result.stdout and "0 prompts over 1000000 tokens dropped, 1 duplicate prompts kept" in result.stdout
 
     first = rows[0]
     assert set(first) == {"prompt", "label"}
@@ -271,76 +309,99 @@ def test_prepare_toolrl_data_from_parquet_and_sft_json(tmp_path):
     assert sft_first["label"] == sft_source["output"].split("</think>", 1)[1].strip()
     assert sft_first["label"].startswith("<tool_call>")
 
+    deduplicated = run_python("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet", "--sft-json", TOOLRL / "rlla_sft.json",
+                              "--tokenizer", tiny_tokenizer, "--max-prompt-tokens", 10**6, "--output", output, "--drop-duplicates")  # fmt: skip
+    assert deduplicated.returncode == 0 and "479 prompts" in deduplicated.stdout and "1 duplicate prompts dropped" in deduplicated.stdout
+
 
 @needs_shared_data
-def test_prepare_toolrl_data_names_the_bad_file_and_field(tmp_path):
+def test_prepare_toolrl_data_drops_overlong_prompts(tmp_path, tiny_tokenizer):
+    """Prompts over the limit as the policy's chat template renders them are dropped and counted."""
+    prompts = [row["prompt"] for row in pq.read_table(TOOLRL / "rlla_4k_test.parquet").to_pylist()]
+    lengths = templated_lengths(tiny_tokenizer, prompts)
+    limit = sorted(lengths)[len(lengths) // 2]
+    output = tmp_path / "rlla.jsonl"
+    result = run_python("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet", "--tokenizer", tiny_tokenizer,
+                        "--max-prompt-tokens", limit, "--output", output)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    overlong = sum(length > limit for length in lengths)
+    assert 0 < overlong < 80
+    assert f"{80 - overlong} prompts" in result.stdout and f"{overlong} prompts over {limit} tokens dropped" in result.stdout
+    kept = [row["prompt"] for row in read_jsonl(output)]
+    assert kept == [p for p, length in zip(prompts, lengths) if length <= limit]
+    # The default limit is the authors' 2048: with one token per byte, most RLLA prompts are longer.
+    default = run_python("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet", "--tokenizer", tiny_tokenizer, "--output", output)
+    assert f"{sum(length > 2048 for length in lengths)} prompts over 2048 tokens dropped" in default.stdout
+
+    no_template = tmp_path / "no_template"
+    transformers.AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(no_template)
+    config = json.loads((no_template / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (no_template / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in no_template.glob("chat_template.*"):
+        extra.unlink()
+    result = run_python("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet", "--tokenizer", no_template, "--output", output)
+    assert result.returncode != 0 and f"--tokenizer {no_template}: the tokenizer has no chat template" in result.stderr
+
+
+@needs_shared_data
+def test_prepare_toolrl_data_names_the_bad_file_and_field(tmp_path, tiny_tokenizer):
     bad = tmp_path / "bad_sft.json"
     bad.write_text(json.dumps([{"instruction": "sys", "input": "hi", "output": "<think> x </think>\n<tool_call>\nnot json\n</tool_call>"}]))
-    result = run_python("prepare_toolrl_data.py", "--sft-json", bad, "--output", tmp_path / "out.jsonl")
+    result = run_python("prepare_toolrl_data.py", "--sft-json", bad, "--tokenizer", tiny_tokenizer, "--output", tmp_path / "out.jsonl")
     assert result.returncode != 0
     assert f"{bad}: row 0: `output` after </think>: the <tool_call> block is not valid" in result.stderr
 
-    result = run_python("prepare_toolrl_data.py", "--parquet", SHARED_DATA / "hh_rlhf" / "test.parquet", "--output", tmp_path / "out.jsonl")
+    result = run_python("prepare_toolrl_data.py", "--parquet", SHARED_DATA / "hh_rlhf" / "test.parquet", "--tokenizer", tiny_tokenizer,
+                        "--output", tmp_path / "out.jsonl")  # fmt: skip
     assert result.returncode != 0
     assert "test.parquet: row 0: reward_model.ground_truth: must be a string" in result.stderr
     assert not (tmp_path / "out.jsonl").exists()
 
 
-@needs_shared_data
-def test_prepare_hh_rlhf_prompts(tmp_path):
-    output = tmp_path / "hh.jsonl"
-    result = run_python("prepare_hh_rlhf_prompts.py", "--parquet", SHARED_DATA / "hh_rlhf" / "test.parquet", "--output", output)
+def alpaca_style_parquet(path, prompts, source="Stanford Alpaca", split="train"):
+    table = pa.table({"data_source": [source] * len(prompts), "prompt": prompts,
+                      "extra_info": [{"index": i, "split": split} for i in range(len(prompts))]})  # fmt: skip
+    pq.write_table(table, path)
+    return path
+
+
+def test_prepare_safety_prompts_from_the_training_file(tmp_path, tiny_tokenizer):
+    prompts = [[{"role": "user", "content": "Give three tips for staying healthy."}],
+               [{"role": "user", "content": "Describe the water cycle. " * 40}],  # over 512 bytes = tokens here
+               [{"role": "user", "content": "Give three tips for staying healthy."}],
+               [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}]]  # fmt: skip
+    train = alpaca_style_parquet(tmp_path / "train.parquet", prompts)
+    output = tmp_path / "alpaca.jsonl"
+    result = run_python("prepare_safety_prompts.py", "--parquet", train, "--tokenizer", tiny_tokenizer, "--output", output)
     assert result.returncode == 0, result.stderr
     rows = read_jsonl(output)
-    assert len(rows) == 8520 and "8520 prompts" in result.stdout
-    assert rows[0]["label"] == ""
-    assert rows[0]["prompt"][0] == {"role": "user", "content": "what are some pranks with a pen i can do?"}
-    assert all(row["prompt"][-1]["role"] == "user" for row in rows)
-
-    result = run_python("prepare_hh_rlhf_prompts.py", "--parquet", TOOLRL / "rlla_sft.json", "--output", output)
-    assert result.returncode != 0 and "rlla_sft.json: cannot read it" in result.stderr
-
-
-def load_eval_module():
-    spec = importlib.util.spec_from_file_location("eval_api_bank", SCRIPTS / "eval_api_bank.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_api_bank_scoring_rule():
-    evaluation = load_eval_module()
-    reference = evaluation.reference_call([{"name": "QueryMeeting", "parameters": {"user_name": "John"}}], "answer")
-    good = '<think> ok </think>\n<tool_call>\n{"name": "Other", "parameters": {}}\n{"name": "QueryMeeting", "parameters": {"user_name": "John"}}\n</tool_call>'
-    calls, error = evaluation.predicted_calls(good)
-    assert error is None and evaluation.is_correct(calls, reference)  # any call may match
-    for wrong in ('<tool_call>\n{"name": "QueryMeeting", "parameters": {"user_name": "john"}}\n</tool_call>',
-                  '<tool_call>\n{"name": "QueryMeeting", "parameters": {"user_name": "John", "x": 1}}\n</tool_call>',
-                  '<tool_call>\n{"name": "QueryMeeting", "parameters": {"user_name": "John"}}\nnot json\n</tool_call>',
-                  '{"name": "QueryMeeting", "parameters": {"user_name": "John"}}'):  # fmt: skip
-        calls, _ = evaluation.predicted_calls(wrong)
-        assert not evaluation.is_correct(calls, reference), wrong
-    assert evaluation.reference_call({"name": "A", "parameters": {}}, "answer") == {"name": "A", "parameters": {}}
-    with pytest.raises(evaluation.InputError, match="answer must be"):
-        evaluation.reference_call([], "answer")
+    assert [row["prompt"] for row in rows] == [prompts[0], prompts[2], prompts[3]]
+    assert all(row["label"] == "" for row in rows)
+    assert "3 prompts; 1 prompts over 512 tokens dropped, 1 duplicate prompts kept" in result.stdout
+    result = run_python("prepare_safety_prompts.py", "--parquet", train, "--tokenizer", tiny_tokenizer, "--output", output, "--drop-duplicates")
+    assert "2 prompts; 1 prompts over 512 tokens dropped, 1 duplicate prompts dropped" in result.stdout
 
 
 @needs_shared_data
-def test_eval_api_bank_on_a_tiny_model(tmp_path):
-    model = build_tiny_chat_model(tmp_path / "tiny")
-    output = tmp_path / "eval" / "api_bank.json"
-    result = run_python("eval_api_bank.py", "--model", model, "--data-dir", SHARED_DATA / "api_bank",
-                        "--output", output, "--limit", 2, "--max-new-tokens", 4)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    report = json.loads(output.read_text())
-    assert list(report["accuracy"]) == ["level1", "level2", "level3", "overall"]
-    assert [report["accuracy"][f"level{level}"]["total"] for level in (1, 2, 3)] == [2, 2, 2]
-    assert report["accuracy"]["overall"]["total"] == 6
-    assert [(s["level"], s["index"]) for s in report["samples"]] == [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
-    level2 = json.loads((SHARED_DATA / "api_bank" / "level-2-api_processed.json").read_text())[0]
-    assert report["samples"][2]["reference"] == level2["answer"]  # a dict in level 2, used as is
-    for line in ("level1", "level2", "level3", "overall"):
-        assert any(row.startswith(line) for row in result.stdout.splitlines())
-
-    missing = run_python("eval_api_bank.py", "--model", model, "--data-dir", tmp_path, "--output", output, "--levels", 2)
-    assert missing.returncode != 0 and "level-2-api_processed.json: no such file" in missing.stderr
+def test_prepare_safety_prompts_refuses_the_evaluation_sets(tmp_path, tiny_tokenizer):
+    hh_test = SHARED_DATA / "hh_rlhf" / "test.parquet"
+    renamed = tmp_path / "hh_prompts.parquet"
+    renamed.write_bytes(hh_test.read_bytes())
+    prompts = [[{"role": "user", "content": "Name a color."}]]
+    cases = {
+        hh_test: "its file name says test",
+        renamed: "its data_source is Anthropic/hh-rlhf, of which the authors have only a test split",
+        alpaca_style_parquet(tmp_path / "pku.parquet", prompts, source="PKU-Alignment/PKU-SafeRLHF"): "its data_source is PKU-Alignment/PKU-SafeRLHF",
+        alpaca_style_parquet(tmp_path / "alpaca_eval.parquet", prompts, split="test"): "its rows are marked extra_info.split = 'test'",
+        alpaca_style_parquet(tmp_path / "alpaca_test.parquet", prompts): "its file name says test",
+    }  # fmt: skip
+    output = tmp_path / "out.jsonl"
+    for path, reason in cases.items():
+        result = run_python("prepare_safety_prompts.py", "--parquet", path, "--tokenizer", tiny_tokenizer, "--output", output)
+        assert result.returncode != 0, path
+        assert f"{path} looks like one of the paper's evaluation sets ({reason}" in result.stderr
+        assert "eval_safety.py" in result.stderr
+    assert not output.exists()
+    result = run_python("prepare_safety_prompts.py", "--parquet", TOOLRL / "rlla_sft.json", "--tokenizer", tiny_tokenizer, "--output", output)
+    assert result.returncode != 0 and "rlla_sft.json: cannot read it" in result.stderr

@@ -3,6 +3,16 @@
 #
 # The sourcing script sets REPO_ROOT, PYTHON, RAY_ADDRESS, NUM_GPUS, SAVE_PATH and DRY_RUN first.
 
+# The GD²PO authors' optimizer and clipping (verl's defaults in both of their experiments): AdamW
+# betas (0.9, 0.999), weight decay 0.01, a constant learning rate without warmup, gradient-norm clip
+# 1.0, PPO clip 0.2 and dual clip 3.0. OpenRLHF's defaults differ in betas, weight decay, schedule
+# (cosine, 3% warmup, down to 0.1x) and dual clip (off), so the recipes pass them all.
+AUTHORS_OPTIMIZER_ARGS=(
+    --actor.adam.betas 0.9 0.999 --actor.adam.weight_decay 0.01
+    --actor.lr_scheduler constant --actor.lr_warmup_ratio 0
+    --actor.max_norm 1.0 --actor.eps_clip 0.2 --actor.dual_clip 3.0
+)
+
 SERVER_STARTUP_SECONDS=900  # a 7B reward model can take minutes to load from a slow disk
 SERVER_PIDS=()
 JOB_ID=""
@@ -134,6 +144,16 @@ wait_until_healthy() {
         sleep 2
     done
     die "reward server '$name' did not answer http://127.0.0.1:$port/health within $SERVER_STARTUP_SECONDS s (log: $log)"
+}
+
+# check_reward_direction SERVERS TOKENIZER: stop unless each dimension prefers the right side of
+# the fixed probe pairs (examples/data/reward_direction_probes.json).
+check_reward_direction() {
+    local command=("$PYTHON" "$REPO_ROOT/examples/scripts/check_reward_direction.py" --reward-servers "$1" --tokenizer "$2")
+    echo "Reward direction check on fixed probes:"
+    show_command "${command[@]}"
+    [[ "$DRY_RUN" == 1 ]] && return
+    "${command[@]}" || die "the reward direction check failed (above); nothing was trained"
 }
 
 # submit_job NAME TRAIN_ARGS...: `ray job submit` of train_gd2po_ray, waiting for it to end

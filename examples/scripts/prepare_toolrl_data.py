@@ -4,7 +4,8 @@ Each output line is `{"prompt": [system, user messages], "label": ground truth}`
 train_gd2po_ray reads with `--data.input_key prompt --data.label_key label --data.apply_chat_template`;
 the label goes to the toolcall reward server as is.
 
-Inputs (any mix, read in the order given; a prompt seen twice is kept once):
+Inputs (any mix, read in the order given; a prompt seen twice is kept twice, as the GD²PO authors
+train on the file as it is, unless --drop-duplicates):
   --parquet  verl-format RLLA parquet: `prompt` (messages), `reward_model.ground_truth`. The full
              training split is `dataset/rlla_4k/train.parquet` of github.com/qiancheng0/ToolRL
              (download it yourself, e.g.
@@ -13,8 +14,13 @@ Inputs (any mix, read in the order given; a prompt seen twice is kept once):
   --sft-json RLLA SFT rows (`dataset/rlla_4k_raw/rlla_sft.json` of ToolRL): system = `instruction`,
              user = `input`, ground truth = the `<tool_call>`/`<response>` part of `output` (after `</think>`).
 
+Prompts longer than --max-prompt-tokens (default 2048, the authors' max_prompt_length with
+filter_overlong_prompts) once rendered with the policy's chat template are dropped and counted:
+OpenRLHF would cut them from the left, losing the tool list and the chat template's start.
+
 Usage:
-  python examples/scripts/prepare_toolrl_data.py --parquet train.parquet [--sft-json rlla_sft.json] --output rlla_train.jsonl
+  python examples/scripts/prepare_toolrl_data.py --parquet train.parquet [--sft-json rlla_sft.json] \
+      --tokenizer POLICY_DIR --output rlla_train.jsonl
 """
 
 import argparse
@@ -104,16 +110,56 @@ def rows_from_sft_json(path: Path) -> list[dict]:
     return rows
 
 
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.chat_template is None:
+        raise InputError(f"--tokenizer {path}: the tokenizer has no chat template (give the policy's checkpoint)")
+    return tokenizer
+
+
+def prompt_tokens(tokenizer, messages: list[dict]) -> int:
+    """Tokens of the prompt as the trainer feeds it: chat template with generation prompt, no extra specials."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def select_rows(rows: list[dict], tokenizer, max_prompt_tokens: int, drop_duplicates: bool) -> tuple[list[dict], str]:
+    """The rows that fit (and, with drop_duplicates, each prompt once); a one-line account of what went."""
+    kept, seen, overlong, duplicates = [], set(), 0, 0
+    for row in rows:
+        key = json.dumps(row["prompt"])
+        duplicate = key in seen
+        seen.add(key)
+        duplicates += duplicate
+        if duplicate and drop_duplicates:
+            continue
+        if prompt_tokens(tokenizer, row["prompt"]) > max_prompt_tokens:
+            overlong += 1
+            continue
+        kept.append(row)
+    account = f"{overlong} prompts over {max_prompt_tokens} tokens dropped, {duplicates} duplicate prompts "
+    return kept, account + ("dropped" if drop_duplicates else "kept")
+
+
+def add_selection_arguments(parser, max_prompt_tokens: int, why: str) -> None:
+    parser.add_argument("--tokenizer", required=True, help="the policy's checkpoint directory (its chat template and tokenizer)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=max_prompt_tokens, help=f"{why} (default %(default)s)")
+    parser.add_argument("--drop-duplicates", action="store_true", help="keep each prompt once (the authors keep duplicates)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parquet", type=Path, nargs="+", default=[], help="verl-format RLLA parquet file(s)")
     parser.add_argument("--sft-json", type=Path, nargs="+", default=[], help="RLLA SFT JSON file(s) (rlla_sft.json)")
     parser.add_argument("--output", type=Path, required=True, help="JSONL file to write")
+    add_selection_arguments(parser, 2048, "longer prompts are dropped: the authors' max_prompt_length with filter_overlong_prompts")
     args = parser.parse_args(argv)
     if not args.parquet and not args.sft_json:
         parser.error("give at least one input: --parquet and/or --sft-json")
 
-    rows, seen, duplicates = [], set(), 0
+    rows = []
     for path, read in [(p, rows_from_parquet) for p in args.parquet] + [(p, rows_from_sft_json) for p in args.sft_json]:
         if not path.is_file():
             sys.exit(f"error: {path}: no such file")
@@ -123,24 +169,19 @@ def main(argv=None) -> None:
             sys.exit(f"error: {error}")
         except (OSError, ValueError, pyarrow.ArrowException) as error:  # unreadable, not parquet, not JSON
             sys.exit(f"error: {path}: cannot read it: {error}")
-        kept = 0
-        for row in file_rows:
-            key = json.dumps(row["prompt"])
-            if key in seen:
-                duplicates += 1
-                continue
-            seen.add(key)
-            rows.append(row)
-            kept += 1
-        print(f"{path}: {len(file_rows)} rows read, {kept} kept")
+        print(f"{path}: {len(file_rows)} rows read")
+        rows += file_rows
+    try:
+        rows, account = select_rows(rows, load_tokenizer(args.tokenizer), args.max_prompt_tokens, args.drop_duplicates)
+    except InputError as error:
+        sys.exit(f"error: {error}")
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", encoding="utf-8") as out:
         for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     with_tool_call = sum("<tool_call>" in row["label"] for row in rows)
-    print(f"{args.output}: {len(rows)} prompts ({with_tool_call} expect tool calls, {len(rows) - with_tool_call} a response only); "
-          f"{duplicates} duplicate prompts dropped")
+    print(f"{args.output}: {len(rows)} prompts ({with_tool_call} expect tool calls, {len(rows) - with_tool_call} a response only); {account}")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# GD²PO helpfulness–safety: two reward-model servers (helpfulness RM, cost model served negated as
-# harmlessness), then train_gd2po_ray as a Ray job.
+# GD²PO helpfulness–safety, as the GD²PO authors' safe-alignment runs: two reward-model servers
+# (helpfulness = the reward model, harmlessness = the cost model's score as is, higher = safer),
+# a direction check of both on fixed probes, then train_gd2po_ray as a Ray job.
 #
 # Usage:
-#   python examples/scripts/prepare_hh_rlhf_prompts.py --parquet /work/shared/data/hh_rlhf/test.parquet \
-#       --output data/hh_rlhf_prompts.jsonl
+#   python examples/scripts/prepare_safety_prompts.py --parquet alpaca_prompt_only/train.parquet \
+#       --tokenizer /models/Qwen2.5-7B-Instruct --output data/alpaca_train.jsonl
 #   MODEL_PATH=/models/Qwen2.5-7B-Instruct REWARD_MODEL_PATH=/models/Qwen2.5-7B-SafeRLHF-RM \
-#   COST_MODEL_PATH=/models/Qwen2.5-7B-SafeRLHF-CM DATA=data/hh_rlhf_prompts.jsonl ESTIMATOR=gd2po_hard \
+#   COST_MODEL_PATH=/models/Qwen2.5-7B-SafeRLHF-CM DATA=data/alpaca_train.jsonl ESTIMATOR=gd2po_snr \
 #       bash examples/scripts/train_safety_gd2po.sh [extra train_gd2po_ray flags]
-# (The authors' RM/CM: Artessay/Qwen2.5-7B-SafeRLHF-RM and -CM on ModelScope. They trained on Alpaca
-# prompts; prepare_hh_rlhf_prompts.py converts those too, see its docstring.)
+# Training prompts: the authors' safe-alignment/dataset/alpaca_prompt_only/train.parquet
+# (github Qwen-Applications/GD2PO, CC BY-NC 4.0: download it yourself). Their RM and CM:
+# Artessay/Qwen2.5-7B-SafeRLHF-RM and -CM on ModelScope (align-anything checkpoints).
+# Evaluation: examples/scripts/eval_safety.py on their three test sets.
 #
 # Variables:
 #   MODEL_PATH         policy checkpoint directory (required)
-#   REWARD_MODEL_PATH  helpfulness reward model (AutoModelForSequenceClassification directory, required)
-#   COST_MODEL_PATH    cost model, higher = more harmful; served with --negate (required)
-#   DATA               prompt JSONL from prepare_hh_rlhf_prompts.py (required)
+#   REWARD_MODEL_PATH  helpfulness reward model, align-anything format (required)
+#   COST_MODEL_PATH    cost model, align-anything format, higher = safer, served as is (required)
+#   DATA               prompt JSONL from prepare_safety_prompts.py (required)
 #   ESTIMATOR          gd2po_snr (default) | gd2po_hard | gdpo | grpo
 #   NUM_GPUS           GPUs of this node (default 8)
 #   REWARD_GPU, COST_GPU  GPU index of each reward-model server (default 0 and 1)
@@ -25,14 +28,17 @@
 #   PYTHON             interpreter with this project and OpenRLHF installed (default python3)
 #   DRY_RUN=1          check the inputs, print every command, launch nothing, exit 0
 # Extra arguments go to train_gd2po_ray after the recipe's flags, so they override them
-# (e.g. `--gd2po.snr_threshold 0.5`, `--train.num_episodes 1` for a larger prompt set).
+# (e.g. `--gd2po.snr_threshold 0.5`).
+#
+# Settings (the authors' run_gd2po_*.sh and verl defaults; differences: README "Paper experiments"):
+# 512 prompts x 4 samples at temperature 0.7, 128 prompts per optimizer step, one pass of 100
+# rollout steps (the first 51,200 prompts), lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay
+# 0.01, clip 0.2, dual clip 3, no KL (no reference model), no entropy bonus, prompts up to 512 tokens
+# and answers up to 1024, reward models reading up to 2048 tokens of the chat they re-render.
 #
 # GPU layout: one node, NUM_GPUS 80 GB GPUs; actor and vLLM engines (one per GPU) colocated on all
 # of them with sleep mode, vLLM capped at 50% of memory so that the two reward-model servers (about
-# 15 GB each in bf16) fit beside it on REWARD_GPU and COST_GPU. Settings follow the GD²PO authors'
-# safe-alignment runs: 512 prompts x 4 samples at temperature 0.7, 128 prompts per optimizer step,
-# lr 1e-6, no KL (no reference model), 512 prompt + 1024 response tokens; 6 episodes over the 8,520
-# HH-RLHF prompts make 96 rollout steps, about the authors' 100.
+# 15 GB each in bf16) fit beside it on REWARD_GPU and COST_GPU.
 # Single node: the servers listen on 127.0.0.1, where the trainer (a Ray actor) must reach them.
 set -euo pipefail
 
@@ -78,6 +84,10 @@ export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 REWARD_SERVERS="helpfulness=http://127.0.0.1:$REWARD_PORT#helpfulness,harmlessness=http://127.0.0.1:$COST_PORT#harmlessness"
 
 echo "GD²PO helpfulness-safety: estimator $ESTIMATOR, model $MODEL_PATH, data $DATA, output $SAVE_PATH"
+# The authors stop after 100 rollout steps of 512 prompts (total_training_steps=100).
+PROMPTS=$(wc -l <"$DATA")
+STEPS=$(((PROMPTS < 51200 ? PROMPTS : 51200) / 512))
+echo "DATA: $PROMPTS prompts; $STEPS rollout steps of 512 prompts (the authors: 100)"
 
 TRAIN_ARGS=(
     --actor.num_nodes 1 --actor.num_gpus_per_node "$NUM_GPUS"
@@ -88,8 +98,9 @@ TRAIN_ARGS=(
     --data.prompt_dataset "$DATA" --data.input_key prompt --data.apply_chat_template
     --data.max_len 1536 --rollout.max_new_tokens 1024 --rollout.temperature 0.7
     --rollout.batch_size 512 --rollout.n_samples_per_prompt 4 --rollout.micro_batch_size 8
-    --train.batch_size 512 --train.micro_batch_size 2 --train.max_epochs 1 --train.num_episodes 6
-    --actor.adam.lr 1e-6 --algo.kl.init_coef 0
+    --train.batch_size 512 --train.micro_batch_size 2 --train.max_epochs 1 --train.num_episodes 1
+    --data.max_samples 51200
+    --actor.adam.lr 1e-6 "${AUTHORS_OPTIMIZER_ARGS[@]}" --algo.kl.init_coef 0
     --algo.advantage.estimator "$ESTIMATOR"
     --reward.servers "$REWARD_SERVERS"
     --ckpt.output_dir "$SAVE_PATH" --ckpt.path "$SAVE_PATH/ckpt" --ckpt.save_steps 20 --ckpt.save_hf
@@ -100,11 +111,15 @@ TRAIN_ARGS=(
 require_shell_safe "$PYTHON" "${TRAIN_ARGS[@]}"
 
 ensure_ray
+# The authors' scoring: each model re-renders the chat with its own template and reads up to 2048
+# tokens of it; the cost model's score is used as is (higher = safer), checked below, not assumed.
+RM_FLAGS=(--model-format align-anything --rm-chat-template --dtype auto --max-length 2048 --device cuda)
 start_reward_server helpfulness "$REWARD_PORT" env CUDA_VISIBLE_DEVICES="$REWARD_GPU" \
-    "$PYTHON" -m reward_servers reward_model --model "$REWARD_MODEL_PATH" --dimension-name helpfulness \
-    --device cuda --port "$REWARD_PORT"
+    "$PYTHON" -m reward_servers reward_model --model "$REWARD_MODEL_PATH" "${RM_FLAGS[@]}" \
+    --dimension-name helpfulness --port "$REWARD_PORT"
 start_reward_server harmlessness "$COST_PORT" env CUDA_VISIBLE_DEVICES="$COST_GPU" \
-    "$PYTHON" -m reward_servers reward_model --model "$COST_MODEL_PATH" --negate --dimension-name harmlessness \
-    --device cuda --port "$COST_PORT"
+    "$PYTHON" -m reward_servers reward_model --model "$COST_MODEL_PATH" "${RM_FLAGS[@]}" \
+    --dimension-name harmlessness --port "$COST_PORT"
+check_reward_direction "$REWARD_SERVERS" "$MODEL_PATH"
 
 submit_job "safety_${ESTIMATOR}" "${TRAIN_ARGS[@]}"

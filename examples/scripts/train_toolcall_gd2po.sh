@@ -3,13 +3,13 @@
 #
 # Usage:
 #   python examples/scripts/prepare_toolrl_data.py --parquet /path/to/ToolRL/dataset/rlla_4k/train.parquet \
-#       --output data/rlla_4k_train.jsonl
+#       --tokenizer /models/Qwen2.5-7B-Instruct --output data/rlla_4k_train.jsonl
 #   MODEL_PATH=/models/Qwen2.5-7B-Instruct DATA=data/rlla_4k_train.jsonl ESTIMATOR=gd2po_snr REWARDS=3 \
 #       bash examples/scripts/train_toolcall_gd2po.sh [extra train_gd2po_ray flags]
 #
 # Variables:
 #   MODEL_PATH   policy checkpoint directory, e.g. Qwen2.5-{3B,7B}-Instruct or Llama-3.2-3B-Instruct (required)
-#   DATA         prompt JSONL from prepare_toolrl_data.py (required)
+#   DATA         prompt JSONL from prepare_toolrl_data.py with this MODEL_PATH's tokenizer (required)
 #   ESTIMATOR    gd2po_snr (default) | gd2po_hard | gdpo | grpo
 #   REWARDS      2 (default): correctness + length; 3: correctness + length + format. All dimensions come
 #                from one `python -m reward_servers toolcall` server, picked with `url#dimension`.
@@ -23,9 +23,12 @@
 # (e.g. `--gd2po.snr_threshold 0.5`, `--logger.wandb.key ...`).
 #
 # GPU layout: one node, NUM_GPUS GPUs (80 GB class for 7B), actor and vLLM engines (one per GPU)
-# colocated on all of them with sleep mode; the toolcall server runs on CPU. Settings follow the
-# GD²PO authors' tool-calling runs: 512 prompts x 4 samples per rollout, 128 prompts per optimizer
-# step, lr 1e-6, no KL (hence no reference model), 2048 prompt + 1024 response tokens, 30 episodes.
+# colocated on all of them with sleep mode; the toolcall server runs on CPU. Settings (the GD²PO
+# authors' tool-calling train_*.sh and verl defaults; differences: README "Paper experiments"):
+# 512 prompts x 4 samples per rollout at temperature 1, 128 prompts per optimizer step, 30 passes,
+# lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay 0.01, clip 0.2, dual clip 3, no KL (hence
+# no reference model), no entropy bonus, prompts up to 2048 tokens (longer ones dropped at
+# preparation) and answers up to 1024.
 # Single node: the server listens on 127.0.0.1, where the trainer (a Ray actor) must reach it.
 set -euo pipefail
 
@@ -74,7 +77,7 @@ TRAIN_ARGS=(
     --data.max_len 3072 --rollout.max_new_tokens 1024
     --rollout.batch_size 512 --rollout.n_samples_per_prompt 4 --rollout.micro_batch_size 8
     --train.batch_size 512 --train.micro_batch_size 2 --train.max_epochs 1 --train.num_episodes 30
-    --actor.adam.lr 1e-6 --algo.kl.init_coef 0
+    --actor.adam.lr 1e-6 "${AUTHORS_OPTIMIZER_ARGS[@]}" --algo.kl.init_coef 0
     --algo.advantage.estimator "$ESTIMATOR"
     --reward.servers "$REWARD_SERVERS"
     --ckpt.output_dir "$SAVE_PATH" --ckpt.path "$SAVE_PATH/ckpt" --ckpt.save_steps 5 --ckpt.save_hf

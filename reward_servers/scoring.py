@@ -42,9 +42,12 @@ class SampleError(Exception):
 def extract_response(query: str, prompt: str) -> str:
     """The model's response inside `query` (prompt + response, special tokens included).
 
-    If the query starts with the prompt, the rest; otherwise the text after the last ChatML
-    assistant marker. Surrounding whitespace and trailing end-of-turn markers are removed, as
-    ToolRL's own extraction (`split(assistant)[-1].split("<|im_end|>")[0].strip()`) does.
+    The text after the prompt (or, when the query does not start with it, after the last ChatML
+    assistant marker) up to the first end-of-turn marker, stripped. This is ToolRL's extraction
+    `query.split("<|im_start|>assistant")[-1].split("<|im_end|>")[0].strip()`: text after a
+    non-final `<|im_end|>` (a generation that did not stop) is not scored. One difference: a
+    response that itself writes a new assistant marker is scored up to its first end marker,
+    where ToolRL would score the text after that marker.
     """
     if query.startswith(prompt):
         response = query[len(prompt) :]
@@ -52,11 +55,8 @@ def extract_response(query: str, prompt: str) -> str:
         response = query.rsplit(ASSISTANT_MARKER, 1)[1]
     else:
         raise InvalidInput("query", f"does not start with its prompt and has no {ASSISTANT_MARKER!r} marker")
-    response = response.strip()
-    while response.endswith(END_MARKERS):
-        marker = next(marker for marker in END_MARKERS if response.endswith(marker))
-        response = response[: -len(marker)].rstrip()
-    return response
+    ends = [found for marker in END_MARKERS if (found := response.find(marker)) >= 0]
+    return response[: min(ends, default=len(response))].strip()
 
 
 def require_label(label: str | None) -> str:

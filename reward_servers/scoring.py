@@ -1,6 +1,12 @@
 """What every task shares: the scorer signature, response extraction and per-sample error reporting."""
 
+import contextlib
+import logging
+import signal
+import threading
 from collections.abc import Callable, Sequence
+
+logger = logging.getLogger("reward_servers")
 
 # (queries, prompts, labels) -> {dimension: one float per sample}, the primary dimension first.
 Scorer = Callable[[list[str], list[str], list[str | None]], dict[str, list[float]]]
@@ -66,19 +72,37 @@ def require_label(label: str | None) -> str:
 
 
 def score_each(
-    dimensions: Sequence[str], score_one: Callable[..., Sequence[float]], *columns: Sequence
+    dimensions: Sequence[str],
+    score_one: Callable[..., Sequence[float]],
+    *columns: Sequence,
+    sample_timeout: float | None = None,
+    lowest: Sequence[float] | None = None,
 ) -> dict[str, list[float]]:
     """Apply `score_one` to each sample (one value per column) and collect its values by dimension.
 
     Any exception becomes a SampleError carrying the sample's index, so a failure is reported
-    instead of being scored as zero.
+    instead of being scored as zero. With `sample_timeout`, a sample that takes longer gets the
+    `lowest` value of each dimension and a warning in the log (as math-verify's own timeout
+    answers "not equal"); the limit needs the main thread (SIGALRM), as in a pool worker.
     """
+    if sample_timeout is not None and threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("a per-sample time limit needs the main thread (SIGALRM); run the scorer in a worker")
     scores = {name: [] for name in dimensions}
     for index, sample in enumerate(zip(*columns, strict=True)):
         try:
-            values = [float(value) for value in score_one(*sample)]
+            with time_limit(sample_timeout):
+                values = [float(value) for value in score_one(*sample)]
             if len(values) != len(dimensions):
                 raise ValueError(f"got {len(values)} values for dimensions {list(dimensions)}")
+        except SampleTimeout:
+            global timed_out_samples
+            timed_out_samples += 1
+            values = list(lowest)
+            logger.warning(
+                "sample %d of a batch of %d went over the %g s limit (--sample-timeout) and scored the lowest "
+                "values %s; %d such samples in this worker so far",
+                index, len(columns[0]), sample_timeout, dict(zip(dimensions, values)), timed_out_samples,
+            )  # fmt: skip
         except InvalidInput as error:
             raise SampleError(index, error.message, error.field) from error
         except Exception as error:
@@ -86,3 +110,29 @@ def score_each(
         for name, value in zip(dimensions, values):
             scores[name].append(value)
     return scores
+
+
+class SampleTimeout(BaseException):
+    """Raised inside a sample when its time is up. A BaseException, so that a library's broad
+    `except Exception` (math-verify has several) cannot turn it into an ordinary result."""
+
+
+timed_out_samples = 0  # in this process, for the log
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    if seconds is None:
+        yield
+        return
+
+    def time_is_up(signum, frame):
+        raise SampleTimeout()
+
+    previous = signal.signal(signal.SIGALRM, time_is_up)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -29,12 +29,15 @@ DIMENSIONS = ["correctness", "format", "length"]
 THINK_WORDS_FOR_FULL_LENGTH_REWARD = 512
 
 
-def make_scorer(correctness_max: float = 3.0) -> Scorer:
+def make_scorer(correctness_max: float = 3.0, sample_timeout: float | None = None) -> Scorer:
+    """A sample over `sample_timeout` seconds scores the lowest of each dimension: (-max, 0, 0)."""
+
     def score(queries: list[str], prompts: list[str], labels: list[str | None]) -> dict[str, list[float]]:
         def score_one(query: str, prompt: str, label: str | None) -> tuple[float, float, float]:
             return score_response(extract_response(query, prompt), require_label(label), correctness_max)
 
-        return score_each(DIMENSIONS, score_one, queries, prompts, labels)
+        lowest = (-correctness_max, 0.0, 0.0)
+        return score_each(DIMENSIONS, score_one, queries, prompts, labels, sample_timeout=sample_timeout, lowest=lowest)
 
     return score
 

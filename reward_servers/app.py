@@ -10,27 +10,12 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, Field
 
-from reward_servers.scoring import SampleError, Scorer
+from reward_servers.scoring import InvalidRequest, RewardRequest, SampleError, Scorer, parse_request
 from reward_servers.workers import ClientGone, PoolBusy, WorkerLost, WorkerPool
 
 logger = logging.getLogger("reward_servers")
-
-
-class RewardRequest(BaseModel):
-    query: list[StrictStr] = Field(description="Prompt + response of each sample as OpenRLHF decodes it.")
-    prompts: list[StrictStr] = Field(description="The prompt of each sample.")
-    labels: list[StrictStr | None] = Field(description="The label (ground truth) of each sample, or null.")
-
-    @model_validator(mode="after")
-    def one_entry_per_sample(self) -> "RewardRequest":
-        if not len(self.query) == len(self.prompts) == len(self.labels):
-            raise ValueError(
-                "query, prompts and labels need one entry per sample, got "
-                f"{len(self.query)}, {len(self.prompts)} and {len(self.labels)} entries"
-            )
-        return self
 
 
 class RewardResponse(BaseModel):
@@ -127,14 +112,9 @@ def create_app(
             raise HTTPException(415, f"the body must be application/json, got content-type {media_type or 'none'!r}")
         body = await read_body(request, max_body_bytes, read_timeout)
         try:
-            batch = RewardRequest.model_validate_json(body)
-        except ValidationError as error:
-            raise HTTPException(422, describe_validation_error(error)) from None
-        except RecursionError:
-            raise HTTPException(422, "invalid request: the JSON nests too deeply") from None
-        del body
-        try:
-            scores = await score(batch.query, batch.prompts, batch.labels, request.is_disconnected)
+            scores, sample_count = await score(body, request.is_disconnected)
+        except InvalidRequest as error:
+            raise HTTPException(422, str(error)) from None
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; the client left before its batch started
         except (PoolBusy, WorkerLost) as error:
@@ -144,7 +124,7 @@ def create_app(
         except Exception as error:
             logger.exception("scoring failed")
             raise HTTPException(500, f"scoring failed: {type(error).__name__}: {error}") from None
-        check_scores(scores, dimensions, len(batch.query))
+        check_scores(scores, dimensions, sample_count)
         primary = scores[dimensions[0]]
         return RewardResponse(rewards=primary, scores=primary, extra_logs=scores)
 
@@ -164,15 +144,16 @@ def in_process(scorer: Scorer, request_timeout: float, max_queue: int):
         nonlocal running
         running -= 1
 
-    async def score(queries, prompts, labels, client_gone) -> dict[str, list[float]]:
+    async def score(body: bytes, client_gone) -> tuple[dict[str, list[float]], int]:
         nonlocal running
         if running > max_queue:
             raise PoolBusy(f"{running} requests are being scored or queued (--max-queue {max_queue})")
+        batch = parse_request(body)  # here in the event loop: a GPU reward model's bodies are small
         running += 1
-        future = asyncio.get_running_loop().run_in_executor(None, scorer, queries, prompts, labels)
+        future = asyncio.get_running_loop().run_in_executor(None, scorer, batch.query, batch.prompts, batch.labels)
         future.add_done_callback(finished)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), request_timeout)
+            return await asyncio.wait_for(asyncio.shield(future), request_timeout), len(batch.query)
         except TimeoutError:
             raise WorkerLost(f"scoring took over the {request_timeout:g} s limit (--request-timeout); retry") from None
 
@@ -194,15 +175,6 @@ async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
     except TimeoutError:
         raise HTTPException(408, f"the body did not arrive within {timeout:g} s (--read-timeout)") from None
     return bytes(body)
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    """One line per problem, each naming the field, e.g. `query[1]: Input should be a valid string`."""
-    problems = []
-    for problem in error.errors(include_url=False):
-        field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in problem["loc"]).lstrip(".")
-        problems.append(f"{field or 'body'}: {problem['msg']}")
-    return "invalid request: " + "; ".join(problems)
 
 
 def check_scores(scores: dict[str, list[float]], dimensions: list[str], sample_count: int) -> None:

@@ -6,6 +6,8 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 
+from pydantic import BaseModel, Field, StrictStr, ValidationError, model_validator
+
 logger = logging.getLogger("reward_servers")
 
 # (queries, prompts, labels) -> {dimension: one float per sample}, the primary dimension first.
@@ -43,6 +45,49 @@ class SampleError(Exception):
         if self.field is not None:
             return f"{self.field}[{self.index}]: {self.message}"
         return f"scoring sample {self.index} failed: {self.message}"
+
+
+class RewardRequest(BaseModel):
+    query: list[StrictStr] = Field(description="Prompt + response of each sample as OpenRLHF decodes it.")
+    prompts: list[StrictStr] = Field(description="The prompt of each sample.")
+    labels: list[StrictStr | None] = Field(description="The label (ground truth) of each sample, or null.")
+
+    @model_validator(mode="after")
+    def one_entry_per_sample(self) -> "RewardRequest":
+        if not len(self.query) == len(self.prompts) == len(self.labels):
+            raise ValueError(
+                "query, prompts and labels need one entry per sample, got "
+                f"{len(self.query)}, {len(self.prompts)} and {len(self.labels)} entries"
+            )
+        return self
+
+
+class InvalidRequest(ValueError):
+    """The body is not a valid request (422); the message names each bad field."""
+
+
+def parse_request(body: bytes) -> RewardRequest:
+    try:
+        return RewardRequest.model_validate_json(body)
+    except ValidationError as error:
+        raise InvalidRequest(describe_validation_error(error)) from None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, each naming the field, e.g. `query[1]: Input should be a valid string`."""
+    problems = []
+    for problem in error.errors(include_url=False):
+        field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in problem["loc"]).lstrip(".")
+        problems.append(f"{field or 'body'}: {problem['msg']}")
+    return "invalid request: " + "; ".join(problems)
+
+
+def score_request(scorer: Scorer, body: bytes) -> tuple[dict[str, list[float]], int]:
+    """Parse a /get_reward body and score it: (scores, number of samples). Pool workers run this,
+    so that parsing a large body (seconds for millions of JSON values, holding the GIL) happens
+    outside the server process and /health stays responsive."""
+    batch = parse_request(body)
+    return scorer(batch.query, batch.prompts, batch.labels), len(batch.query)
 
 
 def extract_response(query: str, prompt: str) -> str:

@@ -1,11 +1,12 @@
 """A supervised pool of worker processes that run one CPU scorer each.
 
     pool = WorkerPool(ScorerSpec("reward_servers.math_answer:make_scorer"), workers=2)
-    scores = await pool.score(queries, prompts, labels, client_gone)  # in the server's event loop
+    scores, sample_count = await pool.score(body, client_gone)  # in the server's event loop
 
 Each worker is a "spawn"ed process (forking a process that runs uvicorn's threads is unsafe) that
 builds its scorer once from a picklable ScorerSpec, then scores one batch at a time in its main
-thread, where signal-based time limits work. The pool, not the worker, enforces the per-request
+thread, where signal-based time limits work. A worker gets the raw request body and parses it
+itself (scoring.score_request), so the server process only moves bytes. The pool, not the worker, enforces the per-request
 time limit: a worker that runs past it, or dies, is killed and replaced, its request gets
 WorkerLost (a retryable 503), and `ready` is False until the replacement is up.
 
@@ -26,7 +27,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from reward_servers.scoring import SampleError
+from reward_servers.scoring import InvalidRequest, SampleError, score_request
 
 logger = logging.getLogger("reward_servers")
 
@@ -88,13 +89,15 @@ class WorkerPool:
     def worker_pids(self) -> list[int]:
         return [worker.pid for worker in self._idle]
 
-    async def score(self, queries, prompts, labels, client_gone) -> dict[str, list[float]]:
-        """Score one batch on the next free worker. `client_gone` is an async callable; while the
-        request waits in the queue it is polled, and a gone client's work is dropped (ClientGone)."""
+    async def score(self, body: bytes, client_gone) -> tuple[dict[str, list[float]], int]:
+        """Parse and score one /get_reward body on the next free worker: (scores, sample count).
+        `client_gone` is an async callable; while the request waits in the queue it is polled,
+        and a gone client's work is dropped (ClientGone). Raises what the worker raised
+        (InvalidRequest, SampleError, RuntimeError), or PoolBusy, WorkerLost."""
         self._loop = asyncio.get_running_loop()
         worker = await self._acquire(client_gone)
         # _run gives the worker back itself, so a cancelled request cannot leak it.
-        status, value = await self._loop.run_in_executor(self._threads, self._run, worker, (queries, prompts, labels))
+        status, value = await self._loop.run_in_executor(self._threads, self._run, worker, body)
         if status == "ok":
             return value
         raise value
@@ -219,12 +222,12 @@ def worker_main(spec: ScorerSpec, connection, parent_pid: int) -> None:
     connection.send(("ready", None))
     while True:
         try:
-            queries, prompts, labels = connection.recv()
+            body = connection.recv()
         except EOFError:
             return
         try:
-            answer = ("ok", scorer(queries, prompts, labels))
-        except SampleError as error:  # picklable, and it names the sample
+            answer = ("ok", score_request(scorer, body))
+        except (InvalidRequest, SampleError) as error:  # picklable, and they name the field or sample
             answer = ("error", error)
         except Exception as error:  # any other exception may not pickle: send its text
             logger.exception("scoring failed")

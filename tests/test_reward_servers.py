@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -9,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from servers import running_server
 
-from reward_servers.__main__ import build_parser
+from reward_servers.__main__ import build_parser, check_exposure
 from reward_servers.app import create_app
 
 ROWS_FILE = Path(__file__).parent / "data" / "toolrl_rlla_4k_test_rows.json"
@@ -285,3 +288,55 @@ def test_a_failing_scorer_is_a_500_naming_the_sample_not_a_zero():
     answer = client.post("/get_reward", json={"query": ["a", "b"], "prompts": ["", ""], "labels": [None, None]})
     assert answer.status_code == 500
     assert "sample 1" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--api-key", ""], {}, "the API key is empty"),
+        ([], {"GD2PO_REWARD_API_KEY": ""}, "the API key is empty"),
+        (["--host", "0.0.0.0"], {}, "--allow-unauthenticated"),
+        (["--host", "rm-node.cluster"], {}, "--allow-unauthenticated"),
+    ],
+)
+def test_the_server_refuses_to_start_open_by_mistake(args, env, message):
+    server_env = {name: value for name, value in os.environ.items() if name != "GD2PO_REWARD_API_KEY"} | env
+    command = [sys.executable, "-m", "reward_servers", "length", "--target-length", "5", "--port", "1", *args]
+    result = subprocess.run(command, env=server_env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_an_exposed_host_may_serve_with_a_key_or_when_told():
+    parser = build_parser()
+    for args in (["--host", "0.0.0.0", "--api-key", "k"], ["--host", "0.0.0.0", "--allow-unauthenticated"], ["--host", "::1"]):
+        check_exposure(parser, parser.parse_args(["math", "--port", "1", *args]))  # no SystemExit
+
+
+def test_docs_need_the_key_when_one_is_set(length_url):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for path in ["/docs", "/redoc", "/openapi.json"]:
+        assert httpx.get(f"{length_url}{path}").status_code == 401, path
+        assert httpx.get(f"{length_url}{path}", headers=auth).status_code == 200, path
+    assert "/get_reward" in httpx.get(f"{length_url}/openapi.json", headers=auth).json()["paths"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None])
+def test_only_json_bodies_are_accepted(toolcall_url, content_type):
+    body = json.dumps(batch(sample(0, "x"))).encode()
+    headers = {} if content_type is None else {"content-type": content_type}
+    answer = httpx.post(f"{toolcall_url}/get_reward", content=body, headers=headers, timeout=60)
+    assert answer.status_code == 415, answer.text
+    assert "application/json" in answer.json()["detail"]
+    json_header = {"content-type": "application/json; charset=utf-8"}
+    assert httpx.post(f"{toolcall_url}/get_reward", content=body, headers=json_header, timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("bad_label", ["\\frac{", "???", "\\boxed{}"])
+def test_an_unparsable_math_label_is_a_422_naming_it(math_url, bad_label):
+    prompt = "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n"
+    body = {"query": [prompt + "\\boxed{2}<|im_end|>"] * 3, "prompts": [prompt] * 3, "labels": ["2", "2", bad_label]}
+    answer = post(math_url, body)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"].startswith("labels[2]: math-verify cannot parse")
+    assert post(math_url, {**body, "labels": ["2"] * 3}).json()["rewards"] == [1.0, 1.0, 1.0]

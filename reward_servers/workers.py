@@ -83,6 +83,7 @@ class WorkerPool:
 
     @property
     def ready(self) -> bool:
+        self._replace_dead_idle_workers()
         return self._replacing == 0 and not self._closed
 
     @property
@@ -103,6 +104,7 @@ class WorkerPool:
         raise value
 
     async def _acquire(self, client_gone):
+        self._replace_dead_idle_workers()
         if self._idle:
             return self._idle.pop()
         if len(self._waiters) >= self.max_queue:
@@ -123,6 +125,13 @@ class WorkerPool:
                 self._waiters.remove(waiter)
             raise
 
+    def _replace_dead_idle_workers(self) -> None:
+        """A worker that died while idle (killed for memory, say) is replaced before it gets work."""
+        for worker in [worker for worker in self._idle if not worker.process.is_alive()]:
+            self._idle.remove(worker)
+            logger.error("idle worker pid %d died (exit code %s); replacing it", worker.pid, worker.process.exitcode)
+            self._replace()
+
     def _release(self, worker) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -138,7 +147,7 @@ class WorkerPool:
             connection.send(job)
             if connection.poll(self.request_timeout):
                 status, value = connection.recv()
-                self._loop.call_soon_threadsafe(self._release, worker)
+                self._call_in_loop(self._release, worker)
                 return status, value
             problem = f"scoring took over the {self.request_timeout:g} s limit (--request-timeout)"
         except (EOFError, OSError):
@@ -147,11 +156,14 @@ class WorkerPool:
         process.join()
         problem += f" (worker pid {process.pid}, exit code {process.exitcode}); the worker was replaced, retry"
         logger.error("request lost: %s", problem)
-        self._loop.call_soon_threadsafe(self._replace)
+        self._call_in_loop(self._replace)
         return "error", WorkerLost(problem)
 
     def _replace(self) -> None:
         """In the event loop: start a replacement worker; `ready` is False until it is up."""
+        if self._closed:
+            return
+        self._loop = asyncio.get_running_loop()
         self._replacing += 1
 
         def start() -> None:
@@ -162,10 +174,14 @@ class WorkerPool:
                     logger.exception("a replacement worker failed to start; trying again in 5 s")
                     time.sleep(5)
                     continue
-                self._loop.call_soon_threadsafe(self._replaced, worker)
+                self._call_in_loop(self._replaced, worker)
                 return
 
         threading.Thread(target=start, daemon=True).start()
+
+    def _call_in_loop(self, function, *args) -> None:
+        if not self._closed:  # after close() the event loop may be gone
+            self._loop.call_soon_threadsafe(function, *args)
 
     def _replaced(self, worker) -> None:
         self._replacing -= 1
@@ -195,9 +211,11 @@ class WorkerPool:
         return Worker(process, connection)
 
     def close(self) -> None:
+        """Kill every worker, busy ones included: their pool threads then return at once, so the
+        server can exit without waiting for a batch."""
         self._closed = True
-        for worker in self._idle:
-            worker.process.kill()
+        for process in self._context.active_children():
+            process.kill()
         self._threads.shutdown(wait=False, cancel_futures=True)
 
 

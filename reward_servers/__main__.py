@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_workers(),
         help="scoring processes (default: the cores this process may use, %(default)s here)",
     )
-    pool_options.add_argument(
+    # The built-in CPU tasks score sample by sample, each under a time limit.
+    sample_options = argparse.ArgumentParser(add_help=False)
+    sample_options.add_argument(
         "--sample-timeout",
         type=positive_float,
         default=5.0,
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = parser.add_subparsers(dest="task", required=True, metavar="task")
 
     toolcall = tasks.add_parser(
-        "toolcall", parents=[server_options, pool_options], help="ToolRL tool-call rewards: correctness, format, length"
+        "toolcall", parents=[server_options, pool_options, sample_options], help="ToolRL tool-call rewards: correctness, format, length"
     )
     toolcall.add_argument(
         "--correctness-max",
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="correctness lies in [-max, max]: 3 as in ToolRL, 1 as its CORRECTMAX1 switch (default: %(default)g)",
     )
 
-    tasks.add_parser("math", parents=[server_options, pool_options], help="math-verify answer correctness and \\boxed format")
+    tasks.add_parser("math", parents=[server_options, pool_options, sample_options], help="math-verify answer correctness and \\boxed format")
 
     reward_model = tasks.add_parser(
         "reward_model", parents=[server_options], help="a local sequence-classification model's logit"
@@ -126,11 +128,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     length = tasks.add_parser(
-        "length", parents=[server_options, pool_options], help="closeness of the response length to a target"
+        "length", parents=[server_options, pool_options, sample_options], help="closeness of the response length to a target"
     )
     length.add_argument(
         "--target-length", type=positive_int, required=True, help="target response length in characters"
     )
+    reward_file = tasks.add_parser(
+        "file",
+        parents=[server_options, pool_options],
+        help="an OpenRLHF reward file: reward_func(queries, prompts, labels), dimensions from its DIMENSIONS",
+    )
+    reward_file.add_argument("--path", required=True, help="the .py file defining reward_func")
     return parser
 
 
@@ -159,6 +167,15 @@ def build_scorer(args: argparse.Namespace) -> tuple[list[str], Scorer | ScorerSp
         from reward_servers import length
 
         return length.DIMENSIONS, ScorerSpec("reward_servers.length:make_scorer", (args.target_length, args.sample_timeout))
+    if args.task == "file":
+        from reward_servers.reward_file import load_reward_file
+
+        # Loaded here once to fail early and to learn the dimensions; each worker loads it again.
+        try:
+            reward_file = load_reward_file(args.path)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise SystemExit(f"gd2po-reward-server file: {error}") from None
+        return reward_file.dimensions, ScorerSpec("reward_servers.scoring:make_file_scorer", (reward_file.path,))
     raise ValueError(f"unknown task {args.task!r}")
 
 

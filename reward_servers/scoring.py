@@ -1,6 +1,7 @@
 """What every task shares: the scorer signature, response extraction and per-sample error reporting."""
 
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -88,6 +89,13 @@ def score_request(scorer: Scorer, body: bytes) -> tuple[dict[str, list[float]], 
     outside the server process and /health stays responsive."""
     batch = parse_request(body)
     return scorer(batch.query, batch.prompts, batch.labels), len(batch.query)
+
+
+def make_file_scorer(path: str) -> Scorer:
+    """The `file` task's scorer: a reward file's reward_func, validated by reward_servers.reward_file."""
+    from reward_servers.reward_file import load_reward_file, score_reward_file
+
+    return functools.partial(score_reward_file, load_reward_file(path))
 
 
 def extract_response(query: str, prompt: str) -> str:

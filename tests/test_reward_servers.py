@@ -340,3 +340,80 @@ def test_an_unparsable_math_label_is_a_422_naming_it(math_url, bad_label):
     assert answer.status_code == 422, answer.text
     assert answer.json()["detail"].startswith("labels[2]: math-verify cannot parse")
     assert post(math_url, {**body, "labels": ["2"] * 3}).json()["rewards"] == [1.0, 1.0, 1.0]
+
+
+REWARD_FILE = '''
+import math
+import os
+import time
+
+DIMENSIONS = ["chars", "vowels"]
+
+
+def reward_func(queries, prompts, labels):
+    if "hang" in labels:
+        time.sleep(3600)
+    if "crash" in labels:
+        os._exit(3)
+    if "raise" in labels:
+        1 / 0
+    responses = [query[len(prompt):] for query, prompt in zip(queries, prompts)]
+    chars = [float(len(response)) for response in responses]
+    vowels = [float(sum(response.count(v) for v in "aeiou")) for response in responses]
+    if "nan" in labels:
+        vowels[labels.index("nan")] = math.nan
+    return {"rewards": chars, "scores": chars, "extra_logs": {"chars": chars, "vowels": vowels}}
+'''
+
+
+def test_file_server_serves_a_reward_file_and_survives_it(tmp_path):
+    path = tmp_path / "my_reward.py"
+    path.write_text(REWARD_FILE)
+    args = ["file", "--path", str(path), "--workers", "1", "--request-timeout", "3"]
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    def request(labels: list[str]) -> httpx.Response:
+        body = {"query": ["p" + "banana"] * len(labels), "prompts": ["p"] * len(labels), "labels": labels}
+        return post(url, body, headers=auth)
+
+    with running_server(args, api_key=API_KEY) as url:
+        assert httpx.get(f"{url}/info").status_code == 401
+        info = httpx.get(f"{url}/info", headers=auth).json()
+        assert info == {"task": "file", "dimensions": ["chars", "vowels"], "primary": "chars"}
+        good = request(["ok", "ok"])
+        assert good.status_code == 200, good.text
+        assert good.json() == {"rewards": [6.0, 6.0], "scores": [6.0, 6.0], "extra_logs": {"chars": [6.0, 6.0], "vowels": [3.0, 3.0]}}
+
+        answer = request(["ok", "raise"])
+        assert answer.status_code == 500
+        assert f"reward file {path}: reward_func raised ZeroDivisionError" in answer.json()["detail"]
+        answer = request(["ok", "nan"])
+        assert answer.status_code == 500
+        assert f"reward file {path}, dimension 'vowels'" in answer.json()["detail"]
+        assert "sample 1" in answer.json()["detail"]
+
+        # A hung reward_func: 503 at the time limit, its worker replaced.
+        answer = request(["hang"])
+        assert answer.status_code == 503
+        assert "over the 3 s limit (--request-timeout)" in answer.json()["detail"]
+        assert request(["ok"]).status_code == 200
+        # A reward_func that kills its process: 503, and the server goes on.
+        answer = request(["crash"])
+        assert answer.status_code == 503
+        assert "worker process died" in answer.json()["detail"]
+        assert request(["ok"]).json()["rewards"] == [6.0]
+
+
+def test_file_server_without_dimensions_serves_one_named_reward(tmp_path):
+    path = tmp_path / "plain.py"
+    path.write_text("def reward_func(queries, prompts, labels):\n    return {'rewards': [len(q) for q in queries]}\n")
+    with running_server(["file", "--path", str(path), "--workers", "1"]) as url:
+        assert httpx.get(f"{url}/info").json()["dimensions"] == ["reward"]
+        answer = post(url, {"query": ["abc", "de"], "prompts": ["", ""], "labels": [None, None]})
+        assert answer.json()["extra_logs"] == {"reward": [3.0, 2.0]}
+
+    (tmp_path / "broken.py").write_text("def reward_func(:\n")
+    command = [sys.executable, "-m", "reward_servers", "file", "--path", str(tmp_path / "broken.py"), "--port", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "broken.py failed to import: SyntaxError" in result.stderr

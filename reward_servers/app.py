@@ -148,7 +148,8 @@ def in_process(scorer: Scorer, request_timeout: float, max_queue: int):
         nonlocal running
         if running > max_queue:
             raise PoolBusy(f"{running} requests are being scored or queued (--max-queue {max_queue})")
-        batch = parse_request(body)  # here in the event loop: a GPU reward model's bodies are small
+        # Parsed in the event loop: milliseconds for a usual batch (the pool's workers parse their own).
+        batch = parse_request(body)
         running += 1
         future = asyncio.get_running_loop().run_in_executor(None, scorer, batch.query, batch.prompts, batch.labels)
         future.add_done_callback(finished)

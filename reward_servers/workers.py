@@ -6,9 +6,10 @@
 Each worker is a "spawn"ed process (forking a process that runs uvicorn's threads is unsafe) that
 builds its scorer once from a picklable ScorerSpec, then scores one batch at a time in its main
 thread, where signal-based time limits work. A worker gets the raw request body and parses it
-itself (scoring.score_request), so the server process only moves bytes. The pool, not the worker, enforces the per-request
-time limit: a worker that runs past it, or dies, is killed and replaced, its request gets
-WorkerLost (a retryable 503), and `ready` is False until the replacement is up.
+itself (scoring.score_request), so the server process only moves bytes. The pool, not the
+worker, enforces the per-request time limit: a worker that runs past it, or dies, is killed and
+replaced, its request gets WorkerLost (a retryable 503), and `ready` is False until the
+replacement is up. Requests wait for a free worker in a bounded queue (PoolBusy beyond it).
 
 Why not concurrent.futures.ProcessPoolExecutor: one dead worker breaks the whole executor for good
 (BrokenProcessPool), and it cannot stop one running task. So each worker is a multiprocessing
@@ -66,7 +67,9 @@ def default_workers() -> int:
 class WorkerPool:
     def __init__(self, spec: ScorerSpec, workers: int, request_timeout: float = 300.0, max_queue: int = 32):
         if workers < 1 or max_queue < 0 or not request_timeout > 0:
-            raise ValueError(f"need workers >= 1, max_queue >= 0, request_timeout > 0; got {workers}, {max_queue}, {request_timeout}")
+            raise ValueError(
+                f"need workers >= 1, max_queue >= 0 and request_timeout > 0, got {workers}, {max_queue}, {request_timeout}"
+            )
         self.spec = spec
         self.request_timeout = request_timeout
         self.max_queue = max_queue
@@ -85,10 +88,6 @@ class WorkerPool:
     def ready(self) -> bool:
         self._replace_dead_idle_workers()
         return self._replacing == 0 and not self._closed
-
-    @property
-    def worker_pids(self) -> list[int]:
-        return [worker.pid for worker in self._idle]
 
     async def score(self, body: bytes, client_gone) -> tuple[dict[str, list[float]], int]:
         """Parse and score one /get_reward body on the next free worker: (scores, sample count).
@@ -204,7 +203,8 @@ class WorkerPool:
                 raise RuntimeError(f"did not start within {STARTUP_SECONDS} s")
             status, message = connection.recv()
         except (EOFError, OSError):
-            status, message = "failed", f"exited with code {process.join(5) or process.exitcode}"
+            process.join(5)
+            status, message = "failed", f"exited with code {process.exitcode}"
         if status != "ready":
             process.kill()
             raise RuntimeError(f"a scorer worker for {self.spec.factory}{self.spec.args} failed to start: {message}")

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     server_options.add_argument(
         "--max-queue",
         type=non_negative_int,
-        default=32,
+        default=256,  # OpenRLHF's own client sends one request per sample, 128 per vLLM engine
         help="requests that may wait for a busy scorer; more answer 503 with Retry-After (default: %(default)s)",
     )
     server_options.add_argument(

@@ -37,7 +37,7 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = 64 << 20,
     request_timeout: float = 300.0,
-    max_queue: int = 32,
+    max_queue: int = 256,
     read_timeout: float = 30.0,
 ) -> FastAPI:
     """`scorer` is a WorkerPool (CPU tasks) or a function run in a thread of this process (a GPU

@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = parser.add_subparsers(dest="task", required=True, metavar="task")
 
     toolcall = tasks.add_parser(
-        "toolcall", parents=[server_options, pool_options, sample_options], help="ToolRL tool-call rewards: correctness, format, length"
+        "toolcall",
+        parents=[server_options, pool_options, sample_options],
+        help="ToolRL tool-call rewards: correctness, format, length",
     )
     toolcall.add_argument(
         "--correctness-max",
@@ -105,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="correctness lies in [-max, max]: 3 as in ToolRL, 1 as its CORRECTMAX1 switch (default: %(default)g)",
     )
 
-    tasks.add_parser("math", parents=[server_options, pool_options, sample_options], help="math-verify answer correctness and \\boxed format")
+    tasks.add_parser(
+        "math",
+        parents=[server_options, pool_options, sample_options],
+        help="math-verify answer correctness and \\boxed format",
+    )
 
     reward_model = tasks.add_parser(
         "reward_model", parents=[server_options], help="a local sequence-classification model's logit"
@@ -128,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     length = tasks.add_parser(
-        "length", parents=[server_options, pool_options, sample_options], help="closeness of the response length to a target"
+        "length",
+        parents=[server_options, pool_options, sample_options],
+        help="closeness of the response length to a target",
     )
     length.add_argument(
         "--target-length", type=positive_int, required=True, help="target response length in characters"
@@ -149,9 +157,8 @@ def build_scorer(args: argparse.Namespace) -> tuple[list[str], Scorer | ScorerSp
     if args.task == "toolcall":
         from reward_servers import toolcall
 
-        return toolcall.DIMENSIONS, ScorerSpec(
-            "reward_servers.toolcall:make_scorer", (args.correctness_max, args.sample_timeout)
-        )
+        spec = ScorerSpec("reward_servers.toolcall:make_scorer", (args.correctness_max, args.sample_timeout))
+        return toolcall.DIMENSIONS, spec
     if args.task == "math":
         from reward_servers import math_answer
 
@@ -166,7 +173,8 @@ def build_scorer(args: argparse.Namespace) -> tuple[list[str], Scorer | ScorerSp
     if args.task == "length":
         from reward_servers import length
 
-        return length.DIMENSIONS, ScorerSpec("reward_servers.length:make_scorer", (args.target_length, args.sample_timeout))
+        spec = ScorerSpec("reward_servers.length:make_scorer", (args.target_length, args.sample_timeout))
+        return length.DIMENSIONS, spec
     if args.task == "file":
         from reward_servers.reward_file import load_reward_file
 

@@ -26,7 +26,8 @@ def make_scorer(sample_timeout: float | None = None) -> Scorer:
             response = extract_response(query, prompt)
             return answer_correctness(response, require_label(label)), boxed_format(response)
 
-        return score_each(DIMENSIONS, score_one, queries, prompts, labels, sample_timeout=sample_timeout, lowest=(0.0, 0.0))
+        lowest = (0.0, 0.0)
+        return score_each(DIMENSIONS, score_one, queries, prompts, labels, sample_timeout=sample_timeout, lowest=lowest)
 
     return score
 

@@ -68,7 +68,8 @@ class WorkerPool:
     def __init__(self, spec: ScorerSpec, workers: int, request_timeout: float = 300.0, max_queue: int = 256):
         if workers < 1 or max_queue < 0 or not request_timeout > 0:
             raise ValueError(
-                f"need workers >= 1, max_queue >= 0 and request_timeout > 0, got {workers}, {max_queue}, {request_timeout}"
+                "need workers >= 1, max_queue >= 0 and request_timeout > 0, "
+                f"got {workers}, {max_queue}, {request_timeout}"
             )
         self.spec = spec
         self.request_timeout = request_timeout

@@ -45,7 +45,8 @@ def server(*task_args: str):
 
 
 def body(responses: list[str], labels: list[str]) -> dict:
-    return {"query": [PROMPT + text + "<|im_end|>" for text in responses], "prompts": [PROMPT] * len(responses), "labels": labels}
+    queries = [PROMPT + text + "<|im_end|>" for text in responses]
+    return {"query": queries, "prompts": [PROMPT] * len(responses), "labels": labels}
 
 
 def post(url: str, payload: dict, timeout: float = 60) -> httpx.Response:
@@ -98,7 +99,7 @@ def toolcall_url():
 def test_a_looping_truncated_response_is_scored_in_linear_time(toolcall_url):
     bait = ("<think>" + LOOP * 1000)[:36_000]  # 36 KB, truncated mid-loop
     huge = ("<think>" + LOOP * 20_000)[:1_000_000]  # 1 MB
-    well_formed = "<think>" + " word" * 200_000 + ' </think>\n<tool_call>\n{"name": "a", "parameters": {}}\n</tool_call>\n<response> r </response>'
+    well_formed = "<think>" + " word" * 200_000 + CALL_AND_RESPONSE_TRUTH[len("<think> t") :]
     start = time.monotonic()
     answer = post(toolcall_url, body([bait, huge, well_formed], [CALL_AND_RESPONSE_TRUTH] * 3), timeout=30)
     assert answer.status_code == 200, answer.text
@@ -258,7 +259,8 @@ def test_a_huge_json_body_is_parsed_outside_the_server_process(tmp_path):
         "except urllib.error.HTTPError as error:\n    print(error.code, error.read().decode())\n"
     )
     with server("toolcall", "--workers", "1", "--max-body-mb", "128") as (url, _):
-        sending = subprocess.Popen([sys.executable, "-c", sender, f"{url}/get_reward", str(huge)], stdout=subprocess.PIPE, text=True)
+        command = [sys.executable, "-c", sender, f"{url}/get_reward", str(huge)]
+        sending = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
         slowest = 0.0
         while sending.poll() is None:
             start = time.monotonic()

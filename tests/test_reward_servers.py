@@ -309,7 +309,11 @@ def test_the_server_refuses_to_start_open_by_mistake(args, env, message):
 
 def test_an_exposed_host_may_serve_with_a_key_or_when_told():
     parser = build_parser()
-    for args in (["--host", "0.0.0.0", "--api-key", "k"], ["--host", "0.0.0.0", "--allow-unauthenticated"], ["--host", "::1"]):
+    for args in (
+        ["--host", "0.0.0.0", "--api-key", "k"],
+        ["--host", "0.0.0.0", "--allow-unauthenticated"],
+        ["--host", "::1"],
+    ):
         check_exposure(parser, parser.parse_args(["math", "--port", "1", *args]))  # no SystemExit
 
 
@@ -321,7 +325,9 @@ def test_docs_need_the_key_when_one_is_set(length_url):
     assert "/get_reward" in httpx.get(f"{length_url}/openapi.json", headers=auth).json()["paths"]
 
 
-@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None])
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None]
+)
 def test_only_json_bodies_are_accepted(toolcall_url, content_type):
     body = json.dumps(batch(sample(0, "x"))).encode()
     headers = {} if content_type is None else {"content-type": content_type}
@@ -382,7 +388,8 @@ def test_file_server_serves_a_reward_file_and_survives_it(tmp_path):
         assert info == {"task": "file", "dimensions": ["chars", "vowels"], "primary": "chars"}
         good = request(["ok", "ok"])
         assert good.status_code == 200, good.text
-        assert good.json() == {"rewards": [6.0, 6.0], "scores": [6.0, 6.0], "extra_logs": {"chars": [6.0, 6.0], "vowels": [3.0, 3.0]}}
+        assert good.json()["rewards"] == good.json()["scores"] == [6.0, 6.0]
+        assert good.json()["extra_logs"] == {"chars": [6.0, 6.0], "vowels": [3.0, 3.0]}
 
         answer = request(["ok", "raise"])
         assert answer.status_code == 500

@@ -227,7 +227,8 @@ def test_format_scan_equals_the_reference_regex():
     for _ in range(20_000):
         responses.append("".join(rng.choice(FORMAT_PIECES) for _ in range(rng.randint(0, 14))))
     for _ in range(5_000):
-        layout = rng.choice(["<think>a</think>\n<tool_call>\n{}\n</tool_call>", "<think>a</think>\n<response>b</response>"])
+        layouts = ["<think>a</think>\n<tool_call>\n{}\n</tool_call>", "<think>a</think>\n<response>b</response>"]
+        layout = rng.choice(layouts)
         pieces = [layout] + [rng.choice(FORMAT_PIECES) for _ in range(rng.randint(0, 4))]
         rng.shuffle(pieces)
         responses.append("".join(pieces))

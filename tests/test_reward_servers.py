@@ -424,3 +424,26 @@ def test_file_server_without_dimensions_serves_one_named_reward(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "broken.py failed to import: SyntaxError" in result.stderr
+
+
+def test_an_in_process_scorer_keeps_the_time_and_queue_limits():
+    # The reward_model path: a scorer run in a thread of the server process.
+    import time
+
+    def slow(queries, prompts, labels):
+        if labels == ["slow"]:
+            time.sleep(3)
+        return {"x": [1.0] * len(queries)}
+
+    body = {"query": ["a"], "prompts": [""], "labels": ["slow"]}
+    with TestClient(create_app("slow", ["x"], slow, request_timeout=0.5, max_queue=0)) as client:  # one event loop
+        answer = client.post("/get_reward", json=body)
+        assert answer.status_code == 503
+        assert "over the 0.5 s limit (--request-timeout)" in answer.json()["detail"]
+        # Its thread still runs, and counts against the queue: the next request is turned away.
+        answer = client.post("/get_reward", json=body)
+        assert answer.status_code == 503
+        assert answer.headers["Retry-After"] == "1"
+        assert "--max-queue 0" in answer.json()["detail"]
+        time.sleep(3)
+        assert client.post("/get_reward", json={**body, "labels": ["fast"]}).json()["rewards"] == [1.0]

@@ -3,9 +3,11 @@
     flock /tmp/bench.lock python benchmarks/bench_reward_servers.py
 
 Table 1, the worst case for one hostile sample, before and after:
-- toolcall format: a looping response cut off mid-loop, against a ground truth with a tool call
-  and a response. "before" is rlla.py's regex (what the server ran before the linear scan),
-  timed in a subprocess that is stopped after --regex-limit seconds; "after" is format_reward.
+- toolcall: a looping response cut off mid-loop, against a ground truth with a tool call and a
+  response. "before" is rlla.py's format regex alone (what the server ran before the linear
+  scan; the rest of the sample's scoring was already linear), timed in a subprocess that is
+  stopped after --regex-limit seconds; "after" is the whole sample: score_response (correctness,
+  format by the scan, length).
 - math: LaTeX that sympy evaluates for a long time. "before" is math-verify with its own
   timeouts (5 s per parse and per comparison, as the server used them); "after" is the scorer
   with its per-sample limit (--sample-timeout, 5 s by default).
@@ -68,19 +70,19 @@ def math_verify_before(response: str) -> None:
 
 def hostile_rows(regex_limit: float) -> list[tuple[str, str, str]]:
     from reward_servers.math_answer import make_scorer
-    from reward_servers.toolcall import format_reward
+    from reward_servers.toolcall import score_response
 
     rows = []
     for size in [8_000, 16_000, 36_000, 1_000_000]:
         text = looping_response(size)
         before = timed_in_subprocess(regex_seconds, text, regex_limit) if size <= 36_000 else None
         start = time.monotonic()
-        format_reward(text, TRUTH)
+        score_response(text, TRUTH)
         after = time.monotonic() - start
         before_text = f"{before:.2f} s" if before is not None else f"> {regex_limit:g} s (stopped)"
         if size > 36_000:
             before_text = "not run (> the 36 KB row)"
-        rows.append((f"toolcall format, looping response of {size / 1000:g} KB", before_text, f"{after * 1000:.1f} ms"))
+        rows.append((f"toolcall, looping response of {size / 1000:g} KB", before_text, f"{after * 1000:.2f} ms"))
     score = make_scorer(sample_timeout=5.0)
     for name, latex in SLOW_LATEX.items():
         before = timed_in_subprocess(math_verify_before, latex, 120)

@@ -22,6 +22,7 @@ import importlib
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 import traceback
@@ -232,6 +233,8 @@ class Worker:
 
 def worker_main(spec: ScorerSpec, connection, parent_pid: int) -> None:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s worker {os.getpid()} %(levelname)s: %(message)s")
+    # Ctrl-C reaches the whole process group; the server stops its workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     exit_with_parent(parent_pid)
     try:
         scorer = spec.build()

@@ -79,7 +79,7 @@ def hostile_rows(regex_limit: float) -> list[tuple[str, str, str]]:
         start = time.monotonic()
         score_response(text, TRUTH)
         after = time.monotonic() - start
-        before_text = f"{before:.2f} s (incl. process start)" if before is not None else f"> {regex_limit:g} s (stopped)"
+        before_text = f"> {regex_limit:g} s (stopped)" if before is None else f"{before:.2f} s (incl. process start)"
         if size > 36_000:
             before_text = "not run (> the 36 KB row)"
         rows.append((f"toolcall, looping response of {size / 1000:g} KB", before_text, f"{after * 1000:.2f} ms"))

@@ -1,4 +1,4 @@
-"""What every task shares: the request body, the scorer signature, response extraction, per-sample errors and time limits."""
+"""What every task shares: the request body, the scorer signature, response extraction, errors and time limits."""
 
 import contextlib
 import functools

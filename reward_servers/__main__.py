@@ -1,12 +1,15 @@
-"""`python -m reward_servers <task> --port P [--host H] [--api-key K] [--max-body-mb M] [task options]`."""
+"""`python -m reward_servers <task> --port P [--host H] [--api-key K] [--workers N] [limits] [task options]`."""
 
 import argparse
+import ipaddress
 import os
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from reward_servers.app import create_app
 from reward_servers.scoring import Scorer
+from reward_servers.workers import ScorerSpec, WorkerPool, default_workers
 
 API_KEY_ENV = "GD2PO_REWARD_API_KEY"
 
@@ -15,6 +18,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
@@ -33,11 +43,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     server_options.add_argument(
         "--api-key",
-        default=os.environ.get(API_KEY_ENV) or None,
-        help=f"require 'Authorization: Bearer <key>' on /get_reward and /info (default: ${API_KEY_ENV}, else none)",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer <key>' on every path but /health (default: ${API_KEY_ENV}, else none)",
+    )
+    server_options.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve a --host other than loopback without an API key (anyone who can reach the port can use it)",
     )
     server_options.add_argument(
         "--max-body-mb", type=positive_float, default=64.0, help="largest request body in MiB (default: %(default)g)"
+    )
+    server_options.add_argument(
+        "--request-timeout",
+        type=positive_float,
+        default=300.0,
+        help="seconds one request may score before it answers 503 (its worker is replaced) (default: %(default)g)",
+    )
+    server_options.add_argument(
+        "--max-queue",
+        type=non_negative_int,
+        default=256,  # OpenRLHF's own client sends one request per sample, 128 per vLLM engine
+        help="requests that may wait for a busy scorer; more answer 503 with Retry-After (default: %(default)s)",
+    )
+    server_options.add_argument(
+        "--read-timeout",
+        type=positive_float,
+        default=30.0,
+        help="seconds a connection may take to send a request's head, and then its body (default: %(default)g)",
+    )
+    # The CPU tasks score in a pool of worker processes (reward_servers.workers).
+    pool_options = argparse.ArgumentParser(add_help=False)
+    pool_options.add_argument(
+        "--workers",
+        type=positive_int,
+        default=default_workers(),
+        help="scoring processes (default: the cores this process may use, %(default)s here)",
+    )
+    # The built-in CPU tasks score sample by sample, each under a time limit.
+    sample_options = argparse.ArgumentParser(add_help=False)
+    sample_options.add_argument(
+        "--sample-timeout",
+        type=positive_float,
+        default=5.0,
+        help="seconds one sample may take; a slower one scores the lowest of each dimension (default: %(default)g)",
     )
 
     parser = argparse.ArgumentParser(
@@ -46,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = parser.add_subparsers(dest="task", required=True, metavar="task")
 
     toolcall = tasks.add_parser(
-        "toolcall", parents=[server_options], help="ToolRL tool-call rewards: correctness, format, length"
+        "toolcall",
+        parents=[server_options, pool_options, sample_options],
+        help="ToolRL tool-call rewards: correctness, format, length",
     )
     toolcall.add_argument(
         "--correctness-max",
@@ -56,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="correctness lies in [-max, max]: 3 as in ToolRL, 1 as its CORRECTMAX1 switch (default: %(default)g)",
     )
 
-    tasks.add_parser("math", parents=[server_options], help="math-verify answer correctness and \\boxed format")
+    tasks.add_parser(
+        "math",
+        parents=[server_options, pool_options, sample_options],
+        help="math-verify answer correctness and \\boxed format",
+    )
 
     reward_model = tasks.add_parser(
         "reward_model", parents=[server_options], help="a local reward (or cost) model's score"
@@ -107,24 +162,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     length = tasks.add_parser(
-        "length", parents=[server_options], help="closeness of the response length to a target"
+        "length",
+        parents=[server_options, pool_options, sample_options],
+        help="closeness of the response length to a target",
     )
     length.add_argument(
         "--target-length", type=positive_int, required=True, help="target response length in characters"
     )
+    reward_file = tasks.add_parser(
+        "file",
+        parents=[server_options, pool_options],
+        help="an OpenRLHF reward file: reward_func(queries, prompts, labels), dimensions from its DIMENSIONS",
+    )
+    reward_file.add_argument("--path", required=True, help="the .py file defining reward_func")
     return parser
 
 
-def build_scorer(args: argparse.Namespace) -> tuple[list[str], Scorer]:
-    # Each task's module is imported only when served: a toolcall server need not load torch.
+def build_scorer(args: argparse.Namespace) -> tuple[list[str], Scorer | ScorerSpec]:
+    """The task's dimensions, and its scorer (GPU, in this process) or the spec its workers build
+    it from (CPU). Each task's module is imported only when served: a toolcall server need not
+    load torch."""
     if args.task == "toolcall":
         from reward_servers import toolcall
 
-        return toolcall.DIMENSIONS, toolcall.make_scorer(args.correctness_max)
+        spec = ScorerSpec("reward_servers.toolcall:make_scorer", (args.correctness_max, args.sample_timeout))
+        return toolcall.DIMENSIONS, spec
     if args.task == "math":
         from reward_servers import math_answer
 
-        return math_answer.DIMENSIONS, math_answer.make_scorer()
+        return math_answer.DIMENSIONS, ScorerSpec("reward_servers.math_answer:make_scorer", (args.sample_timeout,))
     if args.task == "reward_model":
         from reward_servers import reward_model
 
@@ -147,17 +213,91 @@ def build_scorer(args: argparse.Namespace) -> tuple[list[str], Scorer]:
     if args.task == "length":
         from reward_servers import length
 
-        return length.DIMENSIONS, length.make_scorer(args.target_length)
+        spec = ScorerSpec("reward_servers.length:make_scorer", (args.target_length, args.sample_timeout))
+        return length.DIMENSIONS, spec
+    if args.task == "file":
+        from reward_servers.reward_file import load_reward_file
+
+        # Loaded here once to fail early and to learn the dimensions; each worker loads it again.
+        try:
+            reward_file = load_reward_file(args.path)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise SystemExit(f"gd2po-reward-server file: {error}") from None
+        return reward_file.dimensions, ScorerSpec("reward_servers.scoring:make_file_scorer", (reward_file.path,))
     raise ValueError(f"unknown task {args.task!r}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    dimensions, scorer = build_scorer(args)
-    max_body_bytes = int(args.max_body_mb * 2**20)
-    app = create_app(args.task, dimensions, scorer, api_key=args.api_key, max_body_bytes=max_body_bytes)
-    uvicorn.run(app, host=args.host, port=args.port)
+def check_exposure(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An empty key (`--api-key "$UNSET"`) is a mistake, not "no authentication"; a server
+    reachable from other machines needs a key unless the user says otherwise."""
+    if args.api_key == "":
+        parser.error(f"the API key is empty (--api-key or ${API_KEY_ENV}): give a key, or leave both unset")
+    if args.api_key is None and not is_loopback(args.host) and not args.allow_unauthenticated:
+        parser.error(
+            f"--host {args.host} is reachable from other machines: set ${API_KEY_ENV} (or --api-key), "
+            "or pass --allow-unauthenticated"
+        )
 
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+class H11WithHeadTimeout(H11Protocol):
+    """uvicorn's h11 protocol, plus a limit uvicorn lacks: a connection must complete a request's
+    head within `read_timeout` seconds of connecting or of its last response, or it is closed.
+    Without it a client that connects and sends nothing (or half a head) holds a socket forever."""
+
+    read_timeout = 30.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.loop.call_later(self.read_timeout, self.close_if_no_request)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self.loop.call_later(self.read_timeout, self.close_if_no_request)
+
+    def close_if_no_request(self) -> None:
+        no_request = self.cycle is None or self.cycle.response_complete
+        if no_request and not self.transport.is_closing():
+            self.transport.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_exposure(parser, args)
+    dimensions, scorer = build_scorer(args)
+    if isinstance(scorer, ScorerSpec):
+        scorer = WorkerPool(scorer, args.workers, args.request_timeout, args.max_queue)
+    app = create_app(
+        args.task,
+        dimensions,
+        scorer,
+        api_key=args.api_key,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        request_timeout=args.request_timeout,
+        max_queue=args.max_queue,
+        read_timeout=args.read_timeout,
+    )
+    H11WithHeadTimeout.read_timeout = args.read_timeout
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        http=H11WithHeadTimeout,
+        timeout_keep_alive=5,  # an idle keep-alive connection closes after 5 s (uvicorn's default)
+        limit_concurrency=1024,  # more open connections or requests answer 503 at once
+        h11_max_incomplete_event_size=64 << 10,  # a request head over 64 KiB is refused
+        timeout_graceful_shutdown=1,  # SIGTERM: requests still running after 1 s are cancelled
+    )
 
 if __name__ == "__main__":
     main()

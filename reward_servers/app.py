@@ -1,32 +1,21 @@
 """The HTTP service around one scorer: OpenRLHF's remote reward protocol with named dimensions."""
 
+import asyncio
+import contextlib
 import logging
 import math
 import secrets
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, Field
 
-from reward_servers.scoring import SampleError, Scorer
+from reward_servers.scoring import InvalidRequest, RewardRequest, SampleError, Scorer, parse_request
+from reward_servers.workers import ClientGone, PoolBusy, WorkerLost, WorkerPool
 
 logger = logging.getLogger("reward_servers")
-
-
-class RewardRequest(BaseModel):
-    query: list[StrictStr] = Field(description="Prompt + response of each sample as OpenRLHF decodes it.")
-    prompts: list[StrictStr] = Field(description="The prompt of each sample.")
-    labels: list[StrictStr | None] = Field(description="The label (ground truth) of each sample, or null.")
-
-    @model_validator(mode="after")
-    def one_entry_per_sample(self) -> "RewardRequest":
-        if not len(self.query) == len(self.prompts) == len(self.labels):
-            raise ValueError(
-                "query, prompts and labels need one entry per sample, got "
-                f"{len(self.query)}, {len(self.prompts)} and {len(self.labels)} entries"
-            )
-        return self
 
 
 class RewardResponse(BaseModel):
@@ -42,11 +31,34 @@ class ServerInfo(BaseModel):
 
 
 def create_app(
-    task: str, dimensions: list[str], scorer: Scorer, api_key: str | None = None, max_body_bytes: int = 64 << 20
+    task: str,
+    dimensions: list[str],
+    scorer: Scorer | WorkerPool,
+    api_key: str | None = None,
+    max_body_bytes: int = 64 << 20,
+    request_timeout: float = 300.0,
+    max_queue: int = 256,
+    read_timeout: float = 30.0,
 ) -> FastAPI:
+    """`scorer` is a WorkerPool (CPU tasks) or a function run in a thread of this process (a GPU
+    reward model); either way a request waits behind at most `max_queue` others and scores for at
+    most `request_timeout` seconds. The body must arrive within `read_timeout` seconds."""
+    if api_key == "":
+        raise ValueError("the API key is empty: pass a non-empty key, or none to serve without authentication")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if isinstance(scorer, WorkerPool):
+            scorer.close()
+
+    # With a key, the docs are served below behind it rather than by FastAPI in the open.
+    docs_urls = {} if api_key is None else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(
         title=f"GD²PO reward server: {task}",
         description=f"Dimensions: {', '.join(dimensions)} (primary: {dimensions[0]}).",
+        lifespan=lifespan,
+        **docs_urls,
     )
     bearer = HTTPBearer(auto_error=False)
 
@@ -59,17 +71,34 @@ def create_app(
             )
 
     protected = [Depends(require_api_key)] if api_key else []
+    if api_key:
+
+        @app.get("/openapi.json", dependencies=protected, include_in_schema=False)
+        async def openapi() -> dict:
+            return app.openapi()
+
+        @app.get("/docs", dependencies=protected, include_in_schema=False)
+        async def docs() -> HTMLResponse:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+
+        @app.get("/redoc", dependencies=protected, include_in_schema=False)
+        async def redoc() -> HTMLResponse:
+            return get_redoc_html(openapi_url="/openapi.json", title=app.title)
+
+    score = scorer.score if isinstance(scorer, WorkerPool) else in_process(scorer, request_timeout, max_queue)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        if isinstance(scorer, WorkerPool) and not scorer.ready:
+            return JSONResponse({"status": "replacing a lost worker"}, status_code=503, headers=RETRY_AFTER)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/info", dependencies=protected)
     async def info() -> ServerInfo:
         return ServerInfo(task=task, dimensions=dimensions, primary=dimensions[0])
 
-    # The body is read by hand to enforce the size limit while it streams in, so its schema is
-    # declared here for /docs.
+    # The body is read by hand to enforce the size and time limits while it streams in, so its
+    # schema is declared here for /docs.
     request_body_schema = {
         "content": {"application/json": {"schema": RewardRequest.model_json_schema()}},
         "required": True,
@@ -77,47 +106,76 @@ def create_app(
 
     @app.post("/get_reward", dependencies=protected, openapi_extra={"requestBody": request_body_schema})
     async def get_reward(request: Request) -> RewardResponse:
-        body = await read_body(request, max_body_bytes)
+        # Only JSON: a browser page may post text/plain or form data cross-site without asking.
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise HTTPException(415, f"the body must be application/json, got content-type {media_type or 'none'!r}")
+        body = await read_body(request, max_body_bytes, read_timeout)
         try:
-            batch = RewardRequest.model_validate_json(body)
-        except ValidationError as error:
-            raise HTTPException(422, describe_validation_error(error)) from None
-        try:
-            scores = await run_in_threadpool(scorer, batch.query, batch.prompts, batch.labels)
+            scores, sample_count = await score(body, request.is_disconnected)
+        except InvalidRequest as error:
+            raise HTTPException(422, str(error)) from None
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it; the client left before its batch started
+        except (PoolBusy, WorkerLost) as error:
+            raise HTTPException(503, str(error), headers=RETRY_AFTER) from None
         except SampleError as error:
-            if error.field is None:
-                logger.exception("scoring failed")
             raise HTTPException(500 if error.field is None else 422, str(error)) from None
         except Exception as error:
             logger.exception("scoring failed")
             raise HTTPException(500, f"scoring failed: {type(error).__name__}: {error}") from None
-        check_scores(scores, dimensions, len(batch.query))
+        check_scores(scores, dimensions, sample_count)
         primary = scores[dimensions[0]]
         return RewardResponse(rewards=primary, scores=primary, extra_logs=scores)
 
     return app
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
+RETRY_AFTER = {"Retry-After": "1"}
+
+
+def in_process(scorer: Scorer, request_timeout: float, max_queue: int):
+    """Run `scorer` in a thread of this process with the pool's queue and time limits. A thread
+    cannot be stopped: a request over the limit answers 503 while its thread runs on, and it
+    still counts against the queue until it ends, so a hung scorer fills the queue, not memory."""
+    running = 0
+
+    def finished(_) -> None:
+        nonlocal running
+        running -= 1
+
+    async def score(body: bytes, client_gone) -> tuple[dict[str, list[float]], int]:
+        nonlocal running
+        if running > max_queue:
+            raise PoolBusy(f"{running} requests are being scored or queued (--max-queue {max_queue})")
+        # Parsed in the event loop: milliseconds for a usual batch (the pool's workers parse their own).
+        batch = parse_request(body)
+        running += 1
+        future = asyncio.get_running_loop().run_in_executor(None, scorer, batch.query, batch.prompts, batch.labels)
+        future.add_done_callback(finished)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), request_timeout), len(batch.query)
+        except TimeoutError:
+            raise WorkerLost(f"scoring took over the {request_timeout:g} s limit (--request-timeout); retry") from None
+
+    return score
+
+
+async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
     too_large = HTTPException(413, f"request body is over the {max_bytes / 2**20:g} MiB limit (--max-body-mb)")
     declared = request.headers.get("content-length")
-    if declared is not None and int(declared) > max_bytes:
-        raise too_large
+    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+        raise too_large if declared.isdigit() else HTTPException(400, f"bad content-length {declared[:30]!r}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise too_large
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise too_large
+    except TimeoutError:
+        raise HTTPException(408, f"the body did not arrive within {timeout:g} s (--read-timeout)") from None
     return bytes(body)
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    """One line per problem, each naming the field, e.g. `query[1]: Input should be a valid string`."""
-    problems = []
-    for problem in error.errors(include_url=False):
-        field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in problem["loc"]).lstrip(".")
-        problems.append(f"{field or 'body'}: {problem['msg']}")
-    return "invalid request: " + "; ".join(problems)
 
 
 def check_scores(scores: dict[str, list[float]], dimensions: list[str], sample_count: int) -> None:

@@ -10,7 +10,7 @@ from reward_servers.scoring import Scorer, extract_response, score_each
 DIMENSIONS = ["length"]
 
 
-def make_scorer(target_length: int) -> Scorer:
+def make_scorer(target_length: int, sample_timeout: float | None = None) -> Scorer:
     if target_length <= 0:
         raise ValueError(f"target_length must be positive, got {target_length}")
 
@@ -18,7 +18,7 @@ def make_scorer(target_length: int) -> Scorer:
         def score_one(query: str, prompt: str) -> tuple[float]:
             return (length_reward(len(extract_response(query, prompt)), target_length),)
 
-        return score_each(DIMENSIONS, score_one, queries, prompts)
+        return score_each(DIMENSIONS, score_one, queries, prompts, sample_timeout=sample_timeout, lowest=(-1.0,))
 
     return score
 

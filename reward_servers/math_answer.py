@@ -2,76 +2,46 @@
 
 - correctness, 1 or 0: math-verify's `verify(parse(label), parse(response))`. A label without
   `\\boxed` or `$` is parsed as `\\boxed{label}`, so plain answers such as `x^2+1` or `(1,2)`
-  parse as LaTeX; a label math-verify cannot parse is an error, not a 0.
+  parse as LaTeX; a label math-verify cannot parse into a math expression (`\\frac{`, `???`) is
+  a 422 naming `labels[i]`, not a 0.
 - format, 1 or 0: the response contains a non-empty `\\boxed{...}` answer (braces balanced).
 
-math-verify can hang on adversarial input; its timeouts use signal.alarm, which only works in a
-main thread, so scoring runs in a worker process (whose main thread runs it) rather than in the
-server's thread pool.
+math-verify can hang on adversarial LaTeX. Its own timeouts (signal.alarm around each parse and
+comparison) are switched off in favour of one limit per sample (`sample_timeout`, also SIGALRM,
+which they would reset); a sample over it scores 0 and 0. The scorer runs in a pool worker
+(reward_servers.workers), whose main thread can take the signal.
 """
-
-import multiprocessing
-import os
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor
 
 from reward_servers.scoring import InvalidInput, Scorer, extract_response, require_label, score_each
 
 DIMENSIONS = ["correctness", "format"]
 
-# Seconds math-verify may spend on one parse or one comparison before the answer counts as wrong.
-MATH_VERIFY_TIMEOUT_SECONDS = 5
 
-
-def make_scorer() -> Scorer:
-    # "spawn": forking a process that already runs threads (uvicorn's) is unsafe.
-    worker = ProcessPoolExecutor(
-        max_workers=1,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=exit_with_parent,
-        initargs=(os.getpid(),),
-    )
-    # Start the worker and import math-verify now, so a broken install fails at startup.
-    worker.submit(score_batch, ["\\boxed{1}"], [""], ["1"]).result()
+def make_scorer(sample_timeout: float | None = None) -> Scorer:
+    # Import math-verify (and sympy) now, so a broken install fails when the worker starts.
+    answer_correctness("\\boxed{1}", "1")
 
     def score(queries: list[str], prompts: list[str], labels: list[str | None]) -> dict[str, list[float]]:
-        return worker.submit(score_batch, queries, prompts, labels).result()
+        def score_one(query: str, prompt: str, label: str | None) -> tuple[float, float]:
+            response = extract_response(query, prompt)
+            return answer_correctness(response, require_label(label)), boxed_format(response)
+
+        lowest = (0.0, 0.0)
+        return score_each(DIMENSIONS, score_one, queries, prompts, labels, sample_timeout=sample_timeout, lowest=lowest)
 
     return score
 
 
-def exit_with_parent(parent_pid: int) -> None:
-    """Worker initializer: end the worker once the server process is gone. The pool's own exit
-    hook does not run when the server dies from a signal (uvicorn re-raises SIGTERM after its
-    graceful shutdown), and the worker would otherwise wait for work forever."""
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1)
-        os._exit(0)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def score_batch(queries: list[str], prompts: list[str], labels: list[str | None]) -> dict[str, list[float]]:
-    def score_one(query: str, prompt: str, label: str | None) -> tuple[float, float]:
-        response = extract_response(query, prompt)
-        return answer_correctness(response, require_label(label)), boxed_format(response)
-
-    return score_each(DIMENSIONS, score_one, queries, prompts, labels)
-
-
 def answer_correctness(response: str, label: str) -> float:
-    # Imported here: only the worker process needs math-verify (and sympy).
     from math_verify import parse, verify
 
     gold_text = label if "\\boxed" in label or "$" in label else f"\\boxed{{{label}}}"
-    gold = parse(gold_text, parsing_timeout=MATH_VERIFY_TIMEOUT_SECONDS)
-    if not gold:
+    gold = parse(gold_text, parsing_timeout=None)
+    # parse falls back to the raw string when it finds no expression: that is not an answer.
+    if all(isinstance(value, str) for value in gold):
         raise InvalidInput("labels", f"math-verify cannot parse the answer {label!r}")
-    answer = parse(response, parsing_timeout=MATH_VERIFY_TIMEOUT_SECONDS)
-    return 1.0 if verify(gold, answer, timeout_seconds=MATH_VERIFY_TIMEOUT_SECONDS) else 0.0
+    answer = parse(response, parsing_timeout=None)
+    return 1.0 if verify(gold, answer, timeout_seconds=None) else 0.0
 
 
 def boxed_format(response: str) -> float:

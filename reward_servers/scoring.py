@@ -1,6 +1,15 @@
-"""What every task shares: the scorer signature, response extraction and per-sample error reporting."""
+"""What every task shares: the request body, the scorer signature, response extraction, errors and time limits."""
 
+import contextlib
+import functools
+import logging
+import signal
+import threading
 from collections.abc import Callable, Sequence
+
+from pydantic import BaseModel, Field, StrictStr, ValidationError, model_validator
+
+logger = logging.getLogger("reward_servers")
 
 # (queries, prompts, labels) -> {dimension: one float per sample}, the primary dimension first.
 Scorer = Callable[[list[str], list[str], list[str | None]], dict[str, list[float]]]
@@ -39,12 +48,65 @@ class SampleError(Exception):
         return f"scoring sample {self.index} failed: {self.message}"
 
 
+class RewardRequest(BaseModel):
+    query: list[StrictStr] = Field(description="Prompt + response of each sample as OpenRLHF decodes it.")
+    prompts: list[StrictStr] = Field(description="The prompt of each sample.")
+    labels: list[StrictStr | None] = Field(description="The label (ground truth) of each sample, or null.")
+
+    @model_validator(mode="after")
+    def one_entry_per_sample(self) -> "RewardRequest":
+        if not len(self.query) == len(self.prompts) == len(self.labels):
+            raise ValueError(
+                "query, prompts and labels need one entry per sample, got "
+                f"{len(self.query)}, {len(self.prompts)} and {len(self.labels)} entries"
+            )
+        return self
+
+
+class InvalidRequest(ValueError):
+    """The body is not a valid request (422); the message names each bad field."""
+
+
+def parse_request(body: bytes) -> RewardRequest:
+    try:
+        return RewardRequest.model_validate_json(body)
+    except ValidationError as error:
+        raise InvalidRequest(describe_validation_error(error)) from None
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, each naming the field, e.g. `query[1]: Input should be a valid string`."""
+    problems = []
+    for problem in error.errors(include_url=False):
+        field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in problem["loc"]).lstrip(".")
+        problems.append(f"{field or 'body'}: {problem['msg']}")
+    return "invalid request: " + "; ".join(problems)
+
+
+def score_request(scorer: Scorer, body: bytes) -> tuple[dict[str, list[float]], int]:
+    """Parse a /get_reward body and score it: (scores, number of samples). Pool workers run this,
+    so that parsing a large body (seconds for millions of JSON values, holding the GIL) happens
+    outside the server process and /health stays responsive."""
+    batch = parse_request(body)
+    return scorer(batch.query, batch.prompts, batch.labels), len(batch.query)
+
+
+def make_file_scorer(path: str) -> Scorer:
+    """The `file` task's scorer: a reward file's reward_func, validated by reward_servers.reward_file."""
+    from reward_servers.reward_file import load_reward_file, score_reward_file
+
+    return functools.partial(score_reward_file, load_reward_file(path))
+
+
 def extract_response(query: str, prompt: str) -> str:
     """The model's response inside `query` (prompt + response, special tokens included).
 
-    If the query starts with the prompt, the rest; otherwise the text after the last ChatML
-    assistant marker. Surrounding whitespace and trailing end-of-turn markers are removed, as
-    ToolRL's own extraction (`split(assistant)[-1].split("<|im_end|>")[0].strip()`) does.
+    The text after the prompt (or, when the query does not start with it, after the last ChatML
+    assistant marker) up to the first end-of-turn marker, stripped. This is ToolRL's extraction
+    `query.split("<|im_start|>assistant")[-1].split("<|im_end|>")[0].strip()`: text after a
+    non-final `<|im_end|>` (a generation that did not stop) is not scored. One difference: a
+    response that itself writes a new assistant marker is scored up to its first end marker,
+    where ToolRL would score the text after that marker.
     """
     if query.startswith(prompt):
         response = query[len(prompt) :]
@@ -52,11 +114,8 @@ def extract_response(query: str, prompt: str) -> str:
         response = query.rsplit(ASSISTANT_MARKER, 1)[1]
     else:
         raise InvalidInput("query", f"does not start with its prompt and has no {ASSISTANT_MARKER!r} marker")
-    response = response.strip()
-    while response.endswith(END_MARKERS):
-        marker = next(marker for marker in END_MARKERS if response.endswith(marker))
-        response = response[: -len(marker)].rstrip()
-    return response
+    ends = [found for marker in END_MARKERS if (found := response.find(marker)) >= 0]
+    return response[: min(ends, default=len(response))].strip()
 
 
 def require_label(label: str | None) -> str:
@@ -66,19 +125,37 @@ def require_label(label: str | None) -> str:
 
 
 def score_each(
-    dimensions: Sequence[str], score_one: Callable[..., Sequence[float]], *columns: Sequence
+    dimensions: Sequence[str],
+    score_one: Callable[..., Sequence[float]],
+    *columns: Sequence,
+    sample_timeout: float | None = None,
+    lowest: Sequence[float] | None = None,
 ) -> dict[str, list[float]]:
     """Apply `score_one` to each sample (one value per column) and collect its values by dimension.
 
     Any exception becomes a SampleError carrying the sample's index, so a failure is reported
-    instead of being scored as zero.
+    instead of being scored as zero. With `sample_timeout`, a sample that takes longer gets the
+    `lowest` value of each dimension and a warning in the log (as math-verify's own timeout
+    answers "not equal"); the limit needs the main thread (SIGALRM), as in a pool worker.
     """
+    if sample_timeout is not None and threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("a per-sample time limit needs the main thread (SIGALRM); run the scorer in a worker")
     scores = {name: [] for name in dimensions}
     for index, sample in enumerate(zip(*columns, strict=True)):
         try:
-            values = [float(value) for value in score_one(*sample)]
+            with time_limit(sample_timeout):
+                values = [float(value) for value in score_one(*sample)]
             if len(values) != len(dimensions):
                 raise ValueError(f"got {len(values)} values for dimensions {list(dimensions)}")
+        except SampleTimeout:
+            global timed_out_samples
+            timed_out_samples += 1
+            values = list(lowest)
+            logger.warning(
+                "sample %d of a batch of %d went over the %g s limit (--sample-timeout) and scored the lowest "
+                "values %s; %d such samples in this worker so far",
+                index, len(columns[0]), sample_timeout, dict(zip(dimensions, values)), timed_out_samples,
+            )  # fmt: skip
         except InvalidInput as error:
             raise SampleError(index, error.message, error.field) from error
         except Exception as error:
@@ -86,3 +163,29 @@ def score_each(
         for name, value in zip(dimensions, values):
             scores[name].append(value)
     return scores
+
+
+class SampleTimeout(BaseException):
+    """Raised inside a sample when its time is up. A BaseException, so that a library's broad
+    `except Exception` (math-verify has several) cannot turn it into an ordinary result."""
+
+
+timed_out_samples = 0  # in this process, for the log
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    if seconds is None:
+        yield
+        return
+
+    def time_is_up(signum, frame):
+        raise SampleTimeout()
+
+    previous = signal.signal(signal.SIGALRM, time_is_up)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -19,7 +19,6 @@ The label is the ToolRL ground truth (`reward_model.ground_truth` of the RLLA da
 """
 
 import json
-import re
 from collections import Counter
 
 from reward_servers.scoring import InvalidInput, Scorer, extract_response, require_label, score_each
@@ -30,12 +29,15 @@ DIMENSIONS = ["correctness", "format", "length"]
 THINK_WORDS_FOR_FULL_LENGTH_REWARD = 512
 
 
-def make_scorer(correctness_max: float = 3.0) -> Scorer:
+def make_scorer(correctness_max: float = 3.0, sample_timeout: float | None = None) -> Scorer:
+    """A sample over `sample_timeout` seconds scores the lowest of each dimension: (-max, 0, 0)."""
+
     def score(queries: list[str], prompts: list[str], labels: list[str | None]) -> dict[str, list[float]]:
         def score_one(query: str, prompt: str, label: str | None) -> tuple[float, float, float]:
             return score_response(extract_response(query, prompt), require_label(label), correctness_max)
 
-        return score_each(DIMENSIONS, score_one, queries, prompts, labels)
+        lowest = (-correctness_max, 0.0, 0.0)
+        return score_each(DIMENSIONS, score_one, queries, prompts, labels, sample_timeout=sample_timeout, lowest=lowest)
 
     return score
 
@@ -146,26 +148,51 @@ def tool_call_match_reward(
     return 2 * correctness_max * points / points_max - correctness_max
 
 
-# The whole response must match the layout the ground truth uses, keyed by
-# (ground truth has <tool_call>, ground truth has <response>).
-FORMAT_PATTERNS = {
-    (False, True): r"<think>.*?</think>\n<response>.*?</response>",
-    (True, False): r"<think>.*?</think>\n<tool_call>\n.*?\n</tool_call>",
-    (True, True): r"<think>.*?</think>\n<tool_call>\n.*?\n</tool_call>\n<response>.*?</response>",
-    (False, False): r"<think>.*?</think>",
+# rlla.py's customize_format_reward_func checks the response against the regex
+# `^<think>.*?</think>\n<tool_call>\n.*?\n</tool_call>$` (re.DOTALL) or its sibling for the ground
+# truth's layout. Each is a chain of literal pieces joined by `.*?`; backtracking over three lazy
+# `.*?` takes seconds on a long looping response, so the same question is answered by a scan.
+FORMAT_LAYOUTS = {  # (ground truth has <tool_call>, ground truth has <response>) -> pieces
+    (False, True): ("<think>", "</think>\n<response>", "</response>"),
+    (True, False): ("<think>", "</think>\n<tool_call>\n", "\n</tool_call>"),
+    (True, True): ("<think>", "</think>\n<tool_call>\n", "\n</tool_call>\n<response>", "</response>"),
+    (False, False): ("<think>", "</think>"),
 }
 
 
 def format_reward(response: str, ground_truth: str) -> float:
     """1 if the response matches the ground truth's layout with each of its tool_call/response
-    tags exactly once, else 0. The response is expected stripped, as extract_response leaves it."""
+    tags exactly once, else 0 (for a ground truth with neither, the layout alone), as rlla.py."""
     uses_tool_call = "<tool_call>" in ground_truth
     uses_response = "<response>" in ground_truth
-    if not re.fullmatch(FORMAT_PATTERNS[uses_tool_call, uses_response], response, re.DOTALL):
+    if not matches_layout(response, FORMAT_LAYOUTS[uses_tool_call, uses_response]):
         return 0.0
     tags = ["<tool_call>", "</tool_call>"] if uses_tool_call else []
     tags += ["<response>", "</response>"] if uses_response else []
     return 1.0 if all(response.count(tag) == 1 for tag in tags) else 0.0
+
+
+def matches_layout(text: str, pieces: tuple[str, ...]) -> bool:
+    """Whether `re.search("^" + ".*?".join(pieces) + "$", text, re.DOTALL)` matches (pieces taken
+    literally), in time linear in the text. As in that regex, `$` also matches before a final
+    newline."""
+    return matches_anchored(text, pieces) or (text.endswith("\n") and matches_anchored(text[:-1], pieces))
+
+
+def matches_anchored(text: str, pieces: tuple[str, ...]) -> bool:
+    # The first piece must start the text and the last end it; each middle piece must occur, in
+    # order, between them. Taking each middle piece at its first occurrence leaves the most room
+    # for the rest, so one left-to-right pass decides.
+    first, *middle, last = pieces
+    position, end = len(first), len(text) - len(last)
+    if end < position or not text.startswith(first) or not text.endswith(last):
+        return False
+    for piece in middle:
+        found = text.find(piece, position, end)
+        if found < 0:
+            return False
+        position = found + len(piece)
+    return True
 
 
 def length_reward(response: str) -> float:

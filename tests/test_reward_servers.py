@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -9,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from servers import running_server
 
-from reward_servers.__main__ import build_parser
+from reward_servers.__main__ import build_parser, check_exposure
 from reward_servers.app import create_app
 
 ROWS_FILE = Path(__file__).parent / "data" / "toolrl_rlla_4k_test_rows.json"
@@ -285,3 +288,162 @@ def test_a_failing_scorer_is_a_500_naming_the_sample_not_a_zero():
     answer = client.post("/get_reward", json={"query": ["a", "b"], "prompts": ["", ""], "labels": [None, None]})
     assert answer.status_code == 500
     assert "sample 1" in answer.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--api-key", ""], {}, "the API key is empty"),
+        ([], {"GD2PO_REWARD_API_KEY": ""}, "the API key is empty"),
+        (["--host", "0.0.0.0"], {}, "--allow-unauthenticated"),
+        (["--host", "rm-node.cluster"], {}, "--allow-unauthenticated"),
+    ],
+)
+def test_the_server_refuses_to_start_open_by_mistake(args, env, message):
+    server_env = {name: value for name, value in os.environ.items() if name != "GD2PO_REWARD_API_KEY"} | env
+    command = [sys.executable, "-m", "reward_servers", "length", "--target-length", "5", "--port", "1", *args]
+    result = subprocess.run(command, env=server_env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_an_exposed_host_may_serve_with_a_key_or_when_told():
+    parser = build_parser()
+    for args in (
+        ["--host", "0.0.0.0", "--api-key", "k"],
+        ["--host", "0.0.0.0", "--allow-unauthenticated"],
+        ["--host", "::1"],
+    ):
+        check_exposure(parser, parser.parse_args(["math", "--port", "1", *args]))  # no SystemExit
+
+
+def test_docs_need_the_key_when_one_is_set(length_url):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for path in ["/docs", "/redoc", "/openapi.json"]:
+        assert httpx.get(f"{length_url}{path}").status_code == 401, path
+        assert httpx.get(f"{length_url}{path}", headers=auth).status_code == 200, path
+    assert "/get_reward" in httpx.get(f"{length_url}/openapi.json", headers=auth).json()["paths"]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None]
+)
+def test_only_json_bodies_are_accepted(toolcall_url, content_type):
+    body = json.dumps(batch(sample(0, "x"))).encode()
+    headers = {} if content_type is None else {"content-type": content_type}
+    answer = httpx.post(f"{toolcall_url}/get_reward", content=body, headers=headers, timeout=60)
+    assert answer.status_code == 415, answer.text
+    assert "application/json" in answer.json()["detail"]
+    json_header = {"content-type": "application/json; charset=utf-8"}
+    assert httpx.post(f"{toolcall_url}/get_reward", content=body, headers=json_header, timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("bad_label", ["\\frac{", "???", "\\boxed{}"])
+def test_an_unparsable_math_label_is_a_422_naming_it(math_url, bad_label):
+    prompt = "<|im_start|>user\nWhat is 1+1?<|im_end|>\n<|im_start|>assistant\n"
+    body = {"query": [prompt + "\\boxed{2}<|im_end|>"] * 3, "prompts": [prompt] * 3, "labels": ["2", "2", bad_label]}
+    answer = post(math_url, body)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["detail"].startswith("labels[2]: math-verify cannot parse")
+    assert post(math_url, {**body, "labels": ["2"] * 3}).json()["rewards"] == [1.0, 1.0, 1.0]
+
+
+REWARD_FILE = '''
+import math
+import os
+import time
+
+DIMENSIONS = ["chars", "vowels"]
+
+
+def reward_func(queries, prompts, labels):
+    if "hang" in labels:
+        time.sleep(3600)
+    if "crash" in labels:
+        os._exit(3)
+    if "raise" in labels:
+        1 / 0
+    responses = [query[len(prompt):] for query, prompt in zip(queries, prompts)]
+    chars = [float(len(response)) for response in responses]
+    vowels = [float(sum(response.count(v) for v in "aeiou")) for response in responses]
+    if "nan" in labels:
+        vowels[labels.index("nan")] = math.nan
+    return {"rewards": chars, "scores": chars, "extra_logs": {"chars": chars, "vowels": vowels}}
+'''
+
+
+def test_file_server_serves_a_reward_file_and_survives_it(tmp_path):
+    path = tmp_path / "my_reward.py"
+    path.write_text(REWARD_FILE)
+    args = ["file", "--path", str(path), "--workers", "1", "--request-timeout", "3"]
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    def request(labels: list[str]) -> httpx.Response:
+        body = {"query": ["p" + "banana"] * len(labels), "prompts": ["p"] * len(labels), "labels": labels}
+        return post(url, body, headers=auth)
+
+    with running_server(args, api_key=API_KEY) as url:
+        assert httpx.get(f"{url}/info").status_code == 401
+        info = httpx.get(f"{url}/info", headers=auth).json()
+        assert info == {"task": "file", "dimensions": ["chars", "vowels"], "primary": "chars"}
+        good = request(["ok", "ok"])
+        assert good.status_code == 200, good.text
+        assert good.json()["rewards"] == good.json()["scores"] == [6.0, 6.0]
+        assert good.json()["extra_logs"] == {"chars": [6.0, 6.0], "vowels": [3.0, 3.0]}
+
+        answer = request(["ok", "raise"])
+        assert answer.status_code == 500
+        assert f"reward file {path}: reward_func raised ZeroDivisionError" in answer.json()["detail"]
+        answer = request(["ok", "nan"])
+        assert answer.status_code == 500
+        assert f"reward file {path}, dimension 'vowels'" in answer.json()["detail"]
+        assert "sample 1" in answer.json()["detail"]
+
+        # A hung reward_func: 503 at the time limit, its worker replaced.
+        answer = request(["hang"])
+        assert answer.status_code == 503
+        assert "over the 3 s limit (--request-timeout)" in answer.json()["detail"]
+        assert request(["ok"]).status_code == 200
+        # A reward_func that kills its process: 503, and the server goes on.
+        answer = request(["crash"])
+        assert answer.status_code == 503
+        assert "worker process died" in answer.json()["detail"]
+        assert request(["ok"]).json()["rewards"] == [6.0]
+
+
+def test_file_server_without_dimensions_serves_one_named_reward(tmp_path):
+    path = tmp_path / "plain.py"
+    path.write_text("def reward_func(queries, prompts, labels):\n    return {'rewards': [len(q) for q in queries]}\n")
+    with running_server(["file", "--path", str(path), "--workers", "1"]) as url:
+        assert httpx.get(f"{url}/info").json()["dimensions"] == ["reward"]
+        answer = post(url, {"query": ["abc", "de"], "prompts": ["", ""], "labels": [None, None]})
+        assert answer.json()["extra_logs"] == {"reward": [3.0, 2.0]}
+
+    (tmp_path / "broken.py").write_text("def reward_func(:\n")
+    command = [sys.executable, "-m", "reward_servers", "file", "--path", str(tmp_path / "broken.py"), "--port", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "broken.py failed to import: SyntaxError" in result.stderr
+
+
+def test_an_in_process_scorer_keeps_the_time_and_queue_limits():
+    # The reward_model path: a scorer run in a thread of the server process.
+    import time
+
+    def slow(queries, prompts, labels):
+        if labels == ["slow"]:
+            time.sleep(3)
+        return {"x": [1.0] * len(queries)}
+
+    body = {"query": ["a"], "prompts": [""], "labels": ["slow"]}
+    with TestClient(create_app("slow", ["x"], slow, request_timeout=0.5, max_queue=0)) as client:  # one event loop
+        answer = client.post("/get_reward", json=body)
+        assert answer.status_code == 503
+        assert "over the 0.5 s limit (--request-timeout)" in answer.json()["detail"]
+        # Its thread still runs, and counts against the queue: the next request is turned away.
+        answer = client.post("/get_reward", json=body)
+        assert answer.status_code == 503
+        assert answer.headers["Retry-After"] == "1"
+        assert "--max-queue 0" in answer.json()["detail"]
+        time.sleep(3)
+        assert client.post("/get_reward", json={**body, "labels": ["fast"]}).json()["rewards"] == [1.0]

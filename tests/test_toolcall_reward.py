@@ -6,6 +6,8 @@ points = overlap(names) + sum over expected calls of the best same-name unused p
 """
 
 import json
+import random
+import re
 from pathlib import Path
 
 import pytest
@@ -177,6 +179,66 @@ def test_extract_response_cuts_the_prompt_and_end_markers():
     assert extract_response(chat, "user: hi") == "new"
     with pytest.raises(InvalidInput, match="query"):
         extract_response("no chat markers", "another prompt")
+
+
+def test_extract_response_stops_at_the_first_end_marker_as_toolrl():
+    # A generation that did not stop at <|im_end|>: ToolRL scores only the text before it.
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    response = GET_NEWS_TRUTH + "<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|endoftext|>"
+    query = prompt + response
+    toolrl = query.split("<|im_start|>assistant")[-1].split("<|im_end|>")[0].strip()
+    assert extract_response(query, prompt) == toolrl == GET_NEWS_TRUTH
+    assert extract_response(query, "not the prompt") == toolrl
+    assert score_response(extract_response(query, prompt), GET_NEWS_TRUTH)[1] == 1.0
+    assert extract_response(prompt + "a </s> b<|eot_id|>", prompt) == "a"
+
+
+# rlla.py's customize_format_reward_func, as the reference writes it (regexes and tag counts).
+REFERENCE_FORMAT_PATTERNS = {
+    (False, True): r"^<think>.*?</think>\n<response>.*?</response>$",
+    (True, False): r"^<think>.*?</think>\n<tool_call>\n.*?\n</tool_call>$",
+    (True, True): r"^<think>.*?</think>\n<tool_call>\n.*?\n</tool_call>\n<response>.*?</response>$",
+    (False, False): r"^<think>.*?</think>$",
+}
+
+
+def reference_format_reward(response: str, ground_truth: str) -> float:
+    layout = ("<tool_call>" in ground_truth, "<response>" in ground_truth)
+    if not re.search(REFERENCE_FORMAT_PATTERNS[layout], response, re.DOTALL):
+        return 0.0
+    tags = (["<tool_call>", "</tool_call>"] if layout[0] else []) + (["<response>", "</response>"] if layout[1] else [])
+    return 1.0 if all(response.count(tag) == 1 for tag in tags) else 0.0
+
+
+FORMAT_PIECES = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<response>", "</response>", "\n", "\n\n"]
+FORMAT_PIECES += ["x", " ", "<", "think>", "</", "tool_call", "{}", "\r"]
+
+
+def test_format_scan_equals_the_reference_regex():
+    rng = random.Random(0)
+    truths = [GET_NEWS_TRUTH, RESPONSE_ONLY_TRUTH, CALL_AND_RESPONSE_TRUTH, "<think> t </think>"]
+    responses = [row["ground_truth"] for row in ROWS.values()]
+    # Near-misses of well-formed responses: each piece deleted, doubled, or a newline added at either end.
+    for text in list(responses):
+        for piece in ["\n", "<think>", "</think>", "<tool_call>", "</tool_call>", "<response>", "</response>"]:
+            responses += [text.replace(piece, "", 1), text.replace(piece, piece * 2, 1)]
+        responses += [text + "\n", "\n" + text, text + "\n\n", text + " "]
+    # Random sequences of tags, newlines and text, biased towards the layouts.
+    for _ in range(20_000):
+        responses.append("".join(rng.choice(FORMAT_PIECES) for _ in range(rng.randint(0, 14))))
+    for _ in range(5_000):
+        layouts = ["<think>a</think>\n<tool_call>\n{}\n</tool_call>", "<think>a</think>\n<response>b</response>"]
+        layout = rng.choice(layouts)
+        pieces = [layout] + [rng.choice(FORMAT_PIECES) for _ in range(rng.randint(0, 4))]
+        rng.shuffle(pieces)
+        responses.append("".join(pieces))
+    matches = 0
+    for response in responses:
+        for truth in truths:
+            expected = reference_format_reward(response, truth)
+            assert format_reward(response, truth) == expected, (response, truth)
+            matches += expected == 1.0
+    assert matches > 1_000  # the inputs exercise both outcomes
 
 
 def test_scorer_reports_a_bad_sample_by_index():

@@ -63,12 +63,15 @@ def load_reward_file(path: str) -> RewardFile:
     return RewardFile(path, func, list(dimensions))
 
 
-def score_reward_file(reward_file: RewardFile, queries: list, prompts: list, labels: list) -> dict[str, list[float]]:
+def score_reward_file(
+    reward_file: RewardFile, queries: list, prompts: list, labels: list, first_sample: int = 0
+) -> dict[str, list[float]]:
     """Call reward_func on one batch; {dimension: one float per sample}, validated.
 
     A reward_func that raises gives RuntimeError naming the file; an answer that is not a dict,
     lacks a dimension, has the wrong length or holds a value that is not a finite float32 number
-    gives ValueError naming the file, the dimension and the sample.
+    gives ValueError naming the file, the dimension and the sample (numbered from `first_sample`,
+    the batch's place in a larger one).
     """
     path = reward_file.path
     try:
@@ -95,11 +98,14 @@ def score_reward_file(reward_file: RewardFile, queries: list, prompts: list, lab
             raise ValueError(f"{where} must be a list, tensor or array, got {type(values).__name__}")
         if len(values) != len(queries):
             raise ValueError(f"{where} has {len(values)} values for {len(queries)} samples")
-        scores[name] = [_finite_float32(value, f"{where}[{index}] (sample {index})") for index, value in enumerate(values)]
+        scores[name] = [
+            finite_float32(value, f"{where}[{index}] (sample {first_sample + index})") for index, value in enumerate(values)
+        ]
     return scores
 
 
-def _finite_float32(value, where: str) -> float:
+def finite_float32(value, where: str) -> float:
+    """`value` as a float if it is a finite number within float32's range, else ValueError naming `where`."""
     if hasattr(value, "item"):  # a numpy scalar or a one-element tensor, as some reward files return
         try:
             value = value.item()
@@ -109,8 +115,8 @@ def _finite_float32(value, where: str) -> float:
         raise ValueError(f"{where} is {value!r}; rewards must be numbers")
     try:
         number = float(value)
-    except OverflowError:
-        raise ValueError(f"{where} is {value}, outside the float32 range") from None
+    except OverflowError:  # an integer beyond float64, e.g. 10**400 (printing it could itself fail)
+        raise ValueError(f"{where} is an integer of {value.bit_length()} bits, outside the float32 range") from None
     if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
         raise ValueError(f"{where} is {number!r}; rewards must be finite and within the float32 range")
     return number

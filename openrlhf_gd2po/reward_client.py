@@ -48,7 +48,7 @@ class RewardServerError(RuntimeError):
 class RewardDimension:
     name: str  # the dimension's name in logs, e.g. "correctness"
     url: str  # a /get_reward URL, replica URLs joined by "|", or the absolute path of a .py reward file
-    field: str | None  # extra_logs key (a reward file's dimension) to read; None reads "rewards"
+    field: str | None  # extra_logs key (a reward file's dimension) to read; None: "rewards" (a file's first)
 
     @property
     def is_file(self) -> bool:
@@ -69,8 +69,8 @@ cached_reward_file = functools.lru_cache(maxsize=None)(load_reward_file)
 def parse_reward_servers(spec: str) -> list[RewardDimension]:
     """`name=target[#field],...` → dimensions; see SPEC_FORMAT. A URL without a path gets `/get_reward`.
 
-    A reward file is loaded here, so a missing file or dimension fails before training starts; a
-    relative path is resolved against this process's working directory.
+    A reward file's path is made absolute against this process's working directory; the file is
+    imported at the first fetch (`_load_reward_files`). Without `#field`, its first dimension.
     """
     dimensions = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
@@ -103,17 +103,28 @@ def _endpoint(item: str, url: str) -> str:
 
 
 def _file_dimension(item: str, name: str, path: str, field: str | None) -> RewardDimension:
-    try:
-        reward_file = cached_reward_file(os.path.abspath(os.path.expanduser(path)))
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"--reward.servers entry {item!r}: {error}") from None
-    field = field or reward_file.dimensions[0]
-    if field not in reward_file.dimensions:
-        raise ValueError(
-            f"--reward.servers entry {item!r}: reward file {reward_file.path} has dimensions "
-            f"{reward_file.dimensions}, not {field!r}"
-        )
-    return RewardDimension(name, reward_file.path, field)
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
+        raise ValueError(f"--reward.servers entry {item!r}: reward file {path} does not exist")
+    return RewardDimension(name, path, field)
+
+
+def _load_reward_files(dimensions) -> None:
+    """Import every reward file and check its dimensions before anything is scored. Done here, in the
+    process that scores, not when parsing: the driver that checks the flags must not run user code
+    (which may load a model). A broken file raises whatever `on_failure` says: retrying cannot fix it."""
+    for dim in dimensions:
+        if not dim.is_file:
+            continue
+        try:
+            reward_file = cached_reward_file(dim.url)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise RewardServerError(f"reward dimension {dim.name!r}: {error}") from None
+        if dim.field is not None and dim.field not in reward_file.dimensions:
+            raise RewardServerError(
+                f"reward dimension {dim.name!r}: reward file {dim.url} has dimensions {reward_file.dimensions}, "
+                f"not {dim.field!r}"
+            )
 
 
 def fetch_rewards(
@@ -147,6 +158,7 @@ async def fetch_rewards_async(
 ) -> RewardBatch:
     _check_arguments(dimensions, queries, prompts, labels, batch_size, timeout, retries, max_in_flight, on_failure,
                      deadline)
+    _load_reward_files(dimensions)
     deadline_at = asyncio.get_running_loop().time() + deadline
     by_target = {}
     for dim in dimensions:
@@ -360,7 +372,7 @@ async def _score_file_batch(dims, samples, start, payload, timeout) -> torch.Ten
         ) from None
     except (ValueError, RuntimeError) as error:  # score_reward_file names the file, dimension and sample
         raise RewardServerError(f"{samples}: {error}") from None
-    return torch.tensor([scores[d.field] for d in dims], dtype=torch.float32).T
+    return torch.tensor([scores[d.field or reward_file.dimensions[0]] for d in dims], dtype=torch.float32).T
 
 
 def _in_daemon_thread(call) -> asyncio.Future:

@@ -315,8 +315,9 @@ def test_reward_file_in_process_beside_a_server(reward_file):
         batch = fetch(f"chars={reward_file}#chars,neg={reward_file}#neg,up={url}#up")
     assert torch.equal(batch.rewards, torch.stack([LENGTHS, -LENGTHS, LENGTHS], dim=1))
     assert set(batch.seconds) == {"chars", "neg", "up"}
-    first = parse_reward_servers(f"x={reward_file}")[0]  # without #: the file's first dimension
-    assert (first.url, first.field, first.is_file) == (reward_file, "chars", True)
+    first = parse_reward_servers(f"x={reward_file}")[0]
+    assert (first.url, first.field, first.is_file) == (reward_file, None, True)
+    assert torch.equal(fetch(f"x={reward_file}").rewards[:, 0], LENGTHS)  # without #: the file's first dimension
 
 
 def test_reward_file_errors_name_file_dimension_and_sample(reward_file):
@@ -343,12 +344,32 @@ def test_hung_reward_file_is_bounded_by_timeout(reward_file):
                                          batch_size=4, timeout=1.0))
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("c={dir}/missing.py", "reward file {dir}/missing.py does not exist"),
-    ("c={file}#nope", r"reward file {file} has dimensions \['chars', 'neg'\], not 'nope'"),
-])
-def test_reward_file_spec_errors(reward_file, entry, message):
-    directory = str(Path(reward_file).parent)
-    entry, message = (s.replace("{dir}", directory).replace("{file}", reward_file) for s in (entry, message))
-    with pytest.raises(ValueError, match=rf"--reward.servers entry '{re.escape(entry)}': {message}"):
-        parse_reward_servers(entry)
+def test_reward_file_spec_errors(reward_file, tmp_path):
+    missing = str(tmp_path / "missing.py")
+    with pytest.raises(ValueError, match=rf"--reward.servers entry 'c={missing}': reward file {missing} does not exist"):
+        parse_reward_servers(f"c={missing}")
+    # A broken file or a missing dimension is a configuration error: raised even in mask mode.
+    (tmp_path / "broken.py").write_text("import no_such_module_xyz\n")
+    for entry, message in [
+        (f"c={reward_file}#nope", rf"dimension 'c': reward file {reward_file} has dimensions \['chars', 'neg'\], not 'nope'"),
+        (f"c={tmp_path}/broken.py", rf"dimension 'c': reward file {tmp_path}/broken.py failed to import: ModuleNotFound"),
+    ]:
+        with pytest.raises(RewardServerError, match=message):
+            fetch(entry, on_failure="mask")
+
+
+@pytest.mark.parametrize("value", ["0", "nan", "inf"])
+def test_trainer_refuses_a_bad_deadline(value, capsys):
+    from unittest import mock
+
+    import ray
+
+    from openrlhf_gd2po.cli.train_gd2po_ray import main
+
+    argv = ["train_gd2po_ray", "--actor.model_name_or_path", "unused", "--rollout.n_samples_per_prompt", "2",
+            "--algo.advantage.estimator", "gdpo", "--reward.servers", "c=http://h:1", "--reward.deadline", value]
+    with mock.patch.object(sys, "argv", argv), mock.patch.object(ray, "init") as ray_init:
+        with pytest.raises(SystemExit):
+            main()
+    assert f"--reward.deadline must be >= 0.001, got {value}" in capsys.readouterr().err
+    ray_init.assert_not_called()

@@ -1,6 +1,9 @@
 """Reward files (OpenRLHF's `reward_func(queries, prompts, labels)` convention): loading and validation."""
 
+import json
 import pickle
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -130,3 +133,51 @@ def test_a_raising_reward_func_names_the_file(tmp_path):
     path = write(tmp_path, "def reward_func(q, p, l):\n    raise KeyError('label')\n")
     with pytest.raises(RuntimeError, match=f"reward file {path}: reward_func raised KeyError: 'label'"):
         score_reward_file(load_reward_file(path), ["q"], ["p"], [None])
+
+
+# --- The example file as in-process dimensions of gd2po-analyze and gd2po-cpu-demo -----------------------
+
+SPEC = f"correctness={EXAMPLE}#correctness,brevity={EXAMPLE}#brevity"
+
+
+def test_example_file_in_process_in_gd2po_analyze(tmp_path):
+    from tiny_models import build_tiny_chat_model
+
+    from openrlhf_gd2po.cli.analyze import main
+
+    torch.manual_seed(0)
+    model = build_tiny_chat_model(tmp_path / "tiny")
+    main(["--model", str(model), "--num-prompts", "2", "--n-samples", "3", "--max-new-tokens", "12",
+          "--reward-servers", SPEC, "--out", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["dimensions"] == ["correctness", "brevity"]
+    assert summary["config"]["reward_servers"]["brevity"] == f"{EXAMPLE}#brevity"
+    for rollout in summary["rollouts"]:  # random bytes from a tiny model: no answer, brevity from the length
+        assert rollout["rewards"]["correctness"] == 0.0
+        assert rollout["rewards"]["brevity"] == pytest.approx(-len(rollout["response"]) / 1000)
+
+
+def test_example_file_in_process_in_gd2po_cpu_demo(tmp_path):
+    from tiny_models import build_tiny_chat_model
+
+    torch.manual_seed(0)
+    model = build_tiny_chat_model(tmp_path / "tiny")
+    result = subprocess.run(
+        [sys.executable, "-m", "openrlhf_gd2po.cli.cpu_demo", "--model", str(model), "--steps", "1",
+         "--prompts-per-step", "2", "--n-samples", "3", "--max-new-tokens", "12", "--reward-servers", SPEC,
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rewards correctness, brevity" in result.stdout
+    (row,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert row["reward/correctness"] == 0.0 and -0.2 < row["reward/brevity"] < 0
+    assert row["grad_norm"] > 0  # brevity varies with the length, so the update moves the policy
+
+
+def test_bad_file_spec_is_a_usage_error(tmp_path, capsys):
+    from openrlhf_gd2po.cli.cpu_demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--reward-servers", f"c={tmp_path}/absent.py"])
+    assert f"reward file {tmp_path}/absent.py does not exist" in capsys.readouterr().err

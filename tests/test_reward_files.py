@@ -181,3 +181,11 @@ def test_bad_file_spec_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--reward-servers", f"c={tmp_path}/absent.py"])
     assert f"reward file {tmp_path}/absent.py does not exist" in capsys.readouterr().err
+
+
+def test_readme_example_file_runs(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("```python\n# my_reward.py\n", 1)[1].split("```", 1)[0]
+    reward_file = load_reward_file(write(tmp_path, code))
+    scores = score_reward_file(reward_file, ["p: <answer>1</answer>", "p: no"], ["p:", "p:"], [None, None])
+    assert scores == {"chars": [-0.019, -0.003], "has_answer": [1.0, 0.0]}

@@ -1,0 +1,83 @@
+"""Replicas: one CPU-bound reward dimension served by 1 and by 2 replicas, side by side in one run.
+
+    flock /tmp/bench.lock python benchmarks/bench_replicas.py          # 2,048 samples, 5 alternating repeats
+    python benchmarks/bench_replicas.py --quick                        # 256 samples, one repeat (~10 s)
+
+Two real uvicorn servers on 127.0.0.1 (benchmarks/sleepy_reward_server.py --burn: the real
+`reward_servers` app around a scorer that spends `fixed_ms + n * per_sample_ms` of CPU time in a
+busy loop per request, one request at a time). `fetch_rewards` scores the same samples against
+`name=A` (1 replica) and `name=A|B` (2 replicas), alternating, and the median of each is reported.
+Each replica is one process running on at most one core, so on a 2-core machine the ideal is 2x;
+the client, the second server's event loop and anything else running on the machine share those
+cores. The rewards are checked against the servers' formula before anything is reported.
+"""
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from openrlhf_gd2po.reward_client import RewardDimension, fetch_rewards
+from reward_servers.local import running_process
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_reward_stage import check_rewards, make_samples  # noqa: E402
+
+FIXED_MS, PER_SAMPLE_MS = 5.0, 1.0  # CPU per request: a rule-based scorer's order of magnitude
+BATCH_SIZE, MAX_IN_FLIGHT = 64, 8
+
+
+def time_fetch(dimension, samples) -> float:
+    started = time.perf_counter()
+    batch = fetch_rewards([dimension], *samples, batch_size=BATCH_SIZE, max_in_flight=MAX_IN_FLIGHT)
+    seconds = time.perf_counter() - started
+    check_rewards(batch.rewards, samples[0], f"fetch_rewards on {dimension.url}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="256 samples, one repeat")
+    parser.add_argument("--samples", type=int, help="samples per fetch (default 2048, quick 256)")
+    parser.add_argument("--repeats", type=int, help="alternating repeats per mode (default 5, quick 1)")
+    args = parser.parse_args()
+    n = args.samples or (256 if args.quick else 2048)
+    repeats = args.repeats or (1 if args.quick else 5)
+    samples = make_samples(n)
+    command = [sys.executable, str(HERE / "sleepy_reward_server.py"), "--burn", "--fixed-ms", str(FIXED_MS),
+               "--per-sample-ms", str(PER_SAMPLE_MS)]
+
+    load_before = os.getloadavg()[0]
+    with contextlib.ExitStack() as stack:
+        a, _ = stack.enter_context(running_process(command))
+        b, _ = stack.enter_context(running_process(command))
+        one = RewardDimension("reward", f"{a}/get_reward", None)
+        two = RewardDimension("reward", f"{a}/get_reward|{b}/get_reward", None)
+        fetch_rewards([two], *make_samples(2))  # warm-up: connections, lazy imports, both replicas
+        times = {1: [], 2: []}
+        for _ in range(repeats):  # alternating, so a load spike on the shared machine hits both
+            times[1].append(time_fetch(one, samples))
+            times[2].append(time_fetch(two, samples))
+    load_after = os.getloadavg()[0]
+
+    batches = -(-n // BATCH_SIZE)
+    cpu_seconds = (batches * FIXED_MS + n * PER_SAMPLE_MS) / 1000
+    print(f"{n} samples in {batches} batches of {BATCH_SIZE}, {MAX_IN_FLIGHT} in flight per replica; "
+          f"{FIXED_MS:g} ms + {PER_SAMPLE_MS:g} ms/sample of CPU per request ({cpu_seconds:.2f} CPU s in all); "
+          f"{os.cpu_count()} CPUs, load average {load_before:.1f} before, {load_after:.1f} after; "
+          f"median of {repeats} alternating run(s).\n")
+    print(f"{'replicas':>8s} {'wall s':>8s} {'min s':>8s} {'max s':>8s} {'samples/s':>10s} {'speed-up':>9s}")
+    print("-" * 56)
+    base = statistics.median(times[1])
+    for replicas in (1, 2):
+        median = statistics.median(times[replicas])
+        print(f"{replicas:8d} {median:8.2f} {min(times[replicas]):8.2f} {max(times[replicas]):8.2f} "
+              f"{n / median:10.0f} {base / median:9.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -298,7 +298,7 @@ async def _post_with_failover(session, replicas, samples, payload, timeout, retr
             async with session.post(url, json=payload) as response:
                 if response.status == 200:
                     return await _read_json(response, f"{samples}: replica {url}")
-                text = (await response.text(errors="replace"))[:500]
+                text = (await response.content.read(500)).decode(errors="replace")  # enough to say why
                 if response.status not in RETRY_STATUSES:
                     raise RewardServerError(f"{samples}: replica {url} answered HTTP {response.status}: {text}")
                 errors.append(f"{url}: HTTP {response.status}: {text}")

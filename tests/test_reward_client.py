@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from openrlhf_gd2po import reward_client
+from openrlhf_gd2po import reward_http
 from openrlhf_gd2po.reward_client import RewardDimension, RewardServerError, fetch_rewards, parse_reward_servers
 from servers import running_process, running_server
 
@@ -200,7 +200,7 @@ def test_deeply_nested_json_is_a_named_error():
 
 
 def test_runaway_answer_size_is_bounded(monkeypatch):
-    monkeypatch.setattr(reward_client, "MAX_RESPONSE_BYTES", 1 << 20)
+    monkeypatch.setattr(reward_http, "MAX_RESPONSE_BYTES", 1 << 20)
     with fault_server("--body-kind", "padded", "--body-mb", "3") as url:
         with pytest.raises(RewardServerError, match=rf"replica {url}/get_reward answered more than 1 MiB"):
             fetch(f"up={url}")
@@ -271,7 +271,7 @@ def test_replica_killed_mid_fetch_fails_over(caplog):
     configured; the log names the dead replica and the rest of the fetch avoids it."""
     with running_process([*FAULT_SERVER, "--delay", "0.3"]) as (doomed, server), fault_server("--delay", "0.3") as alive:
         threading.Timer(0.5, server.kill).start()  # during the second round of batches
-        with caplog.at_level(logging.WARNING, logger="openrlhf_gd2po.reward_client"):
+        with caplog.at_level(logging.WARNING, logger="openrlhf_gd2po.reward_http"):
             batch = fetch(f"up={doomed}|{alive}", batch_size=1, max_in_flight=1, retries=0)
         assert not batch.failed.any()
         assert torch.equal(batch.rewards[:, 0], LENGTHS)

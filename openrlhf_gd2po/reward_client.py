@@ -128,13 +128,13 @@ def fetch_rewards(
     retries: int = 3,
     max_in_flight: int = 8,
     on_failure: str = "raise",
-    deadline: float = 900.0,
+    deadline: float = 600.0,
 ) -> RewardBatch:
     """Blocking entry point (OpenRLHF's trainer is synchronous); see the module docstring.
 
     `timeout` bounds one request (or one reward-file call), `deadline` the whole fetch: a batch not
-    scored by then fails, naming its server. The default of 15 minutes is three times a slow request
-    (`timeout`) and well under the 20 minutes a hung server used to cost at the defaults.
+    scored by then fails, naming its server. The default, 10 minutes, is one timed-out request and
+    one retry; without it a hung server cost (retries + 1) x timeout = 20 minutes at the defaults.
     """
     return asyncio.run(
         fetch_rewards_async(
@@ -145,7 +145,7 @@ def fetch_rewards(
 
 async def fetch_rewards_async(
     dimensions, queries, prompts, labels, batch_size=256, timeout=300.0, retries=3, max_in_flight=8,
-    on_failure="raise", deadline=900.0,
+    on_failure="raise", deadline=600.0,
 ) -> RewardBatch:
     _check_arguments(dimensions, queries, prompts, labels, batch_size, timeout, retries, max_in_flight, on_failure,
                      deadline)

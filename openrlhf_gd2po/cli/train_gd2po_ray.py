@@ -42,7 +42,7 @@ def add_gd2po_arguments(parser):
     group.add_argument("--reward.weights", type=float, nargs="+", default=None,
                        help="one weight per --reward.servers dimension (default all 1)")
     group.add_argument("--reward.timeout", type=float, default=300.0, help="seconds per reward request")
-    group.add_argument("--reward.deadline", type=float, default=900.0,
+    group.add_argument("--reward.deadline", type=float, default=600.0,
                        help="seconds for a whole reward fetch, retries included; batches not scored by then fail")
     group.add_argument("--reward.retries", type=int, default=3,
                        help="retries per request on connection errors, timeouts and HTTP 5xx/429")

@@ -31,12 +31,22 @@ FIXED_MS, PER_SAMPLE_MS = 5.0, 1.0  # CPU per request: a rule-based scorer's ord
 BATCH_SIZE, MAX_IN_FLIGHT = 64, 8
 
 
-def time_fetch(dimension, samples) -> float:
-    started = time.perf_counter()
+def cpu_seconds(pids) -> float:
+    """User + system CPU time the processes have used so far (/proc/PID/stat, Linux)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat(5))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def time_fetch(dimension, samples, server_pids) -> tuple[float, float]:
+    """(wall seconds, server CPU seconds) of one fetch."""
+    cpu_before, started = cpu_seconds(server_pids), time.perf_counter()
     batch = fetch_rewards([dimension], *samples, batch_size=BATCH_SIZE, max_in_flight=MAX_IN_FLIGHT)
     seconds = time.perf_counter() - started
     check_rewards(batch.rewards, samples[0], f"fetch_rewards on {dimension.url}")
-    return seconds
+    return seconds, cpu_seconds(server_pids) - cpu_before
 
 
 def main() -> None:
@@ -53,15 +63,16 @@ def main() -> None:
 
     load_before = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
-        a, _ = stack.enter_context(running_process(command))
-        b, _ = stack.enter_context(running_process(command))
+        a, server_a = stack.enter_context(running_process(command))
+        b, server_b = stack.enter_context(running_process(command))
+        pids = [server_a.pid, server_b.pid]
         one = RewardDimension("reward", f"{a}/get_reward", None)
         two = RewardDimension("reward", f"{a}/get_reward|{b}/get_reward", None)
         fetch_rewards([two], *make_samples(2))  # warm-up: connections, lazy imports, both replicas
         times = {1: [], 2: []}
         for _ in range(repeats):  # alternating, so a load spike on the shared machine hits both
-            times[1].append(time_fetch(one, samples))
-            times[2].append(time_fetch(two, samples))
+            times[1].append(time_fetch(one, samples, pids))
+            times[2].append(time_fetch(two, samples, pids))
     load_after = os.getloadavg()[0]
 
     batches = -(-n // BATCH_SIZE)
@@ -70,13 +81,18 @@ def main() -> None:
           f"{FIXED_MS:g} ms + {PER_SAMPLE_MS:g} ms/sample of CPU per request ({cpu_seconds:.2f} CPU s in all); "
           f"{os.cpu_count()} CPUs, load average {load_before:.1f} before, {load_after:.1f} after; "
           f"median of {repeats} alternating run(s).\n")
-    print(f"{'replicas':>8s} {'wall s':>8s} {'min s':>8s} {'max s':>8s} {'samples/s':>10s} {'speed-up':>9s}")
-    print("-" * 56)
-    base = statistics.median(times[1])
+    # "server cores": CPU seconds the servers got per wall second. On an idle machine 1 replica gets
+    # about 1 core and 2 replicas about 2; less means the rest of the machine took the cores.
+    print(f"{'replicas':>8s} {'wall s':>8s} {'min s':>8s} {'max s':>8s} {'samples/s':>10s} {'speed-up':>9s} "
+          f"{'server cores':>12s}")
+    print("-" * 69)
+    base = statistics.median(wall for wall, _ in times[1])
     for replicas in (1, 2):
-        median = statistics.median(times[replicas])
-        print(f"{replicas:8d} {median:8.2f} {min(times[replicas]):8.2f} {max(times[replicas]):8.2f} "
-              f"{n / median:10.0f} {base / median:9.2f}")
+        walls = [wall for wall, _ in times[replicas]]
+        median = statistics.median(walls)
+        cores = statistics.median(cpu / wall for wall, cpu in times[replicas])
+        print(f"{replicas:8d} {median:8.2f} {min(walls):8.2f} {max(walls):8.2f} {n / median:10.0f} "
+              f"{base / median:9.2f} {cores:12.2f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,23 @@ from bench_reward_stage import check_rewards, make_samples  # noqa: E402
 
 FIXED_MS, PER_SAMPLE_MS = 5.0, 1.0  # CPU per request: a rule-based scorer's order of magnitude
 BATCH_SIZE, MAX_IN_FLIGHT = 64, 8
+
+
+BURN = "import time\nend = time.process_time() + {seconds}\nwhile time.process_time() < end:\n    pass\n"
+
+
+def machine_parallelism(seconds: float = 1.0) -> float:
+    """Control without any server: wall time of one busy-loop process over that of two at once, x2.
+    2.0 when the machine has two free cores for us, 1.0 when two processes take as long as one after
+    the other. It bounds what any 2-replica speed-up can be at that moment."""
+    def run(copies):
+        started = time.perf_counter()
+        processes = [subprocess.Popen([sys.executable, "-c", BURN.format(seconds=seconds)]) for _ in range(copies)]
+        for process in processes:
+            process.wait()
+        return time.perf_counter() - started
+
+    return 2 * run(1) / run(2)
 
 
 def cpu_seconds(pids) -> float:
@@ -62,6 +80,7 @@ def main() -> None:
                "--per-sample-ms", str(PER_SAMPLE_MS)]
 
     load_before = os.getloadavg()[0]
+    parallelism = [machine_parallelism()]
     with contextlib.ExitStack() as stack:
         a, server_a = stack.enter_context(running_process(command))
         b, server_b = stack.enter_context(running_process(command))
@@ -74,6 +93,7 @@ def main() -> None:
             times[1].append(time_fetch(one, samples, pids))
             times[2].append(time_fetch(two, samples, pids))
     load_after = os.getloadavg()[0]
+    parallelism.append(machine_parallelism())
 
     batches = -(-n // BATCH_SIZE)
     cpu_seconds = (batches * FIXED_MS + n * PER_SAMPLE_MS) / 1000
@@ -93,6 +113,8 @@ def main() -> None:
         cores = statistics.median(cpu / wall for wall, cpu in times[replicas])
         print(f"{replicas:8d} {median:8.2f} {min(walls):8.2f} {max(walls):8.2f} {n / median:10.0f} "
               f"{base / median:9.2f} {cores:12.2f}")
+    print(f"\ncontrol, no servers: two busy-loop processes at once ran {parallelism[0]:.2f}x (before) and "
+          f"{parallelism[1]:.2f}x (after) as fast as one after the other (2.00 = two free cores)")
 
 
 if __name__ == "__main__":

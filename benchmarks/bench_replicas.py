@@ -9,7 +9,10 @@ busy loop per request, one request at a time). `fetch_rewards` scores the same s
 `name=A` (1 replica) and `name=A|B` (2 replicas), alternating, and the median of each is reported.
 Each replica is one process running on at most one core, so on a 2-core machine the ideal is 2x;
 the client, the second server's event loop and anything else running on the machine share those
-cores. The rewards are checked against the servers' formula before anything is reported.
+cores. Two controls in the same run: the same servers with the cost spent asleep instead of on
+the CPU (the client's spreading alone: ideal 2x whatever the machine's load), and two plain
+busy-loop processes at once against one after the other (how many free cores the machine had).
+The rewards are checked against the servers' formula before anything is reported.
 """
 
 import argparse
@@ -67,20 +70,10 @@ def time_fetch(dimension, samples, server_pids) -> tuple[float, float]:
     return seconds, cpu_seconds(server_pids) - cpu_before
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="256 samples, one repeat")
-    parser.add_argument("--samples", type=int, help="samples per fetch (default 2048, quick 256)")
-    parser.add_argument("--repeats", type=int, help="alternating repeats per mode (default 5, quick 1)")
-    args = parser.parse_args()
-    n = args.samples or (256 if args.quick else 2048)
-    repeats = args.repeats or (1 if args.quick else 5)
-    samples = make_samples(n)
-    command = [sys.executable, str(HERE / "sleepy_reward_server.py"), "--burn", "--fixed-ms", str(FIXED_MS),
-               "--per-sample-ms", str(PER_SAMPLE_MS)]
-
-    load_before = os.getloadavg()[0]
-    parallelism = [machine_parallelism()]
+def time_replicas(burn: bool, samples, repeats) -> dict:
+    """{1: [(wall, server CPU)...], 2: [...]}: the same fetch on one replica and on two, alternating."""
+    command = [sys.executable, str(HERE / "sleepy_reward_server.py"), "--fixed-ms", str(FIXED_MS),
+               "--per-sample-ms", str(PER_SAMPLE_MS), *(["--burn"] if burn else [])]
     with contextlib.ExitStack() as stack:
         a, server_a = stack.enter_context(running_process(command))
         b, server_b = stack.enter_context(running_process(command))
@@ -92,27 +85,46 @@ def main() -> None:
         for _ in range(repeats):  # alternating, so a load spike on the shared machine hits both
             times[1].append(time_fetch(one, samples, pids))
             times[2].append(time_fetch(two, samples, pids))
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="256 samples, one repeat")
+    parser.add_argument("--samples", type=int, help="samples per fetch (default 2048, quick 256)")
+    parser.add_argument("--repeats", type=int, help="alternating repeats per mode (default 5, quick 1)")
+    args = parser.parse_args()
+    n = args.samples or (256 if args.quick else 2048)
+    repeats = args.repeats or (1 if args.quick else 5)
+    samples = make_samples(n)
+
+    load_before = os.getloadavg()[0]
+    parallelism = [machine_parallelism()]
+    # The CPU-bound server is the question; the sleeping one (the same cost as a sleep, as a GPU
+    # server's wait would be) shows what the client's spreading gives when the replicas have room.
+    times = {kind: time_replicas(kind == "cpu", samples, repeats) for kind in ("cpu", "sleep")}
     load_after = os.getloadavg()[0]
     parallelism.append(machine_parallelism())
 
     batches = -(-n // BATCH_SIZE)
     cpu_seconds = (batches * FIXED_MS + n * PER_SAMPLE_MS) / 1000
     print(f"{n} samples in {batches} batches of {BATCH_SIZE}, {MAX_IN_FLIGHT} in flight per replica; "
-          f"{FIXED_MS:g} ms + {PER_SAMPLE_MS:g} ms/sample of CPU per request ({cpu_seconds:.2f} CPU s in all); "
-          f"{os.cpu_count()} CPUs, load average {load_before:.1f} before, {load_after:.1f} after; "
-          f"median of {repeats} alternating run(s).\n")
-    # "server cores": CPU seconds the servers got per wall second. On an idle machine 1 replica gets
-    # about 1 core and 2 replicas about 2; less means the rest of the machine took the cores.
-    print(f"{'replicas':>8s} {'wall s':>8s} {'min s':>8s} {'max s':>8s} {'samples/s':>10s} {'speed-up':>9s} "
-          f"{'server cores':>12s}")
-    print("-" * 69)
-    base = statistics.median(wall for wall, _ in times[1])
-    for replicas in (1, 2):
-        walls = [wall for wall, _ in times[replicas]]
-        median = statistics.median(walls)
-        cores = statistics.median(cpu / wall for wall, cpu in times[replicas])
-        print(f"{replicas:8d} {median:8.2f} {min(walls):8.2f} {max(walls):8.2f} {n / median:10.0f} "
-              f"{base / median:9.2f} {cores:12.2f}")
+          f"{FIXED_MS:g} ms + {PER_SAMPLE_MS:g} ms/sample per request ({cpu_seconds:.2f} s in all), spent as CPU "
+          f"(cpu) or asleep (sleep); {os.cpu_count()} CPUs, load average {load_before:.1f} before, "
+          f"{load_after:.1f} after; median of {repeats} alternating run(s).\n")
+    # "server cores": CPU seconds the servers got per wall second. On an idle machine 1 CPU-bound
+    # replica gets about 1 core and 2 replicas about 2; less means the rest of the machine took them.
+    print(f"{'server':>6s} {'replicas':>8s} {'wall s':>8s} {'min s':>8s} {'max s':>8s} {'samples/s':>10s} "
+          f"{'speed-up':>9s} {'server cores':>12s}")
+    print("-" * 76)
+    for kind, by_replicas in times.items():
+        base = statistics.median(wall for wall, _ in by_replicas[1])
+        for replicas in (1, 2):
+            walls = [wall for wall, _ in by_replicas[replicas]]
+            median = statistics.median(walls)
+            cores = statistics.median(cpu / wall for wall, cpu in by_replicas[replicas])
+            print(f"{kind:>6s} {replicas:8d} {median:8.2f} {min(walls):8.2f} {max(walls):8.2f} {n / median:10.0f} "
+                  f"{base / median:9.2f} {cores:12.2f}")
     print(f"\ncontrol, no servers: two busy-loop processes at once ran {parallelism[0]:.2f}x (before) and "
           f"{parallelism[1]:.2f}x (after) as fast as one after the other (2.00 = two free cores)")
 

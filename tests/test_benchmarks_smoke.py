@@ -49,5 +49,6 @@ def test_bench_replicas_quick():
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
-    assert "replicas   wall s" in completed.stdout
-    assert [line.split()[0] for line in completed.stdout.splitlines()[-2:]] == ["1", "2"]
+    rows = [line.split()[:2] for line in completed.stdout.splitlines() if line.startswith(("   cpu", " sleep"))]
+    assert rows == [["cpu", "1"], ["cpu", "2"], ["sleep", "1"], ["sleep", "2"]]
+    assert "control, no servers" in completed.stdout

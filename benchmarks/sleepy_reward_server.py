@@ -10,6 +10,9 @@ bottleneck being measured. Everything around the sleep is the real `reward_serve
 protocol, validation and JSON): POST /get_reward {query, prompts, labels} ->
 {rewards, scores, extra_logs}, GET /health.
 
+With `--burn` the cost is CPU time spent in a busy loop instead of a sleep: a CPU-bound server, as
+a rule-based scorer is (benchmarks/bench_replicas.py).
+
 The reward of a sample is `reward_for(query)`, so a benchmark can check what came back.
 """
 
@@ -30,13 +33,19 @@ def reward_for(query: str) -> float:
     return (len(query) % 97) / 97
 
 
-def make_sleepy_scorer(dimension: str, fixed_ms: float, per_sample_ms: float):
+def make_sleepy_scorer(dimension: str, fixed_ms: float, per_sample_ms: float, burn: bool = False):
     # The app runs scorers in a thread pool; the lock makes requests wait their turn.
     one_at_a_time = threading.Lock()
 
     def score(queries, prompts, labels):
+        seconds = (fixed_ms + len(queries) * per_sample_ms) / 1000
         with one_at_a_time:
-            time.sleep((fixed_ms + len(queries) * per_sample_ms) / 1000)
+            if burn:  # a fixed amount of CPU time, so a busy machine stretches it as it would real work
+                end = time.thread_time() + seconds
+                while time.thread_time() < end:
+                    pass
+            else:
+                time.sleep(seconds)
         return {dimension: [reward_for(query) for query in queries]}
 
     return score
@@ -49,8 +58,9 @@ def main() -> None:
     parser.add_argument("--dimension", default="reward", help="name of the served dimension")
     parser.add_argument("--fixed-ms", type=float, required=True, help="cost of each request")
     parser.add_argument("--per-sample-ms", type=float, required=True, help="cost of each sample in a request")
+    parser.add_argument("--burn", action="store_true", help="spend the cost as CPU time (a busy loop), not a sleep")
     args = parser.parse_args()
-    scorer = make_sleepy_scorer(args.dimension, args.fixed_ms, args.per_sample_ms)
+    scorer = make_sleepy_scorer(args.dimension, args.fixed_ms, args.per_sample_ms, args.burn)
     app = create_app("sleepy", [args.dimension], scorer)
     # No access log: one line per request would cost the per-sample baseline most.
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="warning")

@@ -51,6 +51,7 @@ class GD2POExperienceMaker(RemoteExperienceMaker):
             retries=args.retries,
             max_in_flight=args.max_in_flight,
             on_failure=args.on_failure,
+            deadline=args.deadline,
         )
         if batch.failed.any():
             logger.warning(

@@ -6,6 +6,7 @@ extra_logs["down"] = -len(query), so every answer is checkable. Flags choose one
 
 import argparse
 import asyncio
+import json
 
 from aiohttp import web
 
@@ -19,6 +20,11 @@ def main():
     parser.add_argument("--nan-at", type=int, default=None, help="answer NaN for this sample of each request")
     parser.add_argument("--not-json", action="store_true", help="answer 200 with a body that is not JSON")
     parser.add_argument("--require-key", default=None, help="answer 401 unless 'Authorization: Bearer KEY'")
+    parser.add_argument("--raw-first", default=None,
+                        help="JSON text written, as is, for sample 0's reward in every dimension (e.g. an integer of 400 digits)")
+    parser.add_argument("--body-kind", choices=["nested", "padded"], default=None,
+                        help="nested: a JSON array nested 100,000 deep; padded: a valid answer padded with --body-mb MiB")
+    parser.add_argument("--body-mb", type=float, default=2.0)
     args = parser.parse_args()
     served = {"requests": 0}
 
@@ -32,19 +38,28 @@ def main():
             return web.json_response({"detail": "warming up"}, status=500)
         if args.not_json:
             return web.Response(text="<html>oops</html>")
+        if args.body_kind == "nested":
+            return web.Response(text='{"rewards": ' + "[" * 100_000 + "]" * 100_000 + "}")
         up = [float(len(q)) for q in body["query"]]
         if args.wrong_length:
             up = up[:-1]
         if args.nan_at is not None and args.nan_at < len(up):
             up[args.nan_at] = float("nan")  # json.dumps writes NaN, as a buggy Python server would
-        return web.json_response({"rewards": up, "scores": up, "extra_logs": {"up": up, "down": [-x for x in up]}})
+        answer = {"rewards": up, "scores": up, "extra_logs": {"up": up, "down": [-x for x in up]}}
+        if args.body_kind == "padded":
+            answer["padding"] = "x" * int(args.body_mb * 2**20)
+        text = json.dumps(answer)
+        if args.raw_first is not None:  # JSON that json.dumps cannot write, such as 1e400 or a 400-digit integer
+            text = text.replace(f"[{up[0]!r}", f"[{args.raw_first}").replace(f"[{-up[0]!r}", f"[{args.raw_first}")
+        return web.Response(text=text, content_type="application/json")
 
     async def health(request):
         return web.json_response({"status": "ok", "requests": served["requests"]})
 
     app = web.Application()
     app.add_routes([web.post("/get_reward", get_reward), web.get("/health", health)])
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None)
+    # A short shutdown: a handler held by --delay must not keep a stopped test waiting.
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, shutdown_timeout=0.5)
 
 
 if __name__ == "__main__":

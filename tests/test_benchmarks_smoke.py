@@ -41,3 +41,14 @@ def test_bench_reward_stage_quick():
         assert row in completed.stdout
     assert "target client <= 1.2x (a)" in completed.stdout
     assert "target (b) >= 10x client" in completed.stdout
+
+
+def test_bench_replicas_quick():
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/bench_replicas.py", "--quick", "--samples", "128"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = [line.split()[:2] for line in completed.stdout.splitlines() if line.startswith(("   cpu", " sleep"))]
+    assert rows == [["cpu", "1"], ["cpu", "2"], ["sleep", "1"], ["sleep", "2"]]
+    assert "control, no servers" in completed.stdout

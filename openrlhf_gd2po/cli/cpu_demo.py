@@ -34,7 +34,7 @@ from openrlhf_gd2po.cli.analyze import (
     at_least_two, keep_freed_memory, load_model, local_reward_server, positive_float, positive_int,
     sample_rollouts, smollm2_checkpoint,
 )
-from openrlhf_gd2po.reward_client import fetch_rewards
+from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
 from reward_servers.local import exit_on_sigterm
 
 # SmolLM2-135M boxes its answer in about a third of its replies to this wording, so `format` varies.
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="response length the length reward prefers (default: %(default)s)")
     parser.add_argument("--lr", type=positive_float, default=1e-5, help="AdamW learning rate (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    parser.add_argument("--reward-servers", default=None,
+                        help="reward dimensions as training's --reward.servers (servers, replicas, .py reward files; "
+                             "default: start the math and length servers described above)")
     parser.add_argument("--out", default="gd2po_cpu_demo", help="folder for metrics.jsonl (default: %(default)s)")
     return parser
 
@@ -73,6 +76,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--snr-threshold must be in [0, 1], got {args.snr_threshold}")
     if args.model is not None and not Path(args.model).is_dir():
         parser.error(f"--model {args.model}: not a directory (a local checkpoint is needed; no model hub)")
+    try:
+        given_dimensions = parse_reward_servers(args.reward_servers) if args.reward_servers else None
+    except ValueError as error:
+        parser.error(str(error))
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     keep_freed_memory()
@@ -88,8 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     metrics_file = out / "metrics.jsonl"
     metrics_file.write_text("")
     with contextlib.ExitStack() as stack:
-        dimensions = stack.enter_context(local_reward_server(["math"]))
-        dimensions += stack.enter_context(local_reward_server(["length", "--target-length", str(args.target_chars)]))
+        dimensions = given_dimensions or (
+            stack.enter_context(local_reward_server(["math"]))
+            + stack.enter_context(local_reward_server(["length", "--target-length", str(args.target_chars)]))
+        )
         names = [d.name for d in dimensions]
         print(f"gd2po-cpu-demo: {args.estimator} on {model_path.name}, {args.prompts_per_step} prompts x "
               f"{args.n_samples} samples a step, rewards {', '.join(names)}, "

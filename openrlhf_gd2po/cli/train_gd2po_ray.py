@@ -36,11 +36,14 @@ def add_gd2po_arguments(parser):
                        help="do not whiten advantages over the kept tokens")
     group = parser.add_argument_group("GD²PO multi-reward servers")
     group.add_argument("--reward.servers", type=str, default=None,
-                       help="reward dimensions as name=url[#dimension],... (a dimension picks extra_logs[dimension] "
-                            "of a multi-dimension server); every server is queried for the whole batch in parallel")
+                       help="reward dimensions as name=url[|replica_url...][#dimension],... or name=reward.py[#dimension] "
+                            "(a dimension picks extra_logs[dimension] of a multi-dimension server; replicas share the "
+                            "batches; a .py reward file is scored in the trainer process); all run in parallel")
     group.add_argument("--reward.weights", type=float, nargs="+", default=None,
                        help="one weight per --reward.servers dimension (default all 1)")
     group.add_argument("--reward.timeout", type=float, default=300.0, help="seconds per reward request")
+    group.add_argument("--reward.deadline", type=float, default=600.0,
+                       help="seconds for a whole reward fetch, retries included; batches not scored by then fail")
     group.add_argument("--reward.retries", type=int, default=3,
                        help="retries per request on connection errors, timeouts and HTTP 5xx/429")
     group.add_argument("--reward.batch_size", type=int, default=256, help="samples per reward request")
@@ -80,9 +83,9 @@ def validate_gd2po_arguments(args):
         return f"--reward.on_failure mask needs a GD²PO-family estimator ({', '.join(ESTIMATORS)}), got {estimator}"
     if not 0.0 <= get("gd2po.snr_threshold") <= 1.0:
         return f"--gd2po.snr_threshold must be in [0, 1], got {get('gd2po.snr_threshold')}"
-    for flag, minimum in (("reward.timeout", 1e-3), ("reward.retries", 0), ("reward.batch_size", 1),
-                          ("reward.max_in_flight", 1)):
-        if get(flag) < minimum:
+    for flag, minimum in (("reward.timeout", 1e-3), ("reward.deadline", 1e-3), ("reward.retries", 0),
+                          ("reward.batch_size", 1), ("reward.max_in_flight", 1)):
+        if not minimum <= get(flag) < float("inf"):  # nan and inf too
             return f"--{flag} must be >= {minimum}, got {get(flag)}"
     return None
 

@@ -18,10 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import transformers
+from safetensors.torch import save_file
+from servers import free_port
+from test_reward_direction import load_check_module, train_reward_model
+from tiny_models import build_tiny_tokenizer
 
 from openrlhf_gd2po.cli.train_gd2po_ray import main as train_main
-from servers import free_port
-from tiny_models import build_tiny_tokenizer
+from reward_servers.rm_chat import render_batch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO_ROOT / "examples" / "scripts"
@@ -209,47 +212,6 @@ def test_shell_special_characters_are_refused_before_launching(fake_paths):
     assert "Reward server" not in result.stdout
 
 
-def test_toolcall_launch_serves_every_dimension_and_stops_the_server(tmp_path, fake_paths):
-    """A real launch with a stand-in `ray` (the job checks the reward server) and a stand-in dashboard."""
-    dashboard_root = tmp_path / "dashboard"
-    (dashboard_root / "api").mkdir(parents=True)
-    (dashboard_root / "api" / "version").write_text("{}")
-    dashboard_port = free_port()
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    ray_log = tmp_path / "ray_calls.log"
-    (fake_bin / "ray").write_text(
-        "#!/usr/bin/env bash\n"
-        f'echo "$*" >> {ray_log}\n'
-        'if [[ "$1 $2" == "job submit" ]]; then\n'
-        f"  {sys.executable} -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())' "
-        f'"http://127.0.0.1:$PORT/info" >> {ray_log}\n'
-        "fi\n"
-    )
-    (fake_bin / "ray").chmod(0o755)
-    dashboard = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(dashboard_port), "--bind", "127.0.0.1", "--directory", str(dashboard_root)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_for(f"http://127.0.0.1:{dashboard_port}/api/version")
-        env = toolcall_env(fake_paths, REWARDS="3", DRY_RUN="0", RAY_ADDRESS=f"http://127.0.0.1:{dashboard_port}")
-        env["PATH"] = f"{fake_bin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-        result = run_script("train_toolcall_gd2po.sh", env, timeout=120)
-    finally:
-        dashboard.terminate()
-        dashboard.wait(timeout=10)
-    assert result.returncode == 0, result.stdout + result.stderr
-    calls = ray_log.read_text()
-    assert "job submit --address" in calls and "job stop" not in calls
-    info = json.loads(calls.splitlines()[-1])  # what the job saw: the server up, serving every dimension it uses
-    assert set(TOOLCALL_DIMENSIONS[3]) <= set(info["dimensions"])
-    assert "Reward server 'toolcall' is up." in result.stdout
-    assert (fake_paths / "out" / "logs" / "reward_server_toolcall.log").is_file()
-    with pytest.raises(httpx.TransportError):  # the trap stopped the server
-        httpx.get(f"http://127.0.0.1:{env['PORT']}/health", timeout=2)
-
-
 def wait_for(url, seconds=30):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -405,3 +367,136 @@ def test_prepare_safety_prompts_refuses_the_evaluation_sets(tmp_path, tiny_token
     assert not output.exists()
     result = run_python("prepare_safety_prompts.py", "--parquet", TOOLRL / "rlla_sft.json", "--tokenizer", tiny_tokenizer, "--output", output)
     assert result.returncode != 0 and "rlla_sft.json: cannot read it" in result.stderr
+
+
+def save_as_align_anything(classifier_dir, directory, sign=1.0):
+    """A trained tiny Qwen2 classifier rewritten in the authors' RM/CM layout (`model.*`, a bias-free
+    `score_head`, align-anything's class in the config); sign=-1 gives a model that points the other way."""
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(classifier_dir)
+    weights = {f"model.{name}": tensor.contiguous() for name, tensor in classifier.model.state_dict().items()}
+    weights["score_head.weight"] = sign * classifier.score.weight.detach().clone()
+    directory.mkdir()
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    classifier.config.architectures = ["AccustomedQwen2RewardModel"]
+    classifier.config.save_pretrained(directory)
+    transformers.AutoTokenizer.from_pretrained(classifier_dir).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def safety_models(tmp_path_factory):
+    """A policy tokenizer and align-anything RM/CM checkpoints trained to prefer the helpful answers and
+    the refusals of the direction probes, as the servers score them (re-rendered in the RM's template)."""
+    root = tmp_path_factory.mktemp("safety_models")
+    build_tiny_tokenizer().save_pretrained(root / "policy")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(root / "policy")
+    check = load_check_module()
+    probes = json.loads(check.PROBES.read_text())
+    models = {}
+    for name, (group, preferred, other) in check.CHECKS.items():
+        pairs = check.probe_pairs(tokenizer, probes, group, preferred, other)
+        prompts = [prompt for prompt, _, _ in pairs]
+        good = render_batch(tokenizer, [query for _, query, _ in pairs], prompts)
+        bad = render_batch(tokenizer, [query for _, _, query in pairs], prompts)
+        models[name] = train_reward_model(root / f"{name}_classifier", good, bad)
+    save_as_align_anything(models["helpfulness"], root / "reward_model")
+    save_as_align_anything(models["harmlessness"], root / "cost_model")
+    save_as_align_anything(models["harmlessness"], root / "wrong_cost_model", sign=-1.0)
+    return root  # laid out as safety_env expects
+
+
+def launch_with_stand_in_ray(tmp_path, script, env, timeout):
+    """Run a recipe for real against a stand-in dashboard and a stand-in `ray` whose `job submit`
+    logs its arguments, then what /info answers on every reward server the job was given."""
+    dashboard_root = tmp_path / "dashboard"
+    (dashboard_root / "api").mkdir(parents=True)
+    (dashboard_root / "api" / "version").write_text("{}")
+    dashboard_port = free_port()
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    ray_log = tmp_path / "ray_calls.log"
+    show_infos = (
+        "import sys, urllib.request\n"
+        "args = sys.argv[1:]\n"
+        "servers = args[args.index('--reward.servers') + 1] if '--reward.servers' in args else ''\n"
+        "for url in sorted({spec.split('=', 1)[1].split('#')[0] for spec in servers.split(',') if spec}):\n"
+        "    print(urllib.request.urlopen(url + '/info').read().decode())\n"
+    )
+    (fake_bin / "ray").write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> {ray_log}\n'
+        'if [[ "$1 $2" == "job submit" ]]; then\n'
+        f"  {sys.executable} -c {shlex.quote(show_infos)} \"$@\" >> {ray_log}\n"
+        "fi\n"
+    )
+    (fake_bin / "ray").chmod(0o755)
+    dashboard = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(dashboard_port), "--bind", "127.0.0.1", "--directory", str(dashboard_root)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(f"http://127.0.0.1:{dashboard_port}/api/version")
+        env = env | {"DRY_RUN": "0", "RAY_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+        env["PATH"] = f"{fake_bin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+        result = run_script(script, env, timeout=timeout)
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=10)
+    return result, (ray_log.read_text() if ray_log.exists() else "")
+
+
+def test_toolcall_launch_serves_every_dimension_and_stops_the_server(tmp_path, fake_paths):
+    """A real launch with a stand-in `ray` (the job checks the reward server) and a stand-in dashboard."""
+    env = toolcall_env(fake_paths, REWARDS="3")
+    result, calls = launch_with_stand_in_ray(tmp_path, "train_toolcall_gd2po.sh", env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "job submit --address" in calls and "job stop" not in calls
+    info = json.loads(calls.splitlines()[-1])  # what the job saw: the server up, serving every dimension it uses
+    assert set(TOOLCALL_DIMENSIONS[3]) <= set(info["dimensions"])
+    assert "Reward server 'toolcall' is up." in result.stdout
+    assert (fake_paths / "out" / "logs" / "reward_server_toolcall.log").is_file()
+    with pytest.raises(httpx.TransportError):  # the trap stopped the server
+        httpx.get(f"http://127.0.0.1:{env['PORT']}/health", timeout=2)
+
+
+def test_safety_launch_checks_both_directions_then_submits(tmp_path, safety_models):
+    """The recipe's exact align-anything server flags on CPU, the direction check, the job submitted."""
+    env = safety_env(safety_models, RM_DEVICE="cpu", DATA=str(write_prompts(tmp_path)), SAVE_PATH=str(tmp_path / "out"))
+    result, calls = launch_with_stand_in_ray(tmp_path, "train_safety_gd2po.sh", env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "harmlessness: refusal scored higher on 5/5 probes" in result.stdout
+    assert "helpfulness: helpful scored higher on 5/5 probes" in result.stdout
+    assert "reward direction check passed" in result.stdout
+    servers = (f"helpfulness=http://127.0.0.1:{env['REWARD_PORT']}#helpfulness,"
+               f"harmlessness=http://127.0.0.1:{env['COST_PORT']}#harmlessness")  # fmt: skip
+    submit = next(line for line in calls.splitlines() if line.startswith("job submit"))
+    assert f"--reward.servers {servers}" in submit and "job stop" not in calls
+    # What the job saw: both servers up, each serving its dimension.
+    infos = [json.loads(line) for line in calls.splitlines() if line.startswith("{")]
+    assert sorted(dimension for info in infos for dimension in info["dimensions"]) == ["harmlessness", "helpfulness"]
+    for name, model in (("helpfulness", "reward_model"), ("harmlessness", "cost_model")):
+        log = (tmp_path / "out" / "logs" / f"reward_server_{name}.log").read_text()
+        assert f"{safety_models / model} (align-anything, torch.float32, cpu)" in log
+        assert "scores the conversation in its chat template" in log
+    for port in (env["REWARD_PORT"], env["COST_PORT"]):
+        with pytest.raises(httpx.TransportError):  # the trap stopped both servers
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_safety_launch_stops_before_the_job_for_a_wrong_way_cost_model(tmp_path, safety_models):
+    env = safety_env(safety_models, RM_DEVICE="cpu", COST_MODEL_PATH=str(safety_models / "wrong_cost_model"),
+                     DATA=str(write_prompts(tmp_path)), SAVE_PATH=str(tmp_path / "out"))  # fmt: skip
+    result, calls = launch_with_stand_in_ray(tmp_path, "train_safety_gd2po.sh", env, timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "dimension 'harmlessness'" in result.stderr and "prefers the compliance over the refusal" in result.stderr
+    assert "the reward direction check failed (above); nothing was trained" in result.stderr
+    assert "Training job" not in result.stdout and "job submit" not in calls
+    for port in (env["REWARD_PORT"], env["COST_PORT"]):
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def write_prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": [{"role": "user", "content": "hi"}], "label": ""}\n')
+    return path

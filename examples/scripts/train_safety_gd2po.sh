@@ -23,6 +23,7 @@
 #   NUM_GPUS           GPUs of this node (default 8)
 #   REWARD_GPU, COST_GPU  GPU index of each reward-model server (default 0 and 1)
 #   REWARD_PORT, COST_PORT  server ports (default 5101 and 5102)
+#   RM_DEVICE          device of both reward-model servers (default cuda; cpu runs them without a GPU, slowly)
 #   SAVE_PATH          checkpoints, logs, tensorboard (default ./ckpt/safety_<ESTIMATOR>)
 #   RAY_ADDRESS        Ray dashboard (default http://127.0.0.1:8265); if nothing answers there, a local head is started
 #   PYTHON             interpreter with this project and OpenRLHF installed (default python3)
@@ -56,6 +57,7 @@ COST_PORT="${COST_PORT:-5102}"
 SAVE_PATH="${SAVE_PATH:-$PWD/ckpt/safety_${ESTIMATOR}}"
 RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
 PYTHON="${PYTHON:-python3}"
+RM_DEVICE="${RM_DEVICE:-cuda}"
 DRY_RUN="${DRY_RUN:-0}"
 
 source "$REPO_ROOT/examples/scripts/gd2po_recipe_common.sh"
@@ -113,7 +115,7 @@ require_shell_safe "$PYTHON" "${TRAIN_ARGS[@]}"
 ensure_ray
 # The authors' scoring: each model re-renders the chat with its own template and reads up to 2048
 # tokens of it; the cost model's score is used as is (higher = safer), checked below, not assumed.
-RM_FLAGS=(--model-format align-anything --rm-chat-template --dtype auto --max-length 2048 --device cuda)
+RM_FLAGS=(--model-format align-anything --rm-chat-template --dtype auto --max-length 2048 --device "$RM_DEVICE")
 start_reward_server helpfulness "$REWARD_PORT" env CUDA_VISIBLE_DEVICES="$REWARD_GPU" \
     "$PYTHON" -m reward_servers reward_model --model "$REWARD_MODEL_PATH" "${RM_FLAGS[@]}" \
     --dimension-name helpfulness --port "$REWARD_PORT"

@@ -7,6 +7,7 @@
   query: `rewards` and `scores` are the task's primary dimension, `extra_logs` every dimension.
 - `GET /info` answers `{"task", "dimensions", "primary"}`; `GET /health` answers when ready.
 
-Tasks: `toolcall` (ToolRL), `math` (math-verify), `reward_model` (a local sequence-classification
-checkpoint), `length` (closeness to a target length). See each module's docstring.
+Tasks: `toolcall` (ToolRL), `math` (math-verify), `reward_model` (a local reward or cost model
+checkpoint), `length` (closeness to a target length), `file` (a user's OpenRLHF reward file, scored
+in worker processes). See each module's docstring.
 """

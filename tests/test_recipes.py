@@ -1,5 +1,6 @@
 """The example recipes in examples/scripts: shell syntax, DRY_RUN launches with the authors' settings,
-input checks, a real launch with a stand-in `ray`, the data preparation scripts on the shared data.
+input checks, real launches with a stand-in `ray` (the safety recipe's with tiny align-anything RM/CM
+served on CPU), the data preparation scripts on the shared data.
 The evaluations and the reward direction check have their own test files."""
 
 import json

@@ -136,7 +136,8 @@ def rollout_samples(tokenizer):
     return samples
 
 
-def make_experiences(tiny_model, args):
+def make_experiences(tiny_model, args, reference=False):
+    """GD2POExperienceMaker's experiences; `reference`: a second random tiny model as the KL reference."""
     from openrlhf.models import Actor
     from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
     from openrlhf.utils.utils import get_tokenizer
@@ -145,7 +146,12 @@ def make_experiences(tiny_model, args):
     strategy = SimpleNamespace(args=args)
     tokenizer = get_tokenizer(str(tiny_model), None, "left", strategy)
     actor = Actor(str(tiny_model), attn_implementation="eager", param_dtype="bf16")
-    maker = GD2POExperienceMaker(InProcessActorGroup(actor), None, None, None, FixedKLController(0.0), strategy, tokenizer)
+    initial = None
+    if reference:
+        initial_path = build_tiny_chat_model(Path(tiny_model).parent / "reference")
+        initial = InProcessActorGroup(Actor(str(initial_path), attn_implementation="eager", param_dtype="bf16"))
+    maker = GD2POExperienceMaker(InProcessActorGroup(actor), None, None, initial, FixedKLController(0.0), strategy,
+                                 tokenizer)  # fmt: skip
     samples = rollout_samples(tokenizer)
     queries = [tokenizer.decode(s.sequences[0], skip_special_tokens=False) for s in samples]
     return maker.make_experience_batch(samples), samples, queries
@@ -279,3 +285,31 @@ def test_deepspeed_zero3_policy_step_masked_rollouts_get_zero_gradient(tiny_mode
     assert report["masked_changed_max_diff"] == 0  # masked rollouts contribute exactly nothing
     assert report["kept_changed_max_diff"] > 0  # while kept ones do: the check can fail
     assert report["weight_change"] > 0
+
+
+@pytest.mark.parametrize("clip_range", [None, ["0", "1"]])
+def test_gd2po_advantages_are_never_clipped(clip_range):
+    """128 groups of 4, one informative: whitening puts its rollouts far past OpenRLHF's default +-10."""
+    from openrlhf.trainer.ppo_utils.experience import Experience
+    from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
+    from openrlhf_gd2po.experience_maker import GD2POExperienceMaker
+
+    extra = ["--reward.clip_range", *clip_range] if clip_range else []
+    args, _ = parse_cli(training_argv("gdpo", "a=http://h:1,b=http://h:1", *extra))
+    maker = GD2POExperienceMaker(None, None, None, None, FixedKLController(0.0), SimpleNamespace(args=args), None)
+    rewards = torch.zeros(128 * N_SAMPLES, 2)
+    rewards[:N_SAMPLES] = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    experiences = [
+        Experience(
+            action_mask=torch.ones(len(rows), 3, dtype=torch.bool),
+            kl=torch.zeros(len(rows), 3),
+            index=rows.tolist(),
+            info={"reward/a": rewards[rows, 0], "reward/b": rewards[rows, 1], "reward_fetch_failed": torch.zeros(len(rows))},
+        )
+        for rows in torch.arange(len(rewards)).split(64)
+    ]  # fmt: skip
+    experiences = maker.compute_advantages_and_returns(experiences)
+    expected = compute_advantages(rewards, torch.arange(len(rewards)) // N_SAMPLES, "gdpo", torch.full((len(rewards),), 3))
+    assert expected.advantages.max() > 10 and expected.advantages.min() < 0
+    got = torch.cat([e.advantages for e in experiences])
+    assert torch.allclose(got, expected.advantages[:, None].expand(-1, 3))

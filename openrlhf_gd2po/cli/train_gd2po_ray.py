@@ -27,6 +27,8 @@ def add_gd2po_arguments(parser):
     estimator = next(a for a in parser._actions if a.dest == "algo.advantage.estimator")
     estimator.choices = list(estimator.choices) + [e for e in ESTIMATORS if e not in estimator.choices]
     estimator.help += "; GD²PO plugin: grpo (sum, then group-normalise), gdpo, gd2po_hard, gd2po_snr"
+    clip_range = next(a for a in parser._actions if a.dest == "reward.clip_range")
+    clip_range.help += "; never applied to GD²PO-family estimators (grpo, gdpo, gd2po_*), whose advantages are not clipped"
     group = parser.add_argument_group("GD²PO")
     group.add_argument("--gd2po.snr_threshold", type=float, default=0.8,
                        help="tau of gd2po_snr: a mixed-sign rollout is kept when |sum A_k| / sum |A_k| >= tau, in [0, 1]")
@@ -34,6 +36,10 @@ def add_gd2po_arguments(parser):
                        help="do not scale each query's advantages by its kept fraction")
     group.add_argument("--gd2po.no_whiten", action="store_true", default=False,
                        help="do not whiten advantages over the kept tokens")
+    group.add_argument("--gd2po.masked_rollouts", choices=["zero_advantage", "exclude"], default="zero_advantage",
+                       help="zero_advantage (the authors'): advantage 0, but OpenRLHF's KL loss and entropy bonus still "
+                            "act on masked rollouts and their tokens count in the loss denominators; exclude: masked "
+                            "rollouts get no policy, KL or entropy gradient and are in no denominator")
     group = parser.add_argument_group("GD²PO multi-reward servers")
     group.add_argument("--reward.servers", type=str, default=None,
                        help="reward dimensions as name=url[#dimension],... (a dimension picks extra_logs[dimension] "

@@ -70,7 +70,9 @@ class GD2POExperienceMaker(RemoteExperienceMaker):
             sample.info["reward_fetch_failed"] = batch.failed[i : i + 1].float()
             for k, dim in enumerate(self.reward_dimensions):
                 sample.info[f"reward/{dim.name}"] = rewards[i : i + 1, k]
-                sample.info[f"timing/reward_{dim.name}"] = torch.tensor([batch.seconds[dim.name]])
+                # Not under timing/: OpenRLHF sums every timing/* key into timing/step_total, and this
+                # time is already inside timing/make_experience.
+                sample.info[f"reward_seconds/{dim.name}"] = torch.tensor([batch.seconds[dim.name]])
 
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences):

@@ -1,5 +1,6 @@
 """GD²PO inside the installed OpenRLHF 0.11.2, on CPU: CLI, experience maker, Ray workers, DeepSpeed."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -313,3 +314,48 @@ def test_gd2po_advantages_are_never_clipped(clip_range):
     assert expected.advantages.max() > 10 and expected.advantages.min() < 0
     got = torch.cat([e.advantages for e in experiences])
     assert torch.allclose(got, expected.advantages[:, None].expand(-1, 3))
+
+
+def test_parse_args_hook_touches_only_openrlhfs_parser_and_is_removed_after_it():
+    original = argparse.ArgumentParser.parse_args
+    seen = {}
+
+    def stop(args):  # by now OpenRLHF's main block has parsed its arguments
+        other = argparse.ArgumentParser()
+        other.add_argument("--x")
+        seen["other"] = other.parse_args(["--x", "1"])
+        seen["hook_removed"] = argparse.ArgumentParser.parse_args is original
+        raise ReachedTraining(args)
+
+    with (
+        mock.patch.object(sys, "argv", ["train_gd2po_ray", *training_argv("gd2po_snr", "c=http://h:1")]),
+        mock.patch.object(ray, "is_initialized", return_value=False),
+        mock.patch.object(ray, "init"),
+        mock.patch("openrlhf.utils.get_strategy", side_effect=stop),
+    ):
+        with pytest.raises(ReachedTraining):
+            main()
+    assert vars(seen["other"]) == {"x": "1"} and seen["hook_removed"]
+    assert argparse.ArgumentParser.parse_args is original
+
+
+def test_ray_initialised_without_the_worker_hook_stops_with_how_to_launch():
+    context = SimpleNamespace(runtime_env={"env_vars": {}})
+    with (
+        mock.patch.object(sys, "argv", ["train_gd2po_ray", *training_argv("gd2po_snr", "c=http://h:1")]),
+        mock.patch.object(ray, "is_initialized", return_value=True),
+        mock.patch.object(ray, "get_runtime_context", return_value=context),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    assert "without the GD²PO worker hook" in str(exit_info.value.code)
+    assert "python -m openrlhf_gd2po.cli.train_gd2po_ray" in str(exit_info.value.code)
+
+
+def test_help_without_vllm_names_the_extra_to_install():
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent))  # no CPU stand-ins: vllm and flash_attn are missing
+    result = subprocess.run([sys.executable, "-m", "openrlhf_gd2po.cli.train_gd2po_ray", "--help"], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "pip install 'openrlhf-gd2po[openrlhf]'" in result.stderr.strip().splitlines()[-1]

@@ -95,10 +95,17 @@ def validate_gd2po_arguments(args):
 
 @contextmanager
 def gd2po_hooks():
-    """While OpenRLHF's main block runs: our flags in its parser, our worker hook in its ray.init."""
+    """While OpenRLHF's main block runs: our flags in its parser, our worker hook in its ray.init.
+
+    The parse_args hook lets every other parser through untouched and removes itself once it has
+    parsed OpenRLHF's (the one with --algo.advantage.estimator).
+    """
     original_parse_args, original_ray_init = argparse.ArgumentParser.parse_args, ray.init
 
     def parse_args(parser, args=None, namespace=None):
+        if not any(action.dest == "algo.advantage.estimator" for action in parser._actions):
+            return original_parse_args(parser, args, namespace)
+        argparse.ArgumentParser.parse_args = original_parse_args
         add_gd2po_arguments(parser)
         parsed = original_parse_args(parser, args, namespace)
         error = validate_gd2po_arguments(parsed)
@@ -112,14 +119,34 @@ def gd2po_hooks():
         runtime_env = dict(runtime_env or {}, worker_process_setup_hook=WORKER_SETUP_HOOK)
         return original_ray_init(*args, runtime_env=runtime_env, **kwargs)
 
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_args), mock.patch.object(ray, "init", ray_init):
-        yield
+    argparse.ArgumentParser.parse_args = parse_args
+    try:
+        with mock.patch.object(ray, "init", ray_init):
+            yield
+    finally:
+        argparse.ArgumentParser.parse_args = original_parse_args
 
 
 def main():
+    # OpenRLHF calls ray.init (where we add the worker hook) only when Ray is not initialised yet.
+    if ray.is_initialized() and ray.get_runtime_context().runtime_env.get("worker_process_setup_hook") != WORKER_SETUP_HOOK:
+        raise SystemExit(
+            "train_gd2po_ray: error: Ray is already initialised in this process without the GD²PO worker hook, so "
+            "OpenRLHF's trainer would not use GD²PO. Launch the CLI in a fresh process (python -m "
+            "openrlhf_gd2po.cli.train_gd2po_ray ..., or ray job submit ... -- python -m openrlhf_gd2po.cli.train_gd2po_ray "
+            f"...), or call ray.init(runtime_env={{'worker_process_setup_hook': '{WORKER_SETUP_HOOK}'}}) yourself."
+        )
     openrlhf_gd2po.install()  # the driver too, for anything it builds in-process
     with gd2po_hooks():
-        runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
+        try:
+            runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
+        except ModuleNotFoundError as error:
+            if error.name not in ("vllm", "flash_attn"):
+                raise
+            raise SystemExit(
+                f"train_gd2po_ray: error: OpenRLHF's trainer imports {error.name}, which is not installed; "
+                "install the GPU training stack with: pip install 'openrlhf-gd2po[openrlhf]'"
+            ) from None
 
 
 if __name__ == "__main__":

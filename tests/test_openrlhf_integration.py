@@ -184,6 +184,11 @@ def test_experience_maker_end_to_end(tiny_model, toolcall_url, local_ray, estima
     assert torch.allclose(info["gd2po/group_keep_ratio"], expected.group_keep_ratio)
     assert torch.equal(info["reward/correctness"], rewards[:, 0]) and torch.equal(info["reward/format"], rewards[:, 1])
     assert torch.equal(info["reward"], rewards.sum(dim=1))
+    # OpenRLHF sums every timing/* key into timing/step_total; reward time is already in make_experience.
+    assert not any(key.startswith("timing/") for key in info)
+    assert (info["reward_seconds/correctness"] > 0).all()
+    for key in ("group_keep_ratio_std", "consensus_in_conflict_median", "true_conflict_share", "active_reward_dims"):
+        assert info[f"gd2po/{key}"][0].item() == pytest.approx(expected.metrics[key])
     assert info["gd2po/conflict_ratio"][0].item() == pytest.approx(expected.metrics["conflict_ratio"])
     assert info["gd2po/keep_ratio"][0].item() == pytest.approx(expected.metrics["keep_ratio"])
     assert expected.metrics["conflict_ratio"] > 0

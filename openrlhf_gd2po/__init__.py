@@ -9,19 +9,22 @@ import importlib.util
 import sys
 
 TRAINER_MODULE = "openrlhf.trainer.ppo_trainer"
+ACTOR_MODULE = "openrlhf.trainer.ray.ppo_actor"
 
 
 def install():
-    """Make every OpenRLHF PPO trainer built in this process use GD2POExperienceMaker.
+    """Make every OpenRLHF PPO trainer built in this process use GD2POExperienceMaker, and every
+    actor's training step safe for micro-batches without action tokens (actor_training_step).
 
     `BasePPOTrainer.__init__` (sync and async trainers alike) looks `RemoteExperienceMaker` up in
-    TRAINER_MODULE's globals, so we swap that name. Importing the trainer here would drag DeepSpeed
-    into vLLM workers, so when it is not imported yet the swap waits for its import.
+    TRAINER_MODULE's globals, so we swap that name. Importing these modules here would drag DeepSpeed
+    into vLLM workers, so a module not imported yet is patched right after its import.
     """
-    if TRAINER_MODULE in sys.modules:
-        _swap_experience_maker(sys.modules[TRAINER_MODULE])
-    elif not any(isinstance(finder, _SwapOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _SwapOnImport())
+    for module_name, patch in PATCHES.items():
+        if module_name in sys.modules:
+            patch(sys.modules[module_name])
+        elif not any(isinstance(f, _PatchOnImport) and f.module_name == module_name for f in sys.meta_path):
+            sys.meta_path.insert(0, _PatchOnImport(module_name, patch))
 
 
 def _swap_experience_maker(trainer_module):
@@ -30,19 +33,33 @@ def _swap_experience_maker(trainer_module):
     trainer_module.RemoteExperienceMaker = GD2POExperienceMaker
 
 
-class _SwapOnImport(importlib.abc.MetaPathFinder):
-    """Finds TRAINER_MODULE with the normal machinery, then swaps right after the module runs."""
+def _guard_actor_training_step(actor_module):
+    from openrlhf_gd2po.actor_training_step import wrap_training_step
+
+    trainer = actor_module.ActorPPOTrainer
+    if not hasattr(trainer.training_step, "wrapped"):
+        trainer.training_step = wrap_training_step(trainer.training_step)
+
+
+PATCHES = {TRAINER_MODULE: _swap_experience_maker, ACTOR_MODULE: _guard_actor_training_step}
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds one module with the normal machinery, then patches it right after the module runs."""
+
+    def __init__(self, module_name, patch):
+        self.module_name, self.patch = module_name, patch
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != TRAINER_MODULE:
+        if fullname != self.module_name:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(fullname)
         run_module = spec.loader.exec_module
 
-        def run_then_swap(module):
+        def run_then_patch(module):
             run_module(module)
-            _swap_experience_maker(module)
+            self.patch(module)
 
-        spec.loader.exec_module = run_then_swap
+        spec.loader.exec_module = run_then_patch
         return spec

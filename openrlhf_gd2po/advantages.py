@@ -82,16 +82,39 @@ def compute_advantages(
     metrics = {
         "conflict_ratio": conflict.double().mean().item(),
         "keep_ratio": keep_mask.double().mean().item(),
-        "group_keep_ratio_mean": (kept_per_group / group_size).mean().item(),
-        "group_keep_ratio_min": (kept_per_group / group_size).min().item(),
-        "group_keep_ratio_max": (kept_per_group / group_size).max().item(),
         # Share of the per-dimension advantage mass that sign disagreement cancels in the sum.
         "advantage_cancellation": 1.0 - (summed.abs().sum() / magnitude.sum().clamp(min=SNR_EPS)).item(),
+        **_authors_metrics(conflict, consensus, group_keep_ratio, snr_threshold, weights),
     }
     for dim in range(k):
         metrics[f"reward_dim{dim}_mean"] = rewards[:, dim].mean().item()
         metrics[f"reward_dim{dim}_std"] = rewards[:, dim].std(correction=0).item()
     return AdvantageResult(advantages.float(), keep_mask, group_keep_ratio.float(), metrics)
+
+
+def _authors_metrics(conflict, consensus, group_keep_ratio, snr_threshold, weights):
+    """The authors' logged statistics (tool-calling/verl/trainer/ppo/ray_trainer.py), same definitions.
+
+    group_keep_ratio_*: over rollouts (each rollout carries its group's ratio), std without Bessel.
+    consensus_in_conflict_*: Σ_k A_k / Σ_k |A_k| over conflicted rollouts (median: torch's lower
+    median); true_conflict_share: conflicted rollouts with |consensus| < τ (what gd2po_snr masks)
+    per conflicted rollout. All 0 when nothing conflicts. active_reward_dims: dimensions that
+    enter the sum (non-zero weight; the authors count the reward switches that are on).
+    """
+    in_conflict = consensus[conflict]
+    true_conflict = in_conflict.abs() < min(max(float(snr_threshold), 0.0), 1.0)
+    some = len(in_conflict) > 0
+    return {
+        "group_keep_ratio_mean": group_keep_ratio.mean().item(),
+        "group_keep_ratio_min": group_keep_ratio.min().item(),
+        "group_keep_ratio_max": group_keep_ratio.max().item(),
+        "group_keep_ratio_std": group_keep_ratio.std(correction=0).item(),
+        "consensus_in_conflict_mean": in_conflict.mean().item() if some else 0.0,
+        "consensus_in_conflict_abs_mean": in_conflict.abs().mean().item() if some else 0.0,
+        "consensus_in_conflict_median": in_conflict.median().item() if some else 0.0,
+        "true_conflict_share": true_conflict.double().mean().item() if some else 0.0,
+        "active_reward_dims": float((weights != 0).sum().item()),
+    }
 
 
 def _group_index(group_ids):

@@ -6,9 +6,14 @@ which OpenRLHF's actor averages per sample into its wandb/tensorboard logs.
 
 KL (a documented choice): kept rollouts are treated exactly like OpenRLHF's `group_norm`: the
 scalar advantage sits on the last response token and, unless `--algo.kl.use_loss`, the per-token
-KL penalty is added before the cumulative return. Masked rollouts get exactly zero on every
-token, KL included, so they contribute no gradient. With `--algo.kl.use_loss` (KL as a loss term, as
+KL penalty is added before the cumulative return. With `--algo.kl.use_loss` (KL as a loss term, as
 GRPO has it; the GD²PO authors use no KL) the advantage is the same scalar on every response token.
+Advantages are never clipped.
+
+Masked rollouts (`--gd2po.masked_rollouts`): `zero_advantage` (default, the authors' code) gives
+them advantage 0 on every token, so no policy gradient, but OpenRLHF's KL loss and entropy bonus
+still act on them and their tokens count in the loss denominators. `exclude` also zeroes their
+`action_mask`: no policy, KL or entropy gradient and no place in any denominator.
 """
 
 import torch
@@ -67,7 +72,9 @@ class GD2POExperienceMaker(RemoteExperienceMaker):
             sample.info["reward_fetch_failed"] = batch.failed[i : i + 1].float()
             for k, dim in enumerate(self.reward_dimensions):
                 sample.info[f"reward/{dim.name}"] = rewards[i : i + 1, k]
-                sample.info[f"timing/reward_{dim.name}"] = torch.tensor([batch.seconds[dim.name]])
+                # Not under timing/: OpenRLHF sums every timing/* key into timing/step_total, and this
+                # time is already inside timing/make_experience.
+                sample.info[f"reward_seconds/{dim.name}"] = torch.tensor([batch.seconds[dim.name]])
 
     @torch.no_grad()
     def compute_advantages_and_returns(self, experiences):
@@ -105,16 +112,20 @@ class GD2POExperienceMaker(RemoteExperienceMaker):
             rows = slice(start, start + len(experience.index))
             start = rows.stop
             kept = keep_mask[rows]
+            # No --reward.clip_range: whitening over many all-zero groups legitimately pushes the few
+            # informative rollouts past |A| = 10, and a range like (0, 1) would erase every negative
+            # advantage. The authors do not clip; OpenRLHF's own estimators still do.
             token_rewards = compute_reward(
-                advantages[rows],
-                self.kl_ctl.value,
-                experience.kl,
-                action_mask=experience.action_mask,
-                reward_clip_range=args.reward.clip_range,
+                advantages[rows], self.kl_ctl.value, experience.kl, action_mask=experience.action_mask
             )
             returns = self.get_cumulative_returns(token_rewards, experience.action_mask, 1.0)
             experience.returns = returns * kept[:, None]
             experience.advantages = experience.returns.clone()
+            if args.gd2po.masked_rollouts == "exclude":
+                # OpenRLHF's policy, KL and entropy losses are sums over action_mask divided by the
+                # step's action_mask token (or sequence) count, so an all-zero row is in no loss and no
+                # denominator. Micro-batches with no token left are handled in actor_training_step.
+                experience.action_mask = experience.action_mask & kept[:, None]
             experience.info["return"] = token_rewards.sum(dim=-1) * kept
             experience.info["gd2po/keep"] = kept.float()
             experience.info["gd2po/group_keep_ratio"] = group_keep_ratio[rows]

@@ -409,3 +409,52 @@ def test_snr_masks_a_subset_of_hard(batch, threshold):
     hard = compute_advantages(rewards, groups, "gd2po_hard", lengths)
     snr = compute_advantages(rewards, groups, "gd2po_snr", lengths, snr_threshold=threshold)
     assert (snr.keep_mask | ~hard.keep_mask).all()
+
+
+# --------------------------------------------------------------------------------------
+# The authors' logged statistics. K = 2, four groups of unequal size:
+# G0 [1,0],[0,1],[0,0]: A0 = (2,-1,-1)/√3, A1 = (-1,2,-1)/√3 -> r0, r1 conflicted, consensus +1/3
+# G1 [1,0],[0,1]:       A0 = ±1/√2, A1 = ∓1/√2               -> both conflicted, consensus 0
+# G2 [0,1],[1,0],[1,1],[1,1]: A0 = (-3,1,1,1)/2, A1 = (1,-3,1,1)/2 -> r0, r1 conflicted, -1/2
+# G3 [1,1],[1,1]: no spread, no conflict.
+# gd2po_snr at tau 0.4 masks |consensus| < 0.4: G0's two and G1's two (4 of the 6 conflicts).
+# Kept fraction per group 1/3, 0, 1, 1; per rollout: three 1/3, two 0, six 1.
+# --------------------------------------------------------------------------------------
+METRIC_REWARDS = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0],
+                               [0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])  # fmt: skip
+METRIC_GROUPS = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3])
+
+
+def test_authors_metrics_hand_example():
+    result = compute_advantages(METRIC_REWARDS, METRIC_GROUPS, "gd2po_snr", snr_threshold=0.4)
+    metrics = result.metrics
+    assert result.keep_mask.tolist() == [False, False, True, False, False] + [True] * 6
+    # Averaged per rollout, as the authors do (per group it would be 7/12).
+    assert metrics["group_keep_ratio_mean"] == pytest.approx(7 / 11)
+    assert metrics["group_keep_ratio_min"] == 0.0 and metrics["group_keep_ratio_max"] == pytest.approx(1.0)
+    assert metrics["group_keep_ratio_std"] == pytest.approx(math.sqrt(62 / 363))
+    # Conflicted consensus values: +1/3, +1/3, 0, 0, -1/2, -1/2.
+    assert metrics["conflict_ratio"] == pytest.approx(6 / 11)
+    assert metrics["consensus_in_conflict_mean"] == pytest.approx(-1 / 18, rel=1e-5)
+    assert metrics["consensus_in_conflict_abs_mean"] == pytest.approx(5 / 18, rel=1e-5)
+    assert metrics["consensus_in_conflict_median"] == pytest.approx(0.0, abs=1e-6)  # torch's lower median
+    assert metrics["true_conflict_share"] == pytest.approx(4 / 6)
+    assert metrics["active_reward_dims"] == 2.0
+
+
+def test_authors_metrics_depend_on_tau_and_weights_not_on_the_estimator():
+    for estimator in ("gdpo", "gd2po_hard"):  # true conflicts are those gd2po_snr would mask at tau
+        result = compute_advantages(METRIC_REWARDS, METRIC_GROUPS, estimator, snr_threshold=0.6)
+        assert result.metrics["true_conflict_share"] == pytest.approx(1.0)
+    weighted = compute_advantages(METRIC_REWARDS, METRIC_GROUPS, "gd2po_snr", reward_weights=torch.tensor([1.0, 0.0]))
+    assert weighted.metrics["active_reward_dims"] == 1.0
+    assert weighted.metrics["conflict_ratio"] == 0.0  # a zero weight takes the dimension out of the filter
+
+
+def test_authors_metrics_without_conflicts_are_zero():
+    result = compute_advantages(torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([0, 0]), "gd2po_snr")
+    assert result.metrics["conflict_ratio"] == 0.0
+    for key in ("consensus_in_conflict_mean", "consensus_in_conflict_abs_mean", "consensus_in_conflict_median",
+                "true_conflict_share", "group_keep_ratio_std"):  # fmt: skip
+        assert result.metrics[key] == 0.0
+    assert result.metrics["group_keep_ratio_mean"] == 1.0

@@ -1,5 +1,6 @@
 """GD²PO inside the installed OpenRLHF 0.11.2, on CPU: CLI, experience maker, Ray workers, DeepSpeed."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -136,7 +137,8 @@ def rollout_samples(tokenizer):
     return samples
 
 
-def make_experiences(tiny_model, args):
+def make_experiences(tiny_model, args, reference=False):
+    """GD2POExperienceMaker's experiences; `reference`: a second random tiny model as the KL reference."""
     from openrlhf.models import Actor
     from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
     from openrlhf.utils.utils import get_tokenizer
@@ -145,7 +147,12 @@ def make_experiences(tiny_model, args):
     strategy = SimpleNamespace(args=args)
     tokenizer = get_tokenizer(str(tiny_model), None, "left", strategy)
     actor = Actor(str(tiny_model), attn_implementation="eager", param_dtype="bf16")
-    maker = GD2POExperienceMaker(InProcessActorGroup(actor), None, None, None, FixedKLController(0.0), strategy, tokenizer)
+    initial = None
+    if reference:
+        initial_path = build_tiny_chat_model(Path(tiny_model).parent / "reference")
+        initial = InProcessActorGroup(Actor(str(initial_path), attn_implementation="eager", param_dtype="bf16"))
+    maker = GD2POExperienceMaker(InProcessActorGroup(actor), None, None, initial, FixedKLController(0.0), strategy,
+                                 tokenizer)  # fmt: skip
     samples = rollout_samples(tokenizer)
     queries = [tokenizer.decode(s.sequences[0], skip_special_tokens=False) for s in samples]
     return maker.make_experience_batch(samples), samples, queries
@@ -177,6 +184,11 @@ def test_experience_maker_end_to_end(tiny_model, toolcall_url, local_ray, estima
     assert torch.allclose(info["gd2po/group_keep_ratio"], expected.group_keep_ratio)
     assert torch.equal(info["reward/correctness"], rewards[:, 0]) and torch.equal(info["reward/format"], rewards[:, 1])
     assert torch.equal(info["reward"], rewards.sum(dim=1))
+    # OpenRLHF sums every timing/* key into timing/step_total; reward time is already in make_experience.
+    assert not any(key.startswith("timing/") for key in info)
+    assert (info["reward_seconds/correctness"] > 0).all()
+    for key in ("group_keep_ratio_std", "consensus_in_conflict_median", "true_conflict_share", "active_reward_dims"):
+        assert info[f"gd2po/{key}"][0].item() == pytest.approx(expected.metrics[key])
     assert info["gd2po/conflict_ratio"][0].item() == pytest.approx(expected.metrics["conflict_ratio"])
     assert info["gd2po/keep_ratio"][0].item() == pytest.approx(expected.metrics["keep_ratio"])
     assert expected.metrics["conflict_ratio"] > 0
@@ -279,3 +291,76 @@ def test_deepspeed_zero3_policy_step_masked_rollouts_get_zero_gradient(tiny_mode
     assert report["masked_changed_max_diff"] == 0  # masked rollouts contribute exactly nothing
     assert report["kept_changed_max_diff"] > 0  # while kept ones do: the check can fail
     assert report["weight_change"] > 0
+
+
+@pytest.mark.parametrize("clip_range", [None, ["0", "1"]])
+def test_gd2po_advantages_are_never_clipped(clip_range):
+    """128 groups of 4, one informative: whitening puts its rollouts far past OpenRLHF's default +-10."""
+    from openrlhf.trainer.ppo_utils.experience import Experience
+    from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
+    from openrlhf_gd2po.experience_maker import GD2POExperienceMaker
+
+    extra = ["--reward.clip_range", *clip_range] if clip_range else []
+    args, _ = parse_cli(training_argv("gdpo", "a=http://h:1,b=http://h:1", *extra))
+    maker = GD2POExperienceMaker(None, None, None, None, FixedKLController(0.0), SimpleNamespace(args=args), None)
+    rewards = torch.zeros(128 * N_SAMPLES, 2)
+    rewards[:N_SAMPLES] = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    experiences = [
+        Experience(
+            action_mask=torch.ones(len(rows), 3, dtype=torch.bool),
+            kl=torch.zeros(len(rows), 3),
+            index=rows.tolist(),
+            info={"reward/a": rewards[rows, 0], "reward/b": rewards[rows, 1], "reward_fetch_failed": torch.zeros(len(rows))},
+        )
+        for rows in torch.arange(len(rewards)).split(64)
+    ]  # fmt: skip
+    experiences = maker.compute_advantages_and_returns(experiences)
+    expected = compute_advantages(rewards, torch.arange(len(rewards)) // N_SAMPLES, "gdpo", torch.full((len(rewards),), 3))
+    assert expected.advantages.max() > 10 and expected.advantages.min() < 0
+    got = torch.cat([e.advantages for e in experiences])
+    assert torch.allclose(got, expected.advantages[:, None].expand(-1, 3))
+
+
+def test_parse_args_hook_touches_only_openrlhfs_parser_and_is_removed_after_it():
+    original = argparse.ArgumentParser.parse_args
+    seen = {}
+
+    def stop(args):  # by now OpenRLHF's main block has parsed its arguments
+        other = argparse.ArgumentParser()
+        other.add_argument("--x")
+        seen["other"] = other.parse_args(["--x", "1"])
+        seen["hook_removed"] = argparse.ArgumentParser.parse_args is original
+        raise ReachedTraining(args)
+
+    with (
+        mock.patch.object(sys, "argv", ["train_gd2po_ray", *training_argv("gd2po_snr", "c=http://h:1")]),
+        mock.patch.object(ray, "is_initialized", return_value=False),
+        mock.patch.object(ray, "init"),
+        mock.patch("openrlhf.utils.get_strategy", side_effect=stop),
+    ):
+        with pytest.raises(ReachedTraining):
+            main()
+    assert vars(seen["other"]) == {"x": "1"} and seen["hook_removed"]
+    assert argparse.ArgumentParser.parse_args is original
+
+
+def test_ray_initialised_without_the_worker_hook_stops_with_how_to_launch():
+    context = SimpleNamespace(runtime_env={"env_vars": {}})
+    with (
+        mock.patch.object(sys, "argv", ["train_gd2po_ray", *training_argv("gd2po_snr", "c=http://h:1")]),
+        mock.patch.object(ray, "is_initialized", return_value=True),
+        mock.patch.object(ray, "get_runtime_context", return_value=context),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    assert "without the GD²PO worker hook" in str(exit_info.value.code)
+    assert "python -m openrlhf_gd2po.cli.train_gd2po_ray" in str(exit_info.value.code)
+
+
+def test_help_without_vllm_names_the_extra_to_install():
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent))  # no CPU stand-ins: vllm and flash_attn are missing
+    result = subprocess.run([sys.executable, "-m", "openrlhf_gd2po.cli.train_gd2po_ray", "--help"], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "pip install 'openrlhf-gd2po[openrlhf]'" in result.stderr.strip().splitlines()[-1]

@@ -27,6 +27,8 @@ def add_gd2po_arguments(parser):
     estimator = next(a for a in parser._actions if a.dest == "algo.advantage.estimator")
     estimator.choices = list(estimator.choices) + [e for e in ESTIMATORS if e not in estimator.choices]
     estimator.help += "; GD²PO plugin: grpo (sum, then group-normalise), gdpo, gd2po_hard, gd2po_snr"
+    clip_range = next(a for a in parser._actions if a.dest == "reward.clip_range")
+    clip_range.help += "; never applied to GD²PO-family estimators (grpo, gdpo, gd2po_*), whose advantages are not clipped"
     group = parser.add_argument_group("GD²PO")
     group.add_argument("--gd2po.snr_threshold", type=float, default=0.8,
                        help="tau of gd2po_snr: a mixed-sign rollout is kept when |sum A_k| / sum |A_k| >= tau, in [0, 1]")
@@ -34,6 +36,10 @@ def add_gd2po_arguments(parser):
                        help="do not scale each query's advantages by its kept fraction")
     group.add_argument("--gd2po.no_whiten", action="store_true", default=False,
                        help="do not whiten advantages over the kept tokens")
+    group.add_argument("--gd2po.masked_rollouts", choices=["zero_advantage", "exclude"], default="zero_advantage",
+                       help="zero_advantage (the authors'): advantage 0, but OpenRLHF's KL loss and entropy bonus still "
+                            "act on masked rollouts and their tokens count in the loss denominators; exclude: masked "
+                            "rollouts get no policy, KL or entropy gradient and are in no denominator")
     group = parser.add_argument_group("GD²PO multi-reward servers")
     group.add_argument("--reward.servers", type=str, default=None,
                        help="reward dimensions as name=url[|replica_url...][#dimension],... or name=reward.py[#dimension] "
@@ -92,10 +98,17 @@ def validate_gd2po_arguments(args):
 
 @contextmanager
 def gd2po_hooks():
-    """While OpenRLHF's main block runs: our flags in its parser, our worker hook in its ray.init."""
+    """While OpenRLHF's main block runs: our flags in its parser, our worker hook in its ray.init.
+
+    The parse_args hook lets every other parser through untouched and removes itself once it has
+    parsed OpenRLHF's (the one with --algo.advantage.estimator).
+    """
     original_parse_args, original_ray_init = argparse.ArgumentParser.parse_args, ray.init
 
     def parse_args(parser, args=None, namespace=None):
+        if not any(action.dest == "algo.advantage.estimator" for action in parser._actions):
+            return original_parse_args(parser, args, namespace)
+        argparse.ArgumentParser.parse_args = original_parse_args
         add_gd2po_arguments(parser)
         parsed = original_parse_args(parser, args, namespace)
         error = validate_gd2po_arguments(parsed)
@@ -109,14 +122,34 @@ def gd2po_hooks():
         runtime_env = dict(runtime_env or {}, worker_process_setup_hook=WORKER_SETUP_HOOK)
         return original_ray_init(*args, runtime_env=runtime_env, **kwargs)
 
-    with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_args), mock.patch.object(ray, "init", ray_init):
-        yield
+    argparse.ArgumentParser.parse_args = parse_args
+    try:
+        with mock.patch.object(ray, "init", ray_init):
+            yield
+    finally:
+        argparse.ArgumentParser.parse_args = original_parse_args
 
 
 def main():
+    # OpenRLHF calls ray.init (where we add the worker hook) only when Ray is not initialised yet.
+    if ray.is_initialized() and ray.get_runtime_context().runtime_env.get("worker_process_setup_hook") != WORKER_SETUP_HOOK:
+        raise SystemExit(
+            "train_gd2po_ray: error: Ray is already initialised in this process without the GD²PO worker hook, so "
+            "OpenRLHF's trainer would not use GD²PO. Launch the CLI in a fresh process (python -m "
+            "openrlhf_gd2po.cli.train_gd2po_ray ..., or ray job submit ... -- python -m openrlhf_gd2po.cli.train_gd2po_ray "
+            f"...), or call ray.init(runtime_env={{'worker_process_setup_hook': '{WORKER_SETUP_HOOK}'}}) yourself."
+        )
     openrlhf_gd2po.install()  # the driver too, for anything it builds in-process
     with gd2po_hooks():
-        runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
+        try:
+            runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
+        except ModuleNotFoundError as error:
+            if error.name not in ("vllm", "flash_attn"):
+                raise
+            raise SystemExit(
+                f"train_gd2po_ray: error: OpenRLHF's trainer imports {error.name}, which is not installed; "
+                "install the GPU training stack with: pip install 'openrlhf-gd2po[openrlhf]'"
+            ) from None
 
 
 if __name__ == "__main__":

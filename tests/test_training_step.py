@@ -1,0 +1,90 @@
+"""GD2POExperienceMaker's experiences through OpenRLHF's real PPO actor training step (ActorPPOTrainer,
+PolicyLoss, KL loss, entropy, replay buffer, ppo_train) under DeepSpeed ZeRO-3 on CPU."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from openrlhf_gd2po.advantages import compute_advantages
+from servers import free_port
+from test_openrlhf_integration import (  # noqa: F401  (fixtures)
+    TESTS, local_ray, make_experiences, parse_cli, tiny_model, toolcall_url, training_argv,
+)
+
+ENTROPY_COEF = 0.01
+
+
+def trainer_argv(mode, *extra):
+    return ["--algo.kl.use_loss", "--algo.kl.init_coef", "0.1", "--actor.entropy_coef", str(ENTROPY_COEF),
+            "--ds.zero_stage", "3", "--train.micro_batch_size", "1", "--train.batch_size", "8",
+            "--actor.adam.lr", "1e-3", "--actor.lr_scheduler", "constant", "--gd2po.masked_rollouts", mode, *extra]  # fmt: skip
+
+
+def run_training_step(tmp_path, tiny_model, toolcall_url, probes, *extra):
+    """Experiences of both --gd2po.masked_rollouts modes from the maker, then the script's probes."""
+    servers = f"correctness={toolcall_url}#correctness,format={toolcall_url}#format"
+    experiences = {}
+    for mode in ("zero_advantage", "exclude"):
+        args, _ = parse_cli(training_argv("gd2po_hard", servers, *trainer_argv(mode, *extra)))
+        experiences[mode], _, _ = make_experiences(tiny_model, args, reference=True)
+    inputs = tmp_path / "inputs.pt"
+    torch.save({"args": args, "experiences": experiences, "probes": probes, "entropy_coef": ENTROPY_COEF}, inputs)
+    result = subprocess.run(
+        [sys.executable, str(TESTS / "zero3_actor_training_step.py"), str(tiny_model), str(free_port()), str(inputs)],
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), experiences
+
+
+def test_masked_rollouts_in_the_real_actor_step(tmp_path, tiny_model, toolcall_url, local_ray):
+    """One script run for both checks: building the experiences and DeepSpeed dominate the time."""
+    report, experiences = run_training_step(tmp_path, tiny_model, toolcall_url, ["direction", "gradients", "ppo_train"])
+    assert report["zero_stage"] == 3
+    gradients = report["gradients"]
+    for mode in ("zero_advantage", "exclude"):
+        assert gradients[mode]["masked_rows"] == [1, 2, 5, 6]  # the mixed-sign rollouts of gd2po_hard
+        assert gradients[mode]["gradient_norm"] > 0
+        assert gradients[mode]["kept_changed_max_diff"] > 0  # kept rows move the gradient: the check can fail
+    # zero_advantage (the authors'): advantage 0, yet the KL loss still pulls on masked rollouts.
+    assert gradients["zero_advantage"]["masked_changed_max_diff"] > 0
+    # exclude, with the KL loss and the entropy bonus on: masked rollouts contribute exactly nothing,
+    # and their tokens are in no denominator (the step counts only kept tokens).
+    assert gradients["exclude"]["masked_changed_max_diff"] == 0
+    assert 0 < gradients["exclude"]["num_action_tokens"] < gradients["zero_advantage"]["num_action_tokens"]
+
+    # An optimizer step of excluded rollouts only: zero gradient, finite metrics. OpenRLHF's step alone
+    # divides 0 by 0 there (NaN gradient), which is why install() wraps it.
+    only_excluded = gradients["only_excluded"]
+    assert only_excluded["rows"] == 4
+    assert only_excluded["gradient_finite"] and only_excluded["gradient_max_abs"] == 0
+    assert only_excluded["metrics_finite"]
+    assert not only_excluded["unguarded_gradient_finite"]
+
+    # OpenRLHF's ppo_train with micro-batches of one rollout: the excluded ones are token-less micro-batches.
+    assert report["ppo_train"]["error"] is None and report["ppo_train"]["status_finite"]
+    assert report["ppo_train"]["weights_finite"] and report["ppo_train"]["weight_change"] > 0
+    assert "ZeroDivisionError" in report["ppo_train_unguarded"]["error"]
+    # Direction: one optimizer step (ppo_train, KL and entropy off) on the maker's zero_advantage
+    # experiences raises the log-prob of positive-advantage rollouts and lowers the negative ones.
+    advantage = torch.tensor(report["direction"]["advantage"])
+    change = torch.tensor(report["direction"]["log_prob_change"])
+    assert (advantage > 0).any() and (advantage < 0).any()
+    assert (change[advantage > 0] > 0).all(), (advantage, change)
+    assert (change[advantage < 0] < 0).all(), (advantage, change)
+
+
+def test_exclude_with_dynamic_batch(tmp_path, tiny_model, toolcall_url, local_ray):
+    # OpenRLHF turns packing on with dynamic batching (and asks for vLLM engines); packing needs
+    # flash-attn's varlen kernels, so the script runs the padded layout. The Actor unpacks packed
+    # log-probs to that same [batch, time] layout before `* action_mask`, so exclusion is unchanged.
+    report, _ = run_training_step(tmp_path, tiny_model, toolcall_url, ["ppo_train"], "--train.dynamic_batch_enable",
+                                  "--train.max_tokens_per_gpu", "512", "--vllm.num_engines", "1")  # fmt: skip
+    assert report["ppo_train"]["error"] is None and report["ppo_train"]["status_finite"]
+    assert report["ppo_train"]["weights_finite"] and report["ppo_train"]["weight_change"] > 0
+
+

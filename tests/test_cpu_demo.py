@@ -36,6 +36,8 @@ def test_demo_trains_with_deepspeed_zero3_and_logs_every_step(tmp_path):
         assert 0 <= row["gd2po/keep_ratio"] <= 1 and 0 <= row["gd2po/conflict_ratio"] <= 1
         assert 1 <= row["response_length"] <= 12
         assert row["grad_norm"] > 0
+        # Only `length` varies, so nothing conflicts: every estimator keeps all rollouts and the same |Σ_k A_k|.
+        assert row["gd2po/mean_abs_summed_advantage"] == pytest.approx(row["gdpo/mean_abs_summed_advantage"])
 
 
 def test_policy_batch_puts_response_tokens_under_the_action_mask():

@@ -25,6 +25,9 @@ def test_demo_trains_with_deepspeed_zero3_and_logs_every_step(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DeepSpeed ZeRO-3" in result.stdout
+    # A clean terminal: no dependency warnings or bars (pynvml, torch.distributed, DeepSpeed, transformers).
+    for noise in ("Warning", "Setting accelerator to CPU", "Loading weights", "torch_dtype", "generating"):
+        assert noise not in result.stdout + result.stderr, noise
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:

@@ -160,7 +160,9 @@ def train_step(engine, sampler, tokenizer, dimensions, questions, args) -> dict:
         for a, b in pairs
     ]
     labels = [str(a + b) for a, b in pairs]
-    rollouts = sample_rollouts(sampler, tokenizer, prompts, args.n_samples, args.max_new_tokens, 1.0)
+    # No progress bar: the step's table row is the progress.
+    rollouts = sample_rollouts(sampler, tokenizer, prompts, args.n_samples, args.max_new_tokens, 1.0,
+                               show_progress=False)
     generated = time.perf_counter()
     rewards = fetch_rewards(
         dimensions, [r["query"] for r in rollouts], [prompts[r["prompt_index"]] for r in rollouts],

@@ -81,7 +81,8 @@ def load_model(path: Path):
 
 
 @torch.no_grad()
-def sample_rollouts(model, tokenizer, prompts, n_samples, max_new_tokens, temperature) -> list[dict]:
+def sample_rollouts(model, tokenizer, prompts, n_samples, max_new_tokens, temperature,
+                    show_progress=True) -> list[dict]:
     """`n_samples` sampled responses per chat-templated prompt. `query` is what OpenRLHF sends a
     reward server: prompt + response decoded with special tokens, the response up to and
     including its end token; `response_length` counts those response tokens, `prompt_ids` and
@@ -94,7 +95,7 @@ def sample_rollouts(model, tokenizer, prompts, n_samples, max_new_tokens, temper
     # About 16 sequences per generate call: on CPU the decode cost per sequence stops falling there.
     prompts_per_call = max(1, 16 // n_samples)
     rollouts = []
-    progress = tqdm(total=len(prompts), desc="generating", unit="prompt")
+    progress = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not show_progress)
     for first in range(0, len(prompts), prompts_per_call):
         encoded = tokenizer(
             prompts[first:first + prompts_per_call], add_special_tokens=False, padding=True, padding_side="left",

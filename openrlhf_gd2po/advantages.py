@@ -40,20 +40,27 @@ def compute_advantages(
     group_reweight: bool = True,
     whiten: bool = True,
     reward_weights: torch.Tensor | None = None,
+    group_std_floor: float = 0.0,
 ) -> AdvantageResult:
     """One scalar advantage per rollout from K reward dimensions; see the module docstring.
 
     `reward_weights` scale each dimension's normalised advantage (for grpo, each raw reward
     before the sum). Conflict and SNR are measured on the weighted advantages, so a zero
     weight removes a dimension from the filter as well as from the sum.
+
+    `group_std_floor` (opt-in; 0 = the authors' std + 1e-6) divides by max(group std, floor) + 1e-6,
+    so a dimension that is nearly constant inside a group is not blown up to full weight.
     """
     rewards, group_ids, lengths, weights = _validate(
         rewards, group_ids, estimator, response_lengths, snr_threshold, reward_weights
     )
+    group_std_floor = float(group_std_floor)
+    if not group_std_floor >= 0 or group_std_floor == float("inf"):
+        raise ValueError(f"group_std_floor must be finite and >= 0, got {group_std_floor}")
     n, k = rewards.shape
     group_index, group_size = _group_index(group_ids)
 
-    per_dim = _group_normalize(rewards, group_index, group_size, weights)
+    per_dim = _group_normalize(rewards, group_index, group_size, weights, group_std_floor)
     lowest, highest = per_dim.aminmax(dim=1)
     conflict = (highest > SIGN_EPS) & (lowest < -SIGN_EPS)
     summed = per_dim.sum(dim=1)
@@ -70,8 +77,12 @@ def compute_advantages(
     group_keep_ratio = (kept_per_group / group_size)[group_index]
 
     if estimator == "grpo":
-        advantages = _group_normalize((rewards * weights).sum(dim=1, keepdim=True), group_index, group_size)[:, 0]
+        advantages = _group_normalize(
+            (rewards * weights).sum(dim=1, keepdim=True), group_index, group_size, std_floor=group_std_floor
+        )[:, 0]
+        effective = advantages  # GRPO normalises one summed dimension: that is its Σ_k A_k
     else:
+        effective = summed
         advantages = summed
         if estimator.startswith("gd2po") and group_reweight:
             advantages = advantages * group_keep_ratio
@@ -85,6 +96,11 @@ def compute_advantages(
         # Share of the per-dimension advantage mass that sign disagreement cancels in the sum.
         "advantage_cancellation": 1.0 - (summed.abs().sum() / magnitude.sum().clamp(min=SNR_EPS)).item(),
         **_authors_metrics(conflict, consensus, group_keep_ratio, snr_threshold, weights),
+        # The paper's claim that masking "preserves the magnitude of effective advantages": mean
+        # |Σ_k A_k| over the rollouts this estimator keeps, before reweighting and whitening (0 if none).
+        "mean_abs_summed_advantage": (
+            effective.abs()[keep_mask].mean().item() if keep_mask.any() else 0.0
+        ),
     }
     for dim in range(k):
         metrics[f"reward_dim{dim}_mean"] = rewards[:, dim].mean().item()
@@ -124,8 +140,8 @@ def _group_index(group_ids):
     return group_index, group_size
 
 
-def _group_normalize(values, group_index, group_size, weights=1.0):
-    """(x - group mean) / (group std + 1e-6) per column, Bessel-corrected std, times `weights`.
+def _group_normalize(values, group_index, group_size, weights=1.0, std_floor=0.0):
+    """(x - group mean) / (max(group std, std_floor) + 1e-6) per column, Bessel-corrected std, times `weights`.
 
     A group of one rollout has no spread to normalise by: it keeps its raw value
     (mean 0, std 1), as GRPO's reference implementation does.
@@ -136,7 +152,7 @@ def _group_normalize(values, group_index, group_size, weights=1.0):
     singleton = (group_size == 1)[:, None]
     centred = values - torch.where(singleton, 0.0, sums / group_size[:, None])[group_index]
     squares = torch.zeros_like(sums).index_add_(0, group_index, centred * centred)
-    std = (squares / (group_size - 1).clamp(min=1)[:, None]).sqrt()
+    std = (squares / (group_size - 1).clamp(min=1)[:, None]).sqrt().clamp(min=std_floor)
     return centred * (torch.where(singleton, 1.0, 1.0 / (std + GROUP_NORM_EPS)) * weights)[group_index]
 
 

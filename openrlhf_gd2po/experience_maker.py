@@ -101,6 +101,7 @@ class GD2POExperienceMaker(RemoteExperienceMaker):
                 snr_threshold=args.gd2po.snr_threshold,
                 group_reweight=not args.gd2po.no_group_reweight,
                 whiten=not args.gd2po.no_whiten,
+                group_std_floor=args.gd2po.group_std_floor,
                 reward_weights=self.reward_weights,
             )
             advantages[fetched], keep_mask[fetched] = result.advantages, result.keep_mask

@@ -458,3 +458,58 @@ def test_authors_metrics_without_conflicts_are_zero():
                 "true_conflict_share", "group_keep_ratio_std"):  # fmt: skip
         assert result.metrics[key] == 0.0
     assert result.metrics["group_keep_ratio_mean"] == 1.0
+
+
+# --------------------------------------------------------------------------------------
+# mean_abs_summed_advantage and the opt-in group std floor
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator, expected", [
+    ("grpo", (2 + SQRT2) / 5),  # |-1|, 0, 1, 1/√2, 1/√2 (its one normalised dimension)
+    ("gdpo", (2 * SQRT3 + SQRT2) / 5),  # |Σ_k A_k| = √3, 0, √3, 1/√2, 1/√2
+    ("gd2po_hard", (2 * SQRT3 + SQRT2) / 4),  # the conflicted rollout 1 (Σ = 0) is not kept
+    ("gd2po_snr", (2 * SQRT3 + SQRT2) / 4),
+])
+def test_mean_abs_summed_advantage_over_kept_rollouts_before_reweighting(estimator, expected):
+    # Reweighting (2/3 in group 0) and whitening would change these values; the metric is taken before both.
+    result = compute_advantages(REWARDS, GROUPS, estimator)
+    assert result.metrics["mean_abs_summed_advantage"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_mean_abs_summed_advantage_is_zero_when_everything_is_masked():
+    rewards = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # both rollouts conflicted
+    result = compute_advantages(rewards, torch.tensor([0, 0]), "gd2po_hard")
+    assert not result.keep_mask.any()
+    assert result.metrics["mean_abs_summed_advantage"] == 0.0
+
+
+def test_group_std_floor_stops_a_near_constant_dimension_from_full_weight():
+    # dim1 = 0, 0, 0.01: std 0.00577, so per-dimension normalisation turns a 0.01 difference into
+    # -1/√3, -1/√3, 2/√3, as large as dim0's. A floor of 0.1 divides by 0.1 instead.
+    rewards = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 0.01]])
+    groups = torch.tensor([0, 0, 0])
+    default = compute_advantages(rewards, groups, "gdpo", whiten=False)
+    assert_values(default.advantages, [(-2 - 1) / SQRT3, (1 - 1) / SQRT3, (1 + 2) / SQRT3], atol=1e-3)
+    floored = compute_advantages(rewards, groups, "gdpo", whiten=False, group_std_floor=0.1)
+    dim1 = torch.tensor([-1 / 300, -1 / 300, 2 / 300]) / (0.1 + 1e-6)
+    assert_values(floored.advantages, (torch.tensor([-2.0, 1.0, 1.0]) / SQRT3 + dim1).tolist(), atol=1e-4)
+    # dim0's std (0.577) is above the floor: that dimension is untouched. Masking sees the floored values:
+    # rollout 1 (A0 > 0, A1 < 0) stays conflicted, but its small A1 gives it a consensus near 1.
+    snr = compute_advantages(rewards, groups, "gd2po_snr", snr_threshold=0.8, group_std_floor=0.1)
+    assert snr.keep_mask.tolist() == [True, True, True]
+    assert compute_advantages(rewards, groups, "gd2po_snr", snr_threshold=0.8).keep_mask.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "gdpo", "gd2po_hard", "gd2po_snr"])
+def test_group_std_floor_below_every_std_changes_nothing(estimator):
+    default = compute_advantages(REWARDS, GROUPS, estimator)
+    floored = compute_advantages(REWARDS, GROUPS, estimator, group_std_floor=0.1)  # every std is >= 0.5
+    torch.testing.assert_close(floored.advantages, default.advantages)
+    assert torch.equal(floored.keep_mask, default.keep_mask)
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf")])
+def test_bad_group_std_floor(bad):
+    with pytest.raises(ValueError, match="group_std_floor"):
+        compute_advantages(REWARDS, GROUPS, "gdpo", group_std_floor=bad)

@@ -16,7 +16,8 @@ from tiny_models import build_tiny_chat_model
 
 from openrlhf_gd2po.advantages import ESTIMATORS, compute_advantages
 from openrlhf_gd2po.cli import analyze
-from openrlhf_gd2po.cli.analyze import DEFAULT_PROMPTS, SNR_THRESHOLDS, main
+from openrlhf_gd2po.cli.analyze import TASKS, main
+from openrlhf_gd2po.cli.analyze_report import SNR_THRESHOLDS
 from openrlhf_gd2po.reward_client import RewardServerError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,7 +35,7 @@ def run_analyze(model, out, *extra):
     return json.loads((out / "summary.json").read_text())
 
 
-def test_default_toolcall_servers_score_every_rollout(tiny_model, tmp_path, capsys, monkeypatch):
+def test_toolcall_task_servers_score_every_rollout(tiny_model, tmp_path, capsys, monkeypatch):
     sent, fetch_rewards = [], analyze.fetch_rewards
 
     def recording_fetch_rewards(dimensions, queries, prompts, labels, **kwargs):
@@ -42,10 +43,11 @@ def test_default_toolcall_servers_score_every_rollout(tiny_model, tmp_path, caps
         return fetch_rewards(dimensions, queries, prompts, labels, **kwargs)
 
     monkeypatch.setattr(analyze, "fetch_rewards", recording_fetch_rewards)
-    summary = run_analyze(tiny_model, tmp_path / "out")
+    summary = run_analyze(tiny_model, tmp_path / "out", "--task", "toolcall")
 
     assert summary["dimensions"] == ["correctness", "format", "length"]
-    rows = [json.loads(line) for line in DEFAULT_PROMPTS.read_text().splitlines()[:3]]
+    assert summary["config"]["task"] == "toolcall"
+    rows = [json.loads(line) for line in TASKS["toolcall"]["prompts"].read_text().splitlines()[:3]]
     assert [p["label"] for p in summary["prompts"]] == [row["label"] for row in rows]
     rollouts = summary["rollouts"]
     assert [r["prompt_index"] for r in rollouts] == [0] * 4 + [1] * 4 + [2] * 4
@@ -61,8 +63,37 @@ def test_default_toolcall_servers_score_every_rollout(tiny_model, tmp_path, caps
         expected_correctness = -3.0 if "<tool_call>" in label else 0.0
         assert rollout["rewards"] == {"correctness": expected_correctness, "format": 0.0, "length": 0.0}
     assert "groups where it varies" in capsys.readouterr().out
-    for name in ("reward_histograms.png", "keep_ratio_vs_tau.png", "correlation.png"):
+    for name in ("reward_histograms.png", "keep_ratio_vs_tau.png", "correlation.png", "conflict.png"):
         assert (tmp_path / "out" / name).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_default_task_is_arithmetic_scored_by_math_and_length(tiny_model, tmp_path, capsys):
+    summary = run_analyze(tiny_model, tmp_path / "out")
+
+    assert summary["config"]["task"] == "math"
+    # Two servers: `reward_servers math` (correctness, format) and `reward_servers length`.
+    assert summary["dimensions"] == ["correctness", "format", "length"]
+    servers = summary["config"]["reward_servers"]
+    assert servers["correctness"].rsplit("#")[0] == servers["format"].rsplit("#")[0] != servers["length"].rsplit("#")[0]
+    rows = [json.loads(line) for line in TASKS["math"]["prompts"].read_text().splitlines()]
+    assert len(rows) == 80 and all(int(row["label"]) == sum(map(int, row["prompt"][8:15].split(" + "))) for row in rows)
+    assert [p["label"] for p in summary["prompts"]] == [row["label"] for row in rows[:3]]
+    chat = f"<|im_start|>user\n{rows[0]['prompt']}<|im_end|>\n<|im_start|>assistant\n"
+    assert summary["prompts"][0]["prompt"] == chat
+    for rollout in summary["rollouts"]:  # random bytes: no right or boxed answer, a length reward
+        assert rollout["rewards"]["correctness"] == rollout["rewards"]["format"] == 0.0
+        assert -1.0 <= rollout["rewards"]["length"] <= 1.0
+    report = capsys.readouterr().out
+    assert "mean |sum_k A_k| of kept rollouts" in report
+    assert (tmp_path / "out" / "conflict.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize("module", ["openrlhf_gd2po.cli.analyze", "openrlhf_gd2po.cli.cpu_demo"])
+def test_commands_start_without_dependency_warnings(module):
+    # torch warns about pynvml at import; our commands filter that where they start.
+    completed = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert "Warning" not in completed.stderr, completed.stderr
 
 
 def test_conflicting_dimensions_match_compute_advantages(tiny_model, tmp_path):
@@ -100,6 +131,7 @@ def test_conflicting_dimensions_match_compute_advantages(tiny_model, tmp_path):
     assert summary["estimators"]["gd2po_hard"]["keep_ratio"] == pytest.approx(1 - summary["conflict_ratio"])
     for estimator in ESTIMATORS:
         expected = metrics(estimator)
+        assert "mean_abs_summed_advantage" in summary["estimators"][estimator]
         for key, value in summary["estimators"][estimator].items():
             assert value == pytest.approx(expected[key]), (estimator, key)
     assert [row["tau"] for row in summary["snr_sweep"]] == list(SNR_THRESHOLDS)

@@ -1,5 +1,6 @@
 """Smoke tests: each benchmark script runs in its quick mode and prints its table."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,13 @@ def test_learning_efficiency_quick(tmp_path):
         assert estimator in completed.stdout
     assert out.stat().st_size > 0
     assert "results" in (tmp_path / "le.json").read_text()
+    # The conflict-intensity map: its primary metric, the neutral ones, and the paired comparison with gdpo.
+    for text in ("conflict map", "P(exact), final (PRIMARY)", "Pareto distance", "p(token)", "beats gdpo"):
+        assert text in completed.stdout
+    cells = json.loads((tmp_path / "le_map.json").read_text())
+    assert {cell["conflict"] for cell in cells["cells"]} == {0.0, 1.0}
+    assert set(cells["paired_wins_over_gdpo"]) >= {"grpo", "gd2po_hard", "gdpo floor"}
+    assert (tmp_path / "le_map.png").stat().st_size > 0
 
 
 def test_bench_reward_stage_quick():

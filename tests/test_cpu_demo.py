@@ -25,6 +25,9 @@ def test_demo_trains_with_deepspeed_zero3_and_logs_every_step(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "DeepSpeed ZeRO-3" in result.stdout
+    # A clean terminal: no dependency warnings or bars (pynvml, torch.distributed, DeepSpeed, transformers).
+    for noise in ("Warning", "Setting accelerator to CPU", "Loading weights", "torch_dtype", "generating"):
+        assert noise not in result.stdout + result.stderr, noise
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     for row in rows:
@@ -36,6 +39,8 @@ def test_demo_trains_with_deepspeed_zero3_and_logs_every_step(tmp_path):
         assert 0 <= row["gd2po/keep_ratio"] <= 1 and 0 <= row["gd2po/conflict_ratio"] <= 1
         assert 1 <= row["response_length"] <= 12
         assert row["grad_norm"] > 0
+        # Only `length` varies, so nothing conflicts: every estimator keeps all rollouts and the same |Σ_k A_k|.
+        assert row["gd2po/mean_abs_summed_advantage"] == pytest.approx(row["gdpo/mean_abs_summed_advantage"])
 
 
 def test_policy_batch_puts_response_tokens_under_the_action_mask():

@@ -247,6 +247,7 @@ def test_cli_passes_openrlhf_flags_through_and_points_remote_url_at_batch_scorin
         (training_argv("group_norm", "c=http://h:1", "--reward.on_failure", "mask"), "needs a GD²PO-family"),
         (training_argv("gd2po_snr", "c=http://h:1", "--gd2po.snr_threshold", "1.5"), "in [0, 1], got 1.5"),
         (training_argv("gdpo", "c=http://h:1", "--reward.batch_size", "0"), "--reward.batch_size must be >= 1"),
+        (training_argv("gdpo", "c=http://h:1", "--gd2po.group_std_floor", "-1"), "group_std_floor must be finite"),
     ],
 )
 def test_bad_flag_combinations_exit_before_ray(argv, message, capsys):

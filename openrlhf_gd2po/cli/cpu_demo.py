@@ -18,24 +18,28 @@ run DeepSpeed's parameter hooks on every decoding step: from the third step on, 
 from 6-7 s to over a minute a step (measured).
 """
 
-import argparse
-import contextlib
-import json
-import os
-import random
-import socket
-import time
-from pathlib import Path
+from openrlhf_gd2po.cli.quiet import quiet_dependencies
 
-import torch
+quiet_dependencies()  # before torch and DeepSpeed are imported: some warn at import
 
-from openrlhf_gd2po.advantages import ESTIMATORS, compute_advantages
-from openrlhf_gd2po.cli.analyze import (
-    at_least_two, keep_freed_memory, load_model, local_reward_server, positive_float, positive_int,
-    sample_rollouts, smollm2_checkpoint,
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from openrlhf_gd2po.advantages import ESTIMATORS, compute_advantages  # noqa: E402
+from openrlhf_gd2po.cli.analyze import at_least_two, local_reward_server, positive_float, positive_int  # noqa: E402
+from openrlhf_gd2po.cli.generation import (  # noqa: E402
+    keep_freed_memory, load_model, sample_rollouts, smollm2_checkpoint,
 )
-from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
-from reward_servers.local import exit_on_sigterm
+from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers  # noqa: E402
+from reward_servers.local import exit_on_sigterm  # noqa: E402
 
 # SmolLM2-135M boxes its answer in about a third of its replies to this wording, so `format` varies.
 QUESTION = (
@@ -104,13 +108,16 @@ def main(argv: list[str] | None = None) -> None:
               f"{args.n_samples} samples a step, rewards {', '.join(names)}, "
               f"DeepSpeed ZeRO-{engine.zero_optimization_stage()}")
         print(f"{'step':>4} " + " ".join(f"{name:>11}" for name in names)
-              + f" {'conflict':>8} {'keep':>6} {'grad norm':>9} {'resp len':>8} {'seconds':>7}")
+              + f" {'conflict':>8} {'keep':>6} {'|ΣA| kept':>9} {'gdpo |ΣA|':>9} {'grad norm':>9} {'resp len':>8}"
+              f" {'seconds':>7}")
         for step in range(1, args.steps + 1):
             metrics = train_step(engine, sampler, tokenizer, dimensions, questions, args)
             with metrics_file.open("a") as file:
                 file.write(json.dumps({"step": step, **metrics}) + "\n")
             print(f"{step:>4} " + " ".join(f"{metrics[f'reward/{name}']:>11.3f}" for name in names)
                   + f" {metrics['gd2po/conflict_ratio']:>8.3f} {metrics['gd2po/keep_ratio']:>6.3f}"
+                  f" {metrics['gd2po/mean_abs_summed_advantage']:>9.3f}"
+                  f" {metrics['gdpo/mean_abs_summed_advantage']:>9.3f}"
                   f" {metrics['grad_norm']:>9.3f} {metrics['response_length']:>8.1f} {metrics['seconds']:>7.1f}")
     # Left to interpreter exit, gloo's worker threads can be torn down while still joinable, which
     # aborts the process ("terminate called without an active exception"; seen once in CI's tests).
@@ -162,7 +169,9 @@ def train_step(engine, sampler, tokenizer, dimensions, questions, args) -> dict:
         for a, b in pairs
     ]
     labels = [str(a + b) for a, b in pairs]
-    rollouts = sample_rollouts(sampler, tokenizer, prompts, args.n_samples, args.max_new_tokens, 1.0)
+    # No progress bar: the step's table row is the progress.
+    rollouts = sample_rollouts(sampler, tokenizer, prompts, args.n_samples, args.max_new_tokens, 1.0,
+                               show_progress=False)
     generated = time.perf_counter()
     rewards = fetch_rewards(
         dimensions, [r["query"] for r in rollouts], [prompts[r["prompt_index"]] for r in rollouts],
@@ -173,6 +182,8 @@ def train_step(engine, sampler, tokenizer, dimensions, questions, args) -> dict:
     lengths = torch.tensor([r["response_length"] for r in rollouts])
     result = compute_advantages(rewards, group_ids, args.estimator, response_lengths=lengths,
                                 snr_threshold=args.snr_threshold)
+    # GDPO on the same rollouts keeps every one: the paper's claim is that masking keeps |Σ_k A_k| larger.
+    gdpo = compute_advantages(rewards, group_ids, "gdpo", response_lengths=lengths)
     sequences, attention_mask, action_mask = policy_batch(rollouts, tokenizer.pad_token_id)
     log_probs = engine(sequences, action_mask, attention_mask)
     advantages = result.advantages[:, None] * action_mask  # one scalar per rollout on each response token
@@ -188,6 +199,7 @@ def train_step(engine, sampler, tokenizer, dimensions, questions, args) -> dict:
         **{f"reward/{name}": rewards[:, k].mean().item() for k, name in enumerate(names)},
         "reward": rewards.sum(dim=1).mean().item(),
         **{f"gd2po/{key}": value for key, value in result.metrics.items() if not key.startswith("reward_dim")},
+        "gdpo/mean_abs_summed_advantage": gdpo.metrics["mean_abs_summed_advantage"],
         # With one update per batch the ratio is 1 and the loss is -mean(advantage), about 0 after
         # whitening; the gradient norm (before clipping) shows how much the step moved.
         "policy_loss": loss.item(),

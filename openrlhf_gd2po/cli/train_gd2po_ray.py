@@ -40,6 +40,10 @@ def add_gd2po_arguments(parser):
                        help="zero_advantage (the authors'): advantage 0, but OpenRLHF's KL loss and entropy bonus still "
                             "act on masked rollouts and their tokens count in the loss denominators; exclude: masked "
                             "rollouts get no policy, KL or entropy gradient and are in no denominator")
+    group.add_argument("--gd2po.group_std_floor", type=float, default=0.0,
+                       help="divide each dimension's group advantage by max(group std, floor) + 1e-6 (default 0: "
+                            "the authors' std + 1e-6); 0.1 stops a nearly constant reward dimension from getting "
+                            "full weight (benchmarks/RESULTS.md, learning efficiency)")
     group = parser.add_argument_group("GD²PO multi-reward servers")
     group.add_argument("--reward.servers", type=str, default=None,
                        help="reward dimensions as name=url[|replica_url...][#dimension],... or name=reward.py[#dimension] "
@@ -89,6 +93,8 @@ def validate_gd2po_arguments(args):
         return f"--reward.on_failure mask needs a GD²PO-family estimator ({', '.join(ESTIMATORS)}), got {estimator}"
     if not 0.0 <= get("gd2po.snr_threshold") <= 1.0:
         return f"--gd2po.snr_threshold must be in [0, 1], got {get('gd2po.snr_threshold')}"
+    if not 0.0 <= get("gd2po.group_std_floor") < float("inf"):
+        return f"--gd2po.group_std_floor must be finite and >= 0, got {get('gd2po.group_std_floor')}"
     for flag, minimum in (("reward.timeout", 1e-3), ("reward.deadline", 1e-3), ("reward.retries", 0),
                           ("reward.batch_size", 1), ("reward.max_in_flight", 1)):
         if not minimum <= get(flag) < float("inf"):  # nan and inf too

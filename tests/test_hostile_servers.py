@@ -143,8 +143,12 @@ def test_pathological_latex_scores_lowest_and_does_not_hold_up_other_requests():
         hostile["thread"].join(timeout=120)
         answer = hostile["answer"]
         assert answer.status_code == 200, answer.text
-        # Each sample went over the 2 s limit: the lowest value of each dimension.
-        assert answer.json()["extra_logs"] == {"correctness": [0.0] * 8, "format": [0.0] * 8}
+        # The power tower (samples 0 and 4) runs far past the 2 s limit on any machine and scores the
+        # lowest value of each dimension; how fast the others parse depends on the machine (on an idle
+        # one some finish in time and, being boxed, get format 1), so they are only checked as wrong.
+        scores = answer.json()["extra_logs"]
+        assert scores["correctness"] == [0.0] * 8
+        assert scores["format"][0] == scores["format"][4] == 0.0
         assert hostile["seconds"] < 60  # one request runs on one worker: 8 samples x 2 s
 
 

@@ -1,0 +1,38 @@
+"""Ray job entrypoint for tests/test_ray_job_submit.py.
+
+`python ray_job_driver.py MODULE ARGS...` runs MODULE as `python -m MODULE ARGS...` does, except that
+get_strategy, OpenRLHF's first call after its ray.init, instead builds a Ray actor in this job, prints
+which experience maker OpenRLHF's trainer module holds there, and exits before any model is loaded.
+"""
+
+import os
+import runpy
+import sys
+
+import openrlhf.utils
+import ray
+
+
+@ray.remote(num_cpus=1)
+class TrainerModuleProbe:
+    """Stands where OpenRLHF's trainer actor would: a fresh worker process of this job."""
+
+    def report(self):
+        from openrlhf.trainer import ppo_trainer
+
+        maker = ppo_trainer.RemoteExperienceMaker  # the name BasePPOTrainer.__init__ instantiates
+        return f"{maker.__module__}.{maker.__qualname__}", os.environ.get("GD2PO_REWARD_API_KEY")
+
+
+def report_and_stop(args):
+    experience_maker, api_key = ray.get(TrainerModuleProbe.remote().report.remote())
+    print(f"PROBE experience_maker={experience_maker}", flush=True)
+    print(f"PROBE GD2PO_REWARD_API_KEY={api_key}", flush=True)
+    print(f"PROBE job_runtime_env={ray.get_runtime_context().runtime_env}", flush=True)
+    raise SystemExit(0)
+
+
+if __name__ == "__main__":
+    openrlhf.utils.get_strategy = report_and_stop  # train_ppo_ray runs `from openrlhf.utils import get_strategy` afresh
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)

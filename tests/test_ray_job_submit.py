@@ -1,0 +1,124 @@
+"""The README's launch, `ray job submit … -- python -m openrlhf_gd2po.cli.train_gd2po_ray …`, on a real local
+Ray head: a Ray actor built in that job gets GD2POExperienceMaker, and the job's own runtime env (env_vars,
+as in the README) merges with the worker hook our CLI adds to OpenRLHF's ray.init.
+
+The job runs through tests/ray_job_driver.py, which stops it right after OpenRLHF's ray.init (no model).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from servers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = ROOT / "tests"
+RAY = Path(sys.executable).parent / "ray"
+API_KEY = "job-env-secret"
+README_FLAGS = ["--algo.advantage.estimator", "gd2po_snr", "--gd2po.snr_threshold", "0.8",
+                "--rollout.n_samples_per_prompt", "4", "--algo.kl.init_coef", "0",
+                "--reward.servers", "correctness=http://127.0.0.1:9#correctness,format=http://127.0.0.1:9#format"]  # fmt: skip
+
+
+def ray_env():
+    # Nothing from this process reaches the head or the job but what the job's runtime env carries:
+    # conftest puts the CPU stand-ins on PYTHONPATH, and RAY_ADDRESS would point the CLI elsewhere.
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+
+
+def stop_ray_head(head, temp_dir):
+    """Stop only the processes of our head. `ray stop` would kill every Ray process on the machine."""
+    ours = [head]
+    try:
+        ours += head.children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    for proc in psutil.process_iter(["cmdline"]):  # anything reparented away from the head still names our temp dir
+        if any(temp_dir in arg for arg in proc.info["cmdline"] or []):
+            ours.append(proc)
+    for proc in ours:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(ours, timeout=5)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def dashboard_url():
+    """A CPU-only Ray head on free ports with its own temp dir, so no other `ray.init()` attaches to it."""
+    if not RAY.exists():
+        pytest.skip(f"the `ray` CLI is not installed beside {sys.executable}")
+    temp_dir = f"/tmp/ray_rayjob_{os.getpid()}"  # short: Ray's socket paths must fit in 107 characters
+    dashboard_port = free_port()
+    ports = ["--port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
+             "--runtime-env-agent-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+             "--metrics-export-port"]  # fmt: skip
+    command = [str(RAY), "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
+               "--temp-dir", temp_dir, "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(200 << 20),
+               "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]  # fmt: skip
+    for flag in ports:
+        command += [flag, str(free_port())]
+    low = free_port()
+    command += ["--min-worker-port", str(low), "--max-worker-port", str(low + 50)]
+    log = open(Path(temp_dir + ".log"), "w")
+    head = psutil.Popen(command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/version", timeout=5) as response:
+                    json.load(response)
+                break
+            except OSError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"Ray head did not come up:\n{Path(log.name).read_text()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        stop_ray_head(head, temp_dir)
+        log.close()
+        os.unlink(log.name)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def submit(url, module, flags):
+    """`ray job submit` as the README writes it; return the job's output."""
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS / "cpu_stand_ins")]),
+                                "GD2PO_REWARD_API_KEY": API_KEY}}  # fmt: skip
+    command = [str(RAY), "job", "submit", "--address", url, "--runtime-env-json", json.dumps(runtime_env),
+               "--", sys.executable, str(TESTS / "ray_job_driver.py"), module, *flags]  # fmt: skip
+    result = subprocess.run(command, env=ray_env(), capture_output=True, text=True, timeout=240)
+    output = result.stdout + result.stderr
+    assert "PROBE experience_maker=" in output, output[-5000:]
+    return output
+
+
+def test_ray_job_submit_reaches_the_trainer_actor(dashboard_url):
+    output = submit(dashboard_url, "openrlhf_gd2po.cli.train_gd2po_ray", README_FLAGS)
+    assert "PROBE experience_maker=openrlhf_gd2po.experience_maker.GD2POExperienceMaker" in output, output[-5000:]
+    assert f"PROBE GD2PO_REWARD_API_KEY={API_KEY}" in output  # the job's env_vars reach the actor beside the hook
+    assert "'worker_process_setup_hook': 'openrlhf_gd2po.install'" in output
+
+
+def test_ray_job_submit_without_our_cli_keeps_openrlhf_experience_maker(dashboard_url):
+    # The control: the same job through OpenRLHF's own CLI, where nothing installs the hook.
+    flags = ["--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "4"]
+    output = submit(dashboard_url, "openrlhf.cli.train_ppo_ray", flags)
+    assert "PROBE experience_maker=openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker" in output

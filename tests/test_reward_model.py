@@ -12,7 +12,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from servers import running_server
-from tiny_models import build_tiny_chat_model, build_tiny_tokenizer
+from tiny_models import build_tiny_chat_model, build_tiny_tokenizer, tiny_config
 
 from reward_servers.reward_model import make_scorer, resolve_dtype
 from reward_servers.rm_chat import conversation, render_batch
@@ -34,19 +34,6 @@ BODY = {"query": QUERIES, "prompts": [CHATML_PROMPT] * 4, "labels": [None] * 4}
 
 def post(url: str, body: dict) -> httpx.Response:
     return httpx.post(f"{url}/get_reward", json=body, timeout=60)
-
-
-def tiny_config(tokenizer, **extra) -> transformers.Qwen2Config:
-    return transformers.Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        **extra,
-    )
 
 
 def token_ids(tokenizer, text: str) -> torch.Tensor:

@@ -28,22 +28,30 @@ def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     )
 
 
-def build_tiny_chat_model(path) -> Path:
-    """Save a random tiny Qwen2ForCausalLM and its tokenizer to `path`; return the path."""
-    path = Path(path)
-    tokenizer = build_tiny_tokenizer()
-    config = transformers.Qwen2Config(
+def tiny_config(tokenizer, **extra) -> transformers.Qwen2Config:
+    """The ~2M-parameter Qwen2 shape every tiny test model shares; `extra` adds head or token settings."""
+    return transformers.Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
+def build_tiny_chat_model(path) -> Path:
+    """Save a random tiny Qwen2ForCausalLM and its tokenizer to `path`; return the path."""
+    path = Path(path)
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_config(
+        tokenizer,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     transformers.Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

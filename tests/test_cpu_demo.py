@@ -10,6 +10,7 @@ import torch
 from tiny_models import build_tiny_chat_model
 
 from openrlhf_gd2po.cli.cpu_demo import main, policy_batch
+from openrlhf_gd2po.cli.generation import fast_bf16
 
 
 def test_demo_trains_with_deepspeed_zero3_and_logs_every_step(tmp_path):
@@ -24,7 +25,8 @@ def test_demo_trains_with_deepspeed_zero3_and_logs_every_step(tmp_path):
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "DeepSpeed ZeRO-3" in result.stdout
+    # bf16 only where the CPU multiplies it natively: elsewhere one bf16 update of SmolLM2 took over 8 min.
+    assert f"DeepSpeed ZeRO-3 in {'bfloat16' if fast_bf16() else 'float32'}" in result.stdout
     # A clean terminal: no dependency warnings or bars (pynvml, torch.distributed, DeepSpeed, transformers).
     for noise in ("Warning", "Setting accelerator to CPU", "Loading weights", "torch_dtype", "generating"):
         assert noise not in result.stdout + result.stderr, noise

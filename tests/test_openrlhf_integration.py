@@ -322,6 +322,30 @@ def test_gd2po_advantages_are_never_clipped(clip_range):
     assert torch.allclose(got, expected.advantages[:, None].expand(-1, 3))
 
 
+def test_group_std_floor_flag_reaches_the_advantages():
+    """`--gd2po.group_std_floor` through OpenRLHF's experience hook: a near-constant dimension stays small."""
+    from openrlhf.trainer.ppo_utils.experience import Experience
+    from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
+    from openrlhf_gd2po.experience_maker import GD2POExperienceMaker
+
+    rewards = torch.tensor([[1.0, 0.50], [0.0, 0.51], [1.0, 0.50], [0.0, 0.50]] * 2)  # b: std 0.005 per group
+    lengths = torch.full((len(rewards),), 3)
+    advantages = {}
+    for floor in ("0", "0.1"):
+        args, _ = parse_cli(training_argv("gd2po_snr", "a=http://h:1,b=http://h:1", "--gd2po.group_std_floor", floor))
+        maker = GD2POExperienceMaker(None, None, None, None, FixedKLController(0.0), SimpleNamespace(args=args), None)
+        experience = Experience(action_mask=torch.ones(len(rewards), 3, dtype=torch.bool), kl=torch.zeros(len(rewards), 3),
+                                index=list(range(len(rewards))),
+                                info={"reward/a": rewards[:, 0], "reward/b": rewards[:, 1],
+                                      "reward_fetch_failed": torch.zeros(len(rewards))})  # fmt: skip
+        advantages[floor] = maker.compute_advantages_and_returns([experience])[0].advantages[:, 0]
+        expected = compute_advantages(rewards, torch.arange(len(rewards)) // N_SAMPLES, "gd2po_snr", lengths,
+                                      snr_threshold=0.8, group_std_floor=float(floor))  # fmt: skip
+        assert torch.allclose(advantages[floor], expected.advantages)
+    # Without the floor, b's 0.01 step counts as much as a's 0/1 and masks rollout 1; with it, b is a ripple.
+    assert advantages["0"][1] == 0 and advantages["0.1"][1] != 0
+
+
 def test_parse_args_hook_touches_only_openrlhfs_parser_and_is_removed_after_it():
     original = argparse.ArgumentParser.parse_args
     seen = {}

@@ -98,15 +98,15 @@ def dashboard_url():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(url, module, flags):
+def submit(url, module, flags, more_env_vars=None, reaches_the_actor=True):
     """`ray job submit` as the README writes it; return the job's output."""
     runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS / "cpu_stand_ins")]),
-                                "GD2PO_REWARD_API_KEY": API_KEY}}  # fmt: skip
+                                "GD2PO_REWARD_API_KEY": API_KEY, **(more_env_vars or {})}}  # fmt: skip
     command = [str(RAY), "job", "submit", "--address", url, "--runtime-env-json", json.dumps(runtime_env),
                "--", sys.executable, str(TESTS / "ray_job_driver.py"), module, *flags]  # fmt: skip
     result = subprocess.run(command, env=ray_env(), capture_output=True, text=True, timeout=240)
     output = result.stdout + result.stderr
-    assert "PROBE experience_maker=" in output, output[-5000:]
+    assert ("PROBE experience_maker=" in output) == reaches_the_actor, output[-5000:]
     return output
 
 
@@ -122,3 +122,15 @@ def test_ray_job_submit_without_our_cli_keeps_openrlhf_experience_maker(dashboar
     flags = ["--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "4"]
     output = submit(dashboard_url, "openrlhf.cli.train_ppo_ray", flags)
     assert "PROBE experience_maker=openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker" in output
+
+
+def test_job_env_vars_that_openrlhf_also_sets_need_ray_override(dashboard_url):
+    # The README's warning: OpenRLHF's own ray.init sets NCCL_DEBUG (and two more), and Ray refuses a
+    # variable that the job sets too; RAY_OVERRIDE_JOB_RUNTIME_ENV=1 lets the two merge.
+    output = submit(dashboard_url, "openrlhf_gd2po.cli.train_gd2po_ray", README_FLAGS,
+                    more_env_vars={"NCCL_DEBUG": "INFO"}, reaches_the_actor=False)
+    assert "Failed to merge the Job's runtime env" in output, output[-5000:]
+    output = submit(dashboard_url, "openrlhf_gd2po.cli.train_gd2po_ray", README_FLAGS,
+                    more_env_vars={"NCCL_DEBUG": "INFO", "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"})
+    assert "PROBE experience_maker=openrlhf_gd2po.experience_maker.GD2POExperienceMaker" in output
+    assert "'NCCL_DEBUG': 'INFO'" in output

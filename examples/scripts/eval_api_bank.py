@@ -22,7 +22,7 @@ from pathlib import Path
 # This folder's modules, when imported from elsewhere (tests); as a script it is sys.path[0].
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from api_bank_scoring import score_sample, summarize  # noqa: E402
-from eval_generation import InputError, generate, pick_backend  # noqa: E402
+from eval_generation import InputError, add_generation_arguments, check_generation_arguments, generate, pick_backend  # noqa: E402
 from eval_report import print_table, write_report  # noqa: E402
 
 LEVELS = (1, 2, 3)
@@ -47,24 +47,13 @@ def load_level(data_dir: Path, level: int, limit: int | None) -> list[dict]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint directory (HF format, with a chat template)")
+    add_generation_arguments(parser)
     parser.add_argument("--data-dir", type=Path, required=True, help="folder with level-{1,2,3}-api_processed.json")
-    parser.add_argument("--output", type=Path, required=True, help="JSON file for the metrics and every sample")
     parser.add_argument("--levels", type=int, nargs="+", choices=LEVELS, default=list(LEVELS))
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each level")
-    parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
-                        help="auto: vLLM when a GPU and vLLM are there, else transformers")
     parser.add_argument("--max-new-tokens", type=int, default=4096, help="the authors' max_tokens (default %(default)s)")
     parser.add_argument("--max-model-len", type=int, default=4096, help="the authors' max_model_len (default %(default)s)")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM backend")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (transformers backend)")
     args = parser.parse_args(argv)
-    for name in ("limit", "max_new_tokens", "max_model_len", "tensor_parallel_size", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not Path(args.model).is_dir():
-        parser.error(f"--model {args.model}: no such directory")
+    check_generation_arguments(parser, args, ["max_new_tokens", "max_model_len"])
 
     backend = pick_backend(args.backend)
     try:

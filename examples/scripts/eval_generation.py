@@ -9,12 +9,34 @@ records such rows as errors and leaves them out of the scores; so do we, naming 
 """
 
 import sys
+from pathlib import Path
 
 SEED = 42  # the authors' default --seed (greedy decoding does not sample; vLLM takes it anyway)
 
 
 class InputError(ValueError):
     pass
+
+
+def add_generation_arguments(parser) -> None:
+    """The flags both evaluations share: the model, where the report goes, and how to generate."""
+    parser.add_argument("--model", required=True, help="checkpoint directory (HF format, with a chat template)")
+    parser.add_argument("--output", type=Path, required=True, help="JSON file for the metrics and every sample")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each file")
+    parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
+                        help="auto: vLLM when a GPU and vLLM are there, else transformers")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM backend")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (transformers backend)")
+
+
+def check_generation_arguments(parser, args, positive: list[str]) -> None:
+    """Exit through `parser` naming the flag and value: a count below 1 or a missing model folder."""
+    for name in ["limit", "tensor_parallel_size", "batch_size", *positive]:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not Path(args.model).is_dir():
+        parser.error(f"--model {args.model}: no such directory")
 
 
 def pick_backend(requested: str) -> str:

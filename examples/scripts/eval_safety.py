@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # openrlhf_gd2po from a checkout
-from eval_generation import InputError, generate, pick_backend  # noqa: E402
+from eval_generation import InputError, add_generation_arguments, check_generation_arguments, generate, pick_backend  # noqa: E402
 from eval_report import print_table, write_report  # noqa: E402
 from prepare_toolrl_data import check_messages  # noqa: E402
 
@@ -56,26 +56,15 @@ def means(samples: list[dict], names: list[str]) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint directory (HF format, with a chat template)")
+    add_generation_arguments(parser)
     parser.add_argument("--data", type=Path, nargs="+", required=True, help="verl-format test parquet file(s)")
     parser.add_argument("--reward-servers", required=True,
                         help="name=url[#dimension],... as --reward.servers of the training (helpfulness and harmlessness)")
-    parser.add_argument("--output", type=Path, required=True, help="JSON file for the metrics and every sample")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each file")
-    parser.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
-                        help="auto: vLLM when a GPU and vLLM are there, else transformers")
     parser.add_argument("--max-prompt-tokens", type=int, default=512, help="the authors' max_prompt_length, left truncation")
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="the authors' max_response_length")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM backend")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (transformers backend)")
     parser.add_argument("--reward-timeout", type=float, default=300.0, help="seconds per reward request")
     args = parser.parse_args(argv)
-    for name in ("limit", "max_prompt_tokens", "max_new_tokens", "tensor_parallel_size", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not Path(args.model).is_dir():
-        parser.error(f"--model {args.model}: no such directory")
+    check_generation_arguments(parser, args, ["max_prompt_tokens", "max_new_tokens"])
     try:
         dimensions = parse_reward_servers(args.reward_servers)
     except ValueError as error:

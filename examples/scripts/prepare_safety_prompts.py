@@ -20,16 +20,13 @@ Usage:
 """
 
 import argparse
-import json
 import re
-import sys
 from pathlib import Path
 
-import pyarrow
 import pyarrow.parquet as pq
 
 # Shared with the ToolRL preparation (this folder is sys.path[0] when run as a script).
-from prepare_toolrl_data import InputError, add_selection_arguments, check_messages, load_tokenizer, select_rows  # noqa: E402
+from prepare_toolrl_data import InputError, add_selection_arguments, check_messages, read_select_write  # noqa: E402
 
 EVALUATION_ONLY_SOURCES = ("Anthropic/hh-rlhf", "PKU-Alignment/PKU-SafeRLHF")
 
@@ -69,27 +66,7 @@ def main(argv=None) -> None:
     add_selection_arguments(parser, 512, "longer prompts are dropped: the authors' max_prompt_length")
     args = parser.parse_args(argv)
 
-    rows = []
-    for path in args.parquet:
-        if not path.is_file():
-            sys.exit(f"error: {path}: no such file")
-        try:
-            file_rows = prompts_from_parquet(path)
-        except InputError as error:
-            sys.exit(f"error: {error}")
-        except (OSError, ValueError, pyarrow.ArrowException) as error:  # unreadable or not parquet
-            sys.exit(f"error: {path}: cannot read it: {error}")
-        print(f"{path}: {len(file_rows)} prompts")
-        rows += file_rows
-    try:
-        rows, account = select_rows(rows, load_tokenizer(args.tokenizer), args.max_prompt_tokens, args.drop_duplicates)
-    except InputError as error:
-        sys.exit(f"error: {error}")
-
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with args.output.open("w", encoding="utf-8") as out:
-        for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    rows, account = read_select_write([(path, prompts_from_parquet) for path in args.parquet], args)
     print(f"{args.output}: {len(rows)} prompts; {account}")
 
 

@@ -149,18 +149,11 @@ def add_selection_arguments(parser, max_prompt_tokens: int, why: str) -> None:
     parser.add_argument("--drop-duplicates", action="store_true", help="keep each prompt once (the authors keep duplicates)")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parquet", type=Path, nargs="+", default=[], help="verl-format RLLA parquet file(s)")
-    parser.add_argument("--sft-json", type=Path, nargs="+", default=[], help="RLLA SFT JSON file(s) (rlla_sft.json)")
-    parser.add_argument("--output", type=Path, required=True, help="JSONL file to write")
-    add_selection_arguments(parser, 2048, "longer prompts are dropped: the authors' max_prompt_length with filter_overlong_prompts")
-    args = parser.parse_args(argv)
-    if not args.parquet and not args.sft_json:
-        parser.error("give at least one input: --parquet and/or --sft-json")
-
+def read_select_write(inputs, args) -> tuple[list[dict], str]:
+    """Read every (path, reader) input, keep the rows `select_rows` keeps, write them to --output as
+    JSONL; exit naming the file on any input error. Returns the rows and the dropped-rows account."""
     rows = []
-    for path, read in [(p, rows_from_parquet) for p in args.parquet] + [(p, rows_from_sft_json) for p in args.sft_json]:
+    for path, read in inputs:
         if not path.is_file():
             sys.exit(f"error: {path}: no such file")
         try:
@@ -175,11 +168,25 @@ def main(argv=None) -> None:
         rows, account = select_rows(rows, load_tokenizer(args.tokenizer), args.max_prompt_tokens, args.drop_duplicates)
     except InputError as error:
         sys.exit(f"error: {error}")
-
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", encoding="utf-8") as out:
         for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return rows, account
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parquet", type=Path, nargs="+", default=[], help="verl-format RLLA parquet file(s)")
+    parser.add_argument("--sft-json", type=Path, nargs="+", default=[], help="RLLA SFT JSON file(s) (rlla_sft.json)")
+    parser.add_argument("--output", type=Path, required=True, help="JSONL file to write")
+    add_selection_arguments(parser, 2048, "longer prompts are dropped: the authors' max_prompt_length with filter_overlong_prompts")
+    args = parser.parse_args(argv)
+    if not args.parquet and not args.sft_json:
+        parser.error("give at least one input: --parquet and/or --sft-json")
+
+    inputs = [(p, rows_from_parquet) for p in args.parquet] + [(p, rows_from_sft_json) for p in args.sft_json]
+    rows, account = read_select_write(inputs, args)
     with_tool_call = sum("<tool_call>" in row["label"] for row in rows)
     print(f"{args.output}: {len(rows)} prompts ({with_tool_call} expect tool calls, {len(rows) - with_tool_call} a response only); {account}")
 

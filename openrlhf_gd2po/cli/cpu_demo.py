@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from openrlhf_gd2po.advantages import ESTIMATORS, compute_advantages  # noqa: E402
 from openrlhf_gd2po.cli.analyze import at_least_two, local_reward_server, positive_float, positive_int  # noqa: E402
 from openrlhf_gd2po.cli.generation import (  # noqa: E402
-    keep_freed_memory, load_model, sample_rollouts, smollm2_checkpoint,
+    fast_bf16, keep_freed_memory, load_model, sample_rollouts, smollm2_checkpoint,
 )
 from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers  # noqa: E402
 from reward_servers.local import exit_on_sigterm  # noqa: E402
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "as gd2po-analyze)")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="gd2po_snr", help="default: %(default)s")
     parser.add_argument("--snr-threshold", type=float, default=0.8, help="tau of gd2po_snr (default: %(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=8, help="default: %(default)s")
+    parser.add_argument("--steps", type=positive_int, default=5,
+                        help="default: %(default)s (keeps the README main job within 10 minutes on 2 cores)")
     parser.add_argument("--prompts-per-step", type=positive_int, default=4, help="default: %(default)s")
     parser.add_argument("--n-samples", type=at_least_two, default=4, help="responses per prompt (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=48, help="default: %(default)s")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         names = [d.name for d in dimensions]
         print(f"gd2po-cpu-demo: {args.estimator} on {model_path.name}, {args.prompts_per_step} prompts x "
               f"{args.n_samples} samples a step, rewards {', '.join(names)}, "
-              f"DeepSpeed ZeRO-{engine.zero_optimization_stage()}")
+              f"DeepSpeed ZeRO-{engine.zero_optimization_stage()} in {training_dtype(engine)}")
         print(f"{'step':>4} " + " ".join(f"{name:>11}" for name in names)
               + f" {'conflict':>8} {'keep':>6} {'|ΣA| kept':>9} {'gdpo |ΣA|':>9} {'grad norm':>9} {'resp len':>8}"
               f" {'seconds':>7}")
@@ -153,14 +154,18 @@ def zero3_actor(model_path: Path, lr: float):
         # torch's AdamW: DeepSpeed's fused CPU Adam would first compile a C++ op for a minute.
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "torch_adam": True}},
         "gradient_clipping": 1.0,
-        # bf16 only where the CPU multiplies bf16 natively: elsewhere a bf16 backward ran 30x slower than
-        # fp32 (measured on an AMD EPYC without avx512_bf16: one update over 8 minutes). With bf16 off,
-        # ZeRO-3's parameter init makes every weight fp32 even though the Actor loads it as bf16.
-        "bf16": {"enabled": torch.ops.mkldnn._is_mkldnn_bf16_supported()},
+        # bf16 only where the CPU multiplies it natively (one bf16 update took over 8 minutes elsewhere).
+        # With bf16 off, ZeRO-3's parameter init makes every weight fp32 though the Actor loads bf16.
+        "bf16": {"enabled": fast_bf16()},
     }
     actor = Actor(str(model_path), attn_implementation="eager", param_dtype="bf16", ds_config=ds_config)
     engine, *_ = deepspeed.initialize(model=actor, config=ds_config, model_parameters=actor.parameters())
     return engine
+
+
+def training_dtype(engine) -> str:
+    """The dtype of the weights ZeRO-3 trains: each rank's partition of every parameter."""
+    return str(next(engine.module.parameters()).ds_tensor.dtype).removeprefix("torch.")
 
 
 def train_step(engine, sampler, tokenizer, dimensions, questions, args) -> dict:

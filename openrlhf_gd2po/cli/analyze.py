@@ -32,6 +32,7 @@ from openrlhf_gd2po.cli.generation import (  # noqa: E402
     keep_freed_memory, load_model, sample_rollouts, smollm2_checkpoint,
 )
 from openrlhf_gd2po.reward_client import API_KEY_ENV, fetch_rewards, parse_reward_servers  # noqa: E402
+from reward_servers.__main__ import positive_float, positive_int  # noqa: E402  (the servers' flag types, one definition)
 from reward_servers.local import exit_on_sigterm, running_process  # noqa: E402
 
 DATA = importlib.resources.files("openrlhf_gd2po") / "data"
@@ -84,24 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def at_least_two(text: str) -> int:
     value = int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be at least 2 (group normalisation needs a group), got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from reward_servers.local import running_process
-from tiny_models import build_tiny_chat_model, build_tiny_tokenizer
+from tiny_models import build_tiny_chat_model, build_tiny_classifier
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO_ROOT / "examples" / "scripts"
@@ -22,15 +22,7 @@ needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"needs 
 
 
 def build_reward_model(directory: Path, seed: int) -> Path:
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=1, intermediate_size=64, num_labels=1,
-                                      pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    model = transformers.Qwen2ForSequenceClassification(config)
-    torch.nn.init.normal_(model.score.weight, std=1.0)
-    model.save_pretrained(directory)
+    build_tiny_classifier(directory, seed).save_pretrained(directory)
     return directory
 
 

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from reward_servers.local import running_process
-from tiny_models import build_tiny_tokenizer
+from tiny_models import build_tiny_classifier, build_tiny_tokenizer
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "examples" / "scripts"
 
@@ -25,13 +25,8 @@ def load_check_module():
 
 def train_reward_model(directory: Path, preferred: list[str], other: list[str]) -> Path:
     """A ~20k-parameter Qwen2 classifier trained until it scores every preferred query above its pair."""
-    tokenizer = build_tiny_tokenizer()
-    tokenizer.save_pretrained(directory)
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=1, intermediate_size=64, num_labels=1,
-                                      pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    model = transformers.Qwen2ForSequenceClassification(config)
+    model = build_tiny_classifier(directory)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
     batch = tokenizer(preferred + other, return_tensors="pt", padding=True, add_special_tokens=False)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(400):

@@ -205,29 +205,9 @@ def test_math_server(math_url):
 
 
 def build_tiny_reward_model(directory: Path) -> None:
-    """A ~40k-parameter Qwen2 sequence classifier and a byte-level tokenizer, built offline."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+    from tiny_models import build_tiny_classifier
 
-    from tiny_models import build_tiny_tokenizer
-
-    wrapped = build_tiny_tokenizer()
-    wrapped.save_pretrained(directory)
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(wrapped),
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        num_labels=1,
-        pad_token_id=wrapped.pad_token_id,
-    )
-    model = Qwen2ForSequenceClassification(config)
-    torch.nn.init.normal_(model.score.weight, std=1.0)  # logits of order 1, so a sign flip is visible
-    model.save_pretrained(directory)
+    build_tiny_classifier(directory).save_pretrained(directory)
 
 
 def own_logits(directory: Path, queries: list[str]) -> list[float]:

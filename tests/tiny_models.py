@@ -56,3 +56,21 @@ def build_tiny_chat_model(path) -> Path:
     transformers.Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_tiny_classifier(directory, seed: int = 0) -> transformers.Qwen2ForSequenceClassification:
+    """A ~20k-parameter Qwen2 sequence classifier (one logit) for reward-model tests; the tokenizer is
+    saved to `directory`, the model is returned unsaved so a test can train it first. The score head
+    gets std 1, so its logits are of order 1 and a sign flip is visible."""
+    import torch
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=64, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = transformers.Qwen2ForSequenceClassification(config)
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    return model

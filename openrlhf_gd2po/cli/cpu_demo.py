@@ -24,6 +24,7 @@ quiet_dependencies()  # before torch and DeepSpeed are imported: some warn at im
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "as gd2po-analyze)")
     parser.add_argument("--estimator", choices=ESTIMATORS, default="gd2po_snr", help="default: %(default)s")
     parser.add_argument("--snr-threshold", type=float, default=0.8, help="tau of gd2po_snr (default: %(default)s)")
-    parser.add_argument("--steps", type=positive_int, default=5,
+    parser.add_argument("--steps", type=positive_int, default=4,
                         help="default: %(default)s (keeps the README main job within 10 minutes on 2 cores)")
     parser.add_argument("--prompts-per-step", type=positive_int, default=4, help="default: %(default)s")
     parser.add_argument("--n-samples", type=at_least_two, default=4, help="responses per prompt (default: %(default)s)")
@@ -158,7 +159,10 @@ def zero3_actor(model_path: Path, lr: float):
         # With bf16 off, ZeRO-3's parameter init makes every weight fp32 though the Actor loads bf16.
         "bf16": {"enabled": fast_bf16()},
     }
-    actor = Actor(str(model_path), attn_implementation="eager", param_dtype="bf16", ds_config=ds_config)
+    # OpenRLHF's Actor prints "[MoE] experts_implementation (resolved): eager" for every model; the
+    # demo's terminal shows only its own table, so that one print is dropped (errors go to stderr).
+    with contextlib.redirect_stdout(io.StringIO()):
+        actor = Actor(str(model_path), attn_implementation="eager", param_dtype="bf16", ds_config=ds_config)
     engine, *_ = deepspeed.initialize(model=actor, config=ds_config, model_parameters=actor.parameters())
     return engine
 

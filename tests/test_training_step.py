@@ -50,8 +50,11 @@ def test_masked_rollouts_in_the_real_actor_step(tmp_path, tiny_model, toolcall_u
         assert gradients[mode]["masked_rows"] == [1, 2, 5, 6]  # the mixed-sign rollouts of gd2po_hard
         assert gradients[mode]["gradient_norm"] > 0
         assert gradients[mode]["kept_changed_max_diff"] > 0  # kept rows move the gradient: the check can fail
-    # zero_advantage (the authors'): advantage 0, yet the KL loss still pulls on masked rollouts.
+    # zero_advantage (the authors'): advantage 0, yet the KL loss still pulls on masked rollouts ...
     assert gradients["zero_advantage"]["masked_changed_max_diff"] > 0
+    # ... while the policy gradient alone (KL loss and entropy off) gets nothing from them.
+    assert gradients["zero_advantage_policy_only"]["gradient_norm"] > 0
+    assert gradients["zero_advantage_policy_only"]["masked_changed_max_diff"] == 0
     # exclude, with the KL loss and the entropy bonus on: masked rollouts contribute exactly nothing,
     # and their tokens are in no denominator (the step counts only kept tokens).
     assert gradients["exclude"]["masked_changed_max_diff"] == 0

@@ -122,6 +122,9 @@ def gradient_probes(trainer, batches, entropy_coef):
     keep = keep_of(batches["exclude"])
     only_excluded = make_experience_batch([item for item, kept in zip(split_experience_batch(batches["exclude"]), keep)
                                            if not kept])  # fmt: skip
+    zero_advantage = batches["zero_advantage"]
+    zero_advantage_masked = (~keep_of(zero_advantage)).nonzero().flatten().tolist()
+    policy_only = with_new_responses(zero_advantage, []), with_new_responses(zero_advantage, zero_advantage_masked)
     for mode, batch in batches.items():
         kept = keep_of(batch)
         masked, kept_rows = (~kept).nonzero().flatten().tolist(), kept.nonzero().flatten().tolist()
@@ -138,6 +141,16 @@ def gradient_probes(trainer, batches, entropy_coef):
             "kept_changed_max_diff": (kept_changed - reference).abs().max().item(),
             "num_action_tokens": status["num_action_tokens"],
         }
+    # zero_advantage with the KL loss and the entropy bonus off: only the policy gradient is left, and
+    # masked rollouts (advantage 0 on every token) contribute exactly nothing to it.
+    trainer.args.algo.kl.use_loss = False
+    reference, _ = gradient_of(trainer, policy_only[0], None)
+    masked_changed, _ = gradient_of(trainer, policy_only[1], None)
+    trainer.args.algo.kl.use_loss = True
+    report["zero_advantage_policy_only"] = {
+        "gradient_norm": reference.norm().item(),
+        "masked_changed_max_diff": (masked_changed - reference).abs().max().item(),
+    }
     # A micro-batch, and optimizer step, made only of excluded rollouts.
     gradient, status = gradient_of(trainer, only_excluded, entropy_coef)
     unguarded, _ = gradient_of(trainer, only_excluded, entropy_coef, guarded=False)

@@ -54,12 +54,13 @@ def pick_backend(requested: str) -> str:
     return "vllm"
 
 
-def load_tokenizer(model_path: str):
+def load_tokenizer(model_path: str, flag: str = "--model"):
+    """The policy's tokenizer; InputError naming `flag` when it has no chat template to render prompts with."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.chat_template is None:
-        raise InputError(f"--model {model_path}: the tokenizer has no chat template")
+        raise InputError(f"{flag} {model_path}: the tokenizer has no chat template")
     return tokenizer
 
 

@@ -77,7 +77,7 @@ def main(argv=None) -> None:
         generations = generate(args.model, [row["prompt"] for row in rows], backend, args.max_new_tokens,
                                args.max_prompt_tokens + args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
                                batch_size=args.batch_size, tensor_parallel_size=args.tensor_parallel_size)  # fmt: skip
-    except (InputError, ValueError) as error:
+    except InputError as error:
         sys.exit(f"error: {error}")
 
     # The query training sends: the whole prompt, the answer, and its end token as OpenRLHF decodes it.

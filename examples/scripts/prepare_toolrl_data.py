@@ -37,11 +37,11 @@ import pyarrow.parquet as pq
 sys.path.append(str(Path(__file__).resolve().parents[2]))
 from reward_servers.toolcall import parse_tool_calls, tool_call_block  # noqa: E402
 
+# One input error class and one prompt rendering for preparation and evaluation, so the prompts
+# counted here are the prompts the evaluation feeds (this folder is sys.path[0] as a script).
+from eval_generation import InputError, load_tokenizer, render_prompts  # noqa: E402
+
 ROLES = ("system", "user", "assistant")
-
-
-class InputError(ValueError):
-    pass
 
 
 def check_messages(messages, where: str) -> list[dict]:
@@ -110,19 +110,9 @@ def rows_from_sft_json(path: Path) -> list[dict]:
     return rows
 
 
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.chat_template is None:
-        raise InputError(f"--tokenizer {path}: the tokenizer has no chat template (give the policy's checkpoint)")
-    return tokenizer
-
-
 def prompt_tokens(tokenizer, messages: list[dict]) -> int:
     """Tokens of the prompt as the trainer feeds it: chat template with generation prompt, no extra specials."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return len(render_prompts(tokenizer, [messages], None)[1][0])
 
 
 def select_rows(rows: list[dict], tokenizer, max_prompt_tokens: int, drop_duplicates: bool) -> tuple[list[dict], str]:
@@ -165,7 +155,7 @@ def read_select_write(inputs, args) -> tuple[list[dict], str]:
         print(f"{path}: {len(file_rows)} rows read")
         rows += file_rows
     try:
-        rows, account = select_rows(rows, load_tokenizer(args.tokenizer), args.max_prompt_tokens, args.drop_duplicates)
+        rows, account = select_rows(rows, load_tokenizer(args.tokenizer, flag="--tokenizer"), args.max_prompt_tokens, args.drop_duplicates)
     except InputError as error:
         sys.exit(f"error: {error}")
     args.output.parent.mkdir(parents=True, exist_ok=True)

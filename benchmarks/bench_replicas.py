@@ -29,10 +29,10 @@ from reward_servers.local import running_process
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_reward_stage import check_rewards, make_samples  # noqa: E402
+from bench_reward_stage import MAX_IN_FLIGHT, make_samples, time_fetch_rewards  # noqa: E402
 
 FIXED_MS, PER_SAMPLE_MS = 5.0, 1.0  # CPU per request: a rule-based scorer's order of magnitude
-BATCH_SIZE, MAX_IN_FLIGHT = 64, 8
+BATCH_SIZE = 64  # 8 in flight per replica (MAX_IN_FLIGHT), as bench_reward_stage
 
 
 BURN = "import time\nend = time.process_time() + {seconds}\nwhile time.process_time() < end:\n    pass\n"
@@ -63,10 +63,8 @@ def cpu_seconds(pids) -> float:
 
 def time_fetch(dimension, samples, server_pids) -> tuple[float, float]:
     """(wall seconds, server CPU seconds) of one fetch."""
-    cpu_before, started = cpu_seconds(server_pids), time.perf_counter()
-    batch = fetch_rewards([dimension], *samples, batch_size=BATCH_SIZE, max_in_flight=MAX_IN_FLIGHT)
-    seconds = time.perf_counter() - started
-    check_rewards(batch.rewards, samples[0], f"fetch_rewards on {dimension.url}")
+    cpu_before = cpu_seconds(server_pids)
+    seconds = time_fetch_rewards([dimension], samples, batch_size=BATCH_SIZE)
     return seconds, cpu_seconds(server_pids) - cpu_before
 
 
@@ -107,9 +105,9 @@ def main() -> None:
     parallelism.append(machine_parallelism())
 
     batches = -(-n // BATCH_SIZE)
-    cpu_seconds = (batches * FIXED_MS + n * PER_SAMPLE_MS) / 1000
+    cost_seconds = (batches * FIXED_MS + n * PER_SAMPLE_MS) / 1000
     print(f"{n} samples in {batches} batches of {BATCH_SIZE}, {MAX_IN_FLIGHT} in flight per replica; "
-          f"{FIXED_MS:g} ms + {PER_SAMPLE_MS:g} ms/sample per request ({cpu_seconds:.2f} s in all), spent as CPU "
+          f"{FIXED_MS:g} ms + {PER_SAMPLE_MS:g} ms/sample per request ({cost_seconds:.2f} s in all), spent as CPU "
           f"(cpu) or asleep (sleep); {os.cpu_count()} CPUs, load average {load_before:.1f} before, "
           f"{load_after:.1f} after; median of {repeats} alternating run(s).\n")
     # "server cores": CPU seconds the servers got per wall second. On an idle machine 1 CPU-bound

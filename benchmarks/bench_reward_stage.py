@@ -89,10 +89,11 @@ def check_rewards(rewards: torch.Tensor, queries: list[str], mode: str) -> None:
         raise AssertionError(f"{mode}: rewards differ from what the servers compute")
 
 
-def time_fetch_rewards(dimensions, samples) -> float:
+def time_fetch_rewards(dimensions, samples, batch_size: int = BATCH_SIZE) -> float:
+    """Wall seconds of one fetch_rewards call; its rewards are then checked."""
     queries, prompts, labels = samples
     started = time.perf_counter()
-    batch = fetch_rewards(dimensions, queries, prompts, labels, batch_size=BATCH_SIZE, max_in_flight=MAX_IN_FLIGHT)
+    batch = fetch_rewards(dimensions, queries, prompts, labels, batch_size=batch_size, max_in_flight=MAX_IN_FLIGHT)
     seconds = time.perf_counter() - started
     check_rewards(batch.rewards, queries, f"fetch_rewards on {[d.name for d in dimensions]}")
     return seconds

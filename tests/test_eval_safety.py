@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from reward_servers.local import running_process
+from servers import running_server
 from tiny_models import build_tiny_chat_model, build_tiny_classifier
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +48,9 @@ def test_eval_safety_on_a_tiny_model(tmp_path):
     rm, cm = build_reward_model(tmp_path / "rm", 1), build_reward_model(tmp_path / "cm", 2)
     alpaca = alpaca_style_test_file(tmp_path / "alpaca_test.parquet")
     output = tmp_path / "eval" / "safety.json"
-    serve = lambda model, name: running_process(  # noqa: E731
-        [sys.executable, "-m", "reward_servers", "reward_model", "--model", str(model), "--dimension-name", name, "--device", "cpu"])
-    with serve(rm, "helpfulness") as (rm_url, _), serve(cm, "harmlessness") as (cm_url, _):
+    serve = lambda model, name: running_server(  # noqa: E731
+        ["reward_model", "--model", str(model), "--dimension-name", name, "--device", "cpu"])
+    with serve(rm, "helpfulness") as rm_url, serve(cm, "harmlessness") as cm_url:
         servers = f"helpfulness={rm_url}#helpfulness,harmlessness={cm_url}#harmlessness"
         result = subprocess.run(
             [sys.executable, str(SCRIPTS / "eval_safety.py"), "--model", str(policy), "--data", str(alpaca),

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from reward_servers.local import running_process
+from servers import running_server
 from tiny_models import build_tiny_classifier, build_tiny_tokenizer
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "examples" / "scripts"
@@ -54,8 +54,7 @@ def flip_sign(source: Path, directory: Path) -> Path:
 
 
 def serve(model_dir: Path, name: str):
-    return running_process([sys.executable, "-m", "reward_servers", "reward_model", "--model", str(model_dir),
-                            "--dimension-name", name, "--device", "cpu"])  # fmt: skip
+    return running_server(["reward_model", "--model", str(model_dir), "--dimension-name", name, "--device", "cpu"])
 
 
 def run_check(policy: Path, servers: str):
@@ -76,9 +75,9 @@ def test_direction_check_passes_the_right_way_and_stops_the_wrong_way(tmp_path):
     flipped = flip_sign(models["harmlessness"], tmp_path / "harmlessness_flipped")
 
     with (
-        serve(models["helpfulness"], "helpfulness") as (helpful_url, _),
-        serve(models["harmlessness"], "harmlessness") as (harmless_url, _),
-        serve(flipped, "harmlessness") as (flipped_url, _),
+        serve(models["helpfulness"], "helpfulness") as helpful_url,
+        serve(models["harmlessness"], "harmlessness") as harmless_url,
+        serve(flipped, "harmlessness") as flipped_url,
     ):
         right = run_check(policy, f"helpfulness={helpful_url}#helpfulness,harmlessness={harmless_url}#harmlessness")
         wrong = run_check(policy, f"helpfulness={helpful_url}#helpfulness,harmlessness={flipped_url}#harmlessness")

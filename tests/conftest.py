@@ -1,9 +1,13 @@
-"""Test-wide setup: CPU-only import stand-ins for flash_attn/vllm when the real ones are missing."""
+"""Test-wide setup: CPU-only import stand-ins for flash_attn/vllm when the real ones are missing, and
+the expensive things several test modules share, built once per session: the tiny chat model, a
+toolcall reward server and a local Ray instance."""
 
 import importlib.util
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 STAND_INS = Path(__file__).parent / "cpu_stand_ins"
 
@@ -12,3 +16,42 @@ STAND_INS = Path(__file__).parent / "cpu_stand_ins"
 if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("vllm") is None:
     sys.path.append(str(STAND_INS))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(STAND_INS)]))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """The ~2M-parameter Qwen2 chat model and its byte tokenizer (seed 0), saved once; tests only read it."""
+    import torch
+    from tiny_models import build_tiny_chat_model
+
+    torch.manual_seed(0)
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def toolcall_url():
+    """`python -m reward_servers toolcall` with its default limits; tests that need other limits start their own."""
+    from servers import running_server
+
+    with running_server(["toolcall"]) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray instance for the session. Every worker runs our hook, as `train_gd2po_ray` asks;
+    tests/ goes along on PYTHONPATH for pickled test code."""
+    import ray
+
+    from openrlhf_gd2po.cli.train_gd2po_ray import WORKER_SETUP_HOOK
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={
+            "worker_process_setup_hook": WORKER_SETUP_HOOK,
+            "env_vars": {"PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(Path(__file__).parent)])},
+        },
+    )
+    yield
+    ray.shutdown()

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from servers import running_server
-from tiny_models import build_tiny_chat_model
 
 from openrlhf_gd2po.advantages import ESTIMATORS, compute_advantages
 from openrlhf_gd2po.cli import analyze
@@ -21,12 +20,6 @@ from openrlhf_gd2po.cli.analyze_report import SNR_THRESHOLDS
 from openrlhf_gd2po.reward_client import RewardServerError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    torch.manual_seed(0)
-    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def run_analyze(model, out, *extra):

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import psutil
@@ -88,6 +89,7 @@ def math_batch(responses: list[str], label: str = "1") -> dict:
 
 
 GOOD_MATH = math_batch(["So \\boxed{2}.", "It is 3."], "2")
+SPIN_REWARD = str(Path(__file__).parent / "data" / "spin_reward.py")
 
 
 @pytest.fixture(scope="module")
@@ -185,28 +187,34 @@ def wait_for_health(url: str, timeout: float = 90) -> None:
         time.sleep(0.2)
 
 
+def spin_batch(*seconds: float) -> dict:
+    """One sample per entry, each scored by tests/data/spin_reward.py in exactly that many seconds."""
+    return body(["x"] * len(seconds), [str(s) for s in seconds])
+
+
 def test_queued_work_of_a_client_that_left_is_dropped():
-    with server("math", "--workers", "1", "--sample-timeout", "2") as (url, process):
-        first = post_in_background(url, math_batch(SLOW_LATEX))  # about 8 s
+    with server("file", "--path", SPIN_REWARD, "--workers", "1") as (url, process):
+        first = post_in_background(url, spin_batch(3))
         wait_until_busy(scorer_workers(process)[0])
-        # Queued behind it, about 80 s of work, but the client gives up after 1 s.
+        # Queued behind it, 60 s of work, but the client gives up after 1 s.
         with pytest.raises(httpx.TimeoutException):
-            post(url, math_batch(SLOW_LATEX * 10), timeout=1)
+            post(url, spin_batch(*[6] * 10), timeout=1)
         start = time.monotonic()
-        good = post(url, GOOD_MATH, timeout=60)
+        good = post(url, spin_batch(0), timeout=60)
         assert good.status_code == 200, good.text
-        assert time.monotonic() - start < 40  # the first batch's rest, not the abandoned 80 s
+        assert good.json()["rewards"] == [0.0]
+        assert time.monotonic() - start < 30  # the first batch's rest (under 3 s), not the abandoned 60 s
         first["thread"].join(timeout=60)
         assert first["answer"].status_code == 200
 
 
 def test_a_full_queue_answers_503_with_retry_after():
-    with server("math", "--workers", "1", "--max-queue", "1", "--sample-timeout", "2") as (url, process):
-        running = post_in_background(url, math_batch(SLOW_LATEX[:3]))
+    with server("file", "--path", SPIN_REWARD, "--workers", "1", "--max-queue", "1") as (url, process):
+        running = post_in_background(url, spin_batch(5))
         wait_until_busy(scorer_workers(process)[0])
-        queued = post_in_background(url, GOOD_MATH)
-        time.sleep(1)
-        answer = post(url, GOOD_MATH, timeout=10)
+        queued = post_in_background(url, spin_batch(0))
+        time.sleep(1)  # for the queued request to reach the server; nothing observable marks it queued
+        answer = post(url, spin_batch(0), timeout=10)
         assert answer.status_code == 503, answer.text
         assert answer.headers["Retry-After"] == "1"
         assert "--max-queue" in answer.json()["detail"]

@@ -16,7 +16,7 @@ import torch
 from openrlhf_gd2po.advantages import compute_advantages
 from openrlhf_gd2po.cli.train_gd2po_ray import WORKER_SETUP_HOOK, main
 from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
-from servers import free_port, running_server
+from servers import free_port
 from tiny_models import build_tiny_chat_model
 
 TESTS = Path(__file__).parent
@@ -57,32 +57,6 @@ def training_argv(estimator, servers, *extra):
         "--rollout.micro_batch_size", "2", "--algo.advantage.estimator", estimator,
         "--reward.servers", servers, "--reward.batch_size", "3", *extra,
     ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def toolcall_url():
-    with running_server(["toolcall"]) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    # Every Ray worker runs our hook, as `train_gd2po_ray` asks; tests/ goes along for pickled test code.
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={
-            "worker_process_setup_hook": WORKER_SETUP_HOOK,
-            "env_vars": {"PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(TESTS)])},
-        },
-    )
-    yield
-    ray.shutdown()
 
 
 class InProcessActorGroup:

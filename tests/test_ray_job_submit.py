@@ -98,39 +98,59 @@ def dashboard_url():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def submit(url, module, flags, more_env_vars=None, reaches_the_actor=True):
-    """`ray job submit` as the README writes it; return the job's output."""
-    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS / "cpu_stand_ins")]),
-                                "GD2PO_REWARD_API_KEY": API_KEY, **(more_env_vars or {})}}  # fmt: skip
-    command = [str(RAY), "job", "submit", "--address", url, "--runtime-env-json", json.dumps(runtime_env),
-               "--", sys.executable, str(TESTS / "ray_job_driver.py"), module, *flags]  # fmt: skip
-    result = subprocess.run(command, env=ray_env(), capture_output=True, text=True, timeout=240)
-    output = result.stdout + result.stderr
-    assert ("PROBE experience_maker=" in output) == reaches_the_actor, output[-5000:]
-    return output
+# Each job imports OpenRLHF in a driver and in an actor's worker: seconds of work, mostly in other
+# processes, so the module submits all of them at once and each test reads its job's output.
+JOBS = {
+    "readme": ("openrlhf_gd2po.cli.train_gd2po_ray", README_FLAGS, {}),
+    # The control: the same job through OpenRLHF's own CLI, where nothing installs the hook.
+    "openrlhf_cli": ("openrlhf.cli.train_ppo_ray",
+                     ["--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "4"], {}),  # fmt: skip
+    "nccl_debug": ("openrlhf_gd2po.cli.train_gd2po_ray", README_FLAGS, {"NCCL_DEBUG": "INFO"}),
+    "nccl_debug_override": ("openrlhf_gd2po.cli.train_gd2po_ray", README_FLAGS,
+                            {"NCCL_DEBUG": "INFO", "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}),  # fmt: skip
+}
 
 
-def test_ray_job_submit_reaches_the_trainer_actor(dashboard_url):
-    output = submit(dashboard_url, "openrlhf_gd2po.cli.train_gd2po_ray", README_FLAGS)
+@pytest.fixture(scope="module")
+def job_output(dashboard_url, tmp_path_factory):
+    """`ray job submit` of every JOBS entry as the README writes it, run side by side; name -> output."""
+    logs = tmp_path_factory.mktemp("jobs")
+    running = {}
+    for name, (module, flags, more_env_vars) in JOBS.items():
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS / "cpu_stand_ins")]),
+                                    "GD2PO_REWARD_API_KEY": API_KEY, **more_env_vars}}  # fmt: skip
+        command = [str(RAY), "job", "submit", "--address", dashboard_url, "--runtime-env-json", json.dumps(runtime_env),
+                   "--", sys.executable, str(TESTS / "ray_job_driver.py"), module, *flags]  # fmt: skip
+        log = open(logs / f"{name}.log", "w+")  # a file, not a pipe: no job blocks on a full pipe
+        running[name] = subprocess.Popen(command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT), log
+    outputs = {}
+    for name, (process, log) in running.items():
+        process.wait(timeout=240)
+        log.seek(0)
+        outputs[name] = log.read()
+        log.close()
+    return outputs
+
+
+def test_ray_job_submit_reaches_the_trainer_actor(job_output):
+    output = job_output["readme"]
     assert "PROBE experience_maker=openrlhf_gd2po.experience_maker.GD2POExperienceMaker" in output, output[-5000:]
     assert f"PROBE GD2PO_REWARD_API_KEY={API_KEY}" in output  # the job's env_vars reach the actor beside the hook
     assert "'worker_process_setup_hook': 'openrlhf_gd2po.install'" in output
 
 
-def test_ray_job_submit_without_our_cli_keeps_openrlhf_experience_maker(dashboard_url):
-    # The control: the same job through OpenRLHF's own CLI, where nothing installs the hook.
-    flags = ["--algo.advantage.estimator", "group_norm", "--rollout.n_samples_per_prompt", "4"]
-    output = submit(dashboard_url, "openrlhf.cli.train_ppo_ray", flags)
-    assert "PROBE experience_maker=openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker" in output
+def test_ray_job_submit_without_our_cli_keeps_openrlhf_experience_maker(job_output):
+    output = job_output["openrlhf_cli"]
+    assert "PROBE experience_maker=openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker" in output, \
+        output[-5000:]
 
 
-def test_job_env_vars_that_openrlhf_also_sets_need_ray_override(dashboard_url):
+def test_job_env_vars_that_openrlhf_also_sets_need_ray_override(job_output):
     # The README's warning: OpenRLHF's own ray.init sets NCCL_DEBUG (and two more), and Ray refuses a
     # variable that the job sets too; RAY_OVERRIDE_JOB_RUNTIME_ENV=1 lets the two merge.
-    output = submit(dashboard_url, "openrlhf_gd2po.cli.train_gd2po_ray", README_FLAGS,
-                    more_env_vars={"NCCL_DEBUG": "INFO"}, reaches_the_actor=False)
+    output = job_output["nccl_debug"]
     assert "Failed to merge the Job's runtime env" in output, output[-5000:]
-    output = submit(dashboard_url, "openrlhf_gd2po.cli.train_gd2po_ray", README_FLAGS,
-                    more_env_vars={"NCCL_DEBUG": "INFO", "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"})
-    assert "PROBE experience_maker=openrlhf_gd2po.experience_maker.GD2POExperienceMaker" in output
+    assert "PROBE experience_maker=" not in output
+    output = job_output["nccl_debug_override"]
+    assert "PROBE experience_maker=openrlhf_gd2po.experience_maker.GD2POExperienceMaker" in output, output[-5000:]
     assert "'NCCL_DEBUG': 'INFO'" in output

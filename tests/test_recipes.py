@@ -3,6 +3,9 @@ input checks, real launches with a stand-in `ray` (the safety recipe's with tiny
 served on CPU), the data preparation scripts on the shared data.
 The evaluations and the reward direction check have their own test files."""
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import shlex
@@ -10,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from unittest import mock
 
@@ -226,8 +230,30 @@ def wait_for(url, seconds=30):
 
 
 def run_python(script, *args, timeout=300):
+    """The script as a command, in its own process: what a user runs."""
     return subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO_ROOT)  # fmt: skip
+
+
+def run_main(script, *args):
+    """The script's main(argv) in this process, answered as run_python answers: a process start and the
+    imports cost seconds each, so each script runs once as a command and its other cases run here."""
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))  # the scripts import their neighbours, as sys.path[0] lets them
+    module = importlib.import_module(Path(script).stem)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            module.main([str(arg) for arg in args])
+            code = 0
+        except SystemExit as exit_:  # as the interpreter turns it into an exit status
+            code = exit_.code if isinstance(exit_.code, int) or exit_.code is None else 1
+            if isinstance(exit_.code, str):
+                print(exit_.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    return subprocess.CompletedProcess([script, *args], code or 0, stdout.getvalue(), stderr.getvalue())
 
 
 def read_jsonl(path):
@@ -272,7 +298,7 @@ def test_prepare_toolrl_data_from_parquet_and_sft_json(tmp_path, tiny_tokenizer)
     assert sft_first["label"] == sft_source["output"].split("</think>", 1)[1].strip()
     assert sft_first["label"].startswith("<tool_call>")
 
-    deduplicated = run_python("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet", "--sft-json", TOOLRL / "rlla_sft.json",
+    deduplicated = run_main("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet", "--sft-json", TOOLRL / "rlla_sft.json",
                               "--tokenizer", tiny_tokenizer, "--max-prompt-tokens", 10**6, "--output", output, "--drop-duplicates")  # fmt: skip
     assert deduplicated.returncode == 0 and "479 prompts" in deduplicated.stdout and "1 duplicate prompts dropped" in deduplicated.stdout
 
@@ -284,7 +310,7 @@ def test_prepare_toolrl_data_drops_overlong_prompts(tmp_path, tiny_tokenizer):
     lengths = templated_lengths(tiny_tokenizer, prompts)
     limit = sorted(lengths)[len(lengths) // 2]
     output = tmp_path / "rlla.jsonl"
-    result = run_python("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet", "--tokenizer", tiny_tokenizer,
+    result = run_main("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet", "--tokenizer", tiny_tokenizer,
                         "--max-prompt-tokens", limit, "--output", output)  # fmt: skip
     assert result.returncode == 0, result.stderr
     overlong = sum(length > limit for length in lengths)
@@ -293,7 +319,7 @@ def test_prepare_toolrl_data_drops_overlong_prompts(tmp_path, tiny_tokenizer):
     kept = [row["prompt"] for row in read_jsonl(output)]
     assert kept == [p for p, length in zip(prompts, lengths) if length <= limit]
     # The default limit is the authors' 2048: with one token per byte, most RLLA prompts are longer.
-    default = run_python("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet", "--tokenizer", tiny_tokenizer, "--output", output)
+    default = run_main("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet", "--tokenizer", tiny_tokenizer, "--output", output)
     assert f"{sum(length > 2048 for length in lengths)} prompts over 2048 tokens dropped" in default.stdout
 
     no_template = tmp_path / "no_template"
@@ -303,7 +329,7 @@ def test_prepare_toolrl_data_drops_overlong_prompts(tmp_path, tiny_tokenizer):
     (no_template / "tokenizer_config.json").write_text(json.dumps(config))
     for extra in no_template.glob("chat_template.*"):
         extra.unlink()
-    result = run_python("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet", "--tokenizer", no_template, "--output", output)
+    result = run_main("prepare_toolrl_data.py", "--parquet", TOOLRL / "rlla_4k_test.parquet", "--tokenizer", no_template, "--output", output)
     assert result.returncode != 0 and f"--tokenizer {no_template}: the tokenizer has no chat template" in result.stderr
 
 
@@ -311,11 +337,11 @@ def test_prepare_toolrl_data_drops_overlong_prompts(tmp_path, tiny_tokenizer):
 def test_prepare_toolrl_data_names_the_bad_file_and_field(tmp_path, tiny_tokenizer):
     bad = tmp_path / "bad_sft.json"
     bad.write_text(json.dumps([{"instruction": "sys", "input": "hi", "output": "<think> x </think>\n<tool_call>\nnot json\n</tool_call>"}]))
-    result = run_python("prepare_toolrl_data.py", "--sft-json", bad, "--tokenizer", tiny_tokenizer, "--output", tmp_path / "out.jsonl")
+    result = run_main("prepare_toolrl_data.py", "--sft-json", bad, "--tokenizer", tiny_tokenizer, "--output", tmp_path / "out.jsonl")
     assert result.returncode != 0
     assert f"{bad}: row 0: `output` after </think>: the <tool_call> block is not valid" in result.stderr
 
-    result = run_python("prepare_toolrl_data.py", "--parquet", SHARED_DATA / "hh_rlhf" / "test.parquet", "--tokenizer", tiny_tokenizer,
+    result = run_main("prepare_toolrl_data.py", "--parquet", SHARED_DATA / "hh_rlhf" / "test.parquet", "--tokenizer", tiny_tokenizer,
                         "--output", tmp_path / "out.jsonl")  # fmt: skip
     assert result.returncode != 0
     assert "test.parquet: row 0: reward_model.ground_truth: must be a string" in result.stderr
@@ -342,7 +368,7 @@ def test_prepare_safety_prompts_from_the_training_file(tmp_path, tiny_tokenizer)
     assert [row["prompt"] for row in rows] == [prompts[0], prompts[2], prompts[3]]
     assert all(row["label"] == "" for row in rows)
     assert "3 prompts; 1 prompts over 512 tokens dropped, 1 duplicate prompts kept" in result.stdout
-    result = run_python("prepare_safety_prompts.py", "--parquet", train, "--tokenizer", tiny_tokenizer, "--output", output, "--drop-duplicates")
+    result = run_main("prepare_safety_prompts.py", "--parquet", train, "--tokenizer", tiny_tokenizer, "--output", output, "--drop-duplicates")
     assert "2 prompts; 1 prompts over 512 tokens dropped, 1 duplicate prompts dropped" in result.stdout
 
 
@@ -361,12 +387,12 @@ def test_prepare_safety_prompts_refuses_the_evaluation_sets(tmp_path, tiny_token
     }  # fmt: skip
     output = tmp_path / "out.jsonl"
     for path, reason in cases.items():
-        result = run_python("prepare_safety_prompts.py", "--parquet", path, "--tokenizer", tiny_tokenizer, "--output", output)
+        result = run_main("prepare_safety_prompts.py", "--parquet", path, "--tokenizer", tiny_tokenizer, "--output", output)
         assert result.returncode != 0, path
         assert f"{path} looks like one of the paper's evaluation sets ({reason}" in result.stderr
         assert "eval_safety.py" in result.stderr
     assert not output.exists()
-    result = run_python("prepare_safety_prompts.py", "--parquet", TOOLRL / "rlla_sft.json", "--tokenizer", tiny_tokenizer, "--output", output)
+    result = run_main("prepare_safety_prompts.py", "--parquet", TOOLRL / "rlla_sft.json", "--tokenizer", tiny_tokenizer, "--output", output)
     assert result.returncode != 0 and "rlla_sft.json: cannot read it" in result.stderr
 
 

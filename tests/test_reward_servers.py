@@ -41,12 +41,6 @@ def post(url: str, body, **kwargs) -> httpx.Response:
 
 
 @pytest.fixture(scope="module")
-def toolcall_url():
-    with running_server(["toolcall"]) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def length_url():
     # Target 20 characters; a 10 KiB body limit; an API key.
     with running_server(["length", "--target-length", "20", "--max-body-mb", str(10 / 1024)], api_key=API_KEY) as url:

@@ -4,15 +4,12 @@ PolicyLoss, KL loss, entropy, replay buffer, ppo_train) under DeepSpeed ZeRO-3 o
 import json
 import subprocess
 import sys
-from types import SimpleNamespace
 
-import pytest
 import torch
 
-from openrlhf_gd2po.advantages import compute_advantages
 from servers import free_port
-from test_openrlhf_integration import (  # noqa: F401  (fixtures)
-    TESTS, local_ray, make_experiences, parse_cli, tiny_model, toolcall_url, training_argv,
+from test_openrlhf_integration import (
+    TESTS, make_experiences, parse_cli, training_argv,
 )
 
 ENTROPY_COEF = 0.01
@@ -24,11 +21,11 @@ def trainer_argv(mode, *extra):
             "--actor.adam.lr", "1e-3", "--actor.lr_scheduler", "constant", "--gd2po.masked_rollouts", mode, *extra]  # fmt: skip
 
 
-def run_training_step(tmp_path, tiny_model, toolcall_url, probes, *extra):
-    """Experiences of both --gd2po.masked_rollouts modes from the maker, then the script's probes."""
+def run_training_step(tmp_path, tiny_model, toolcall_url, probes, *extra, modes=("zero_advantage", "exclude")):
+    """Experiences of the --gd2po.masked_rollouts `modes` from the maker, then the script's probes."""
     servers = f"correctness={toolcall_url}#correctness,format={toolcall_url}#format"
     experiences = {}
-    for mode in ("zero_advantage", "exclude"):
+    for mode in modes:
         args, _ = parse_cli(training_argv("gd2po_hard", servers, *trainer_argv(mode, *extra)))
         experiences[mode], _, _ = make_experiences(tiny_model, args, reference=True)
     inputs = tmp_path / "inputs.pt"
@@ -86,7 +83,7 @@ def test_exclude_with_dynamic_batch(tmp_path, tiny_model, toolcall_url, local_ra
     # flash-attn's varlen kernels, so the script runs the padded layout. The Actor unpacks packed
     # log-probs to that same [batch, time] layout before `* action_mask`, so exclusion is unchanged.
     report, _ = run_training_step(tmp_path, tiny_model, toolcall_url, ["ppo_train"], "--train.dynamic_batch_enable",
-                                  "--train.max_tokens_per_gpu", "512", "--vllm.num_engines", "1")  # fmt: skip
+                                  "--train.max_tokens_per_gpu", "512", "--vllm.num_engines", "1", modes=["exclude"])  # fmt: skip
     assert report["ppo_train"]["error"] is None and report["ppo_train"]["status_finite"]
     assert report["ppo_train"]["weights_finite"] and report["ppo_train"]["weight_change"] > 0
 

@@ -21,8 +21,8 @@ from unittest import mock
 # compiling C++ kernels for every new shape. Eager computes the same values.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-import deepspeed
 import torch
+from cpu_deepspeed import init_cpu_distributed
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 from torch.distributed.device_mesh import init_device_mesh
 
@@ -39,14 +39,14 @@ def cpu_device_lookups():
     return mock.patch.object(torch.cuda, "current_device", return_value="cpu")
 
 
-def build_trainer(args, model_path):
+def build_trainer(args, model_path, port):
     from openrlhf.models import Actor
     from openrlhf.utils.deepspeed import DeepspeedStrategy
 
     strategy = DeepspeedStrategy(seed=0, max_norm=args.actor.max_norm, micro_train_batch_size=args.train.micro_batch_size,
                                  train_batch_size=args.train.batch_size, zero_stage=args.ds.zero_stage, args=args)  # fmt: skip
     # setup_distributed does this with NCCL and a CUDA mesh; the same on gloo and a CPU mesh.
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_cpu_distributed(port)
     strategy.world_size = 1
     strategy.ds_device_mesh = init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("dp", "sp", "tp"))
     strategy.setup_ring_attn(strategy.ds_device_mesh)
@@ -232,11 +232,10 @@ def sequence_token_log_probs(trainer, experience):
 
 
 def main(model_path, port, input_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     openrlhf_gd2po.install()  # as the Ray worker hook does in the policy actor's process
     inputs = torch.load(input_path, weights_only=False)
     args = inputs["args"]
-    trainer = build_trainer(args, model_path)
+    trainer = build_trainer(args, model_path, port)
     report = {"zero_stage": trainer.actor.model.zero_optimization_stage()}
     for experiences in inputs["experiences"].values():
         shorten_prompts(trainer, experiences)

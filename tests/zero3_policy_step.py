@@ -6,11 +6,11 @@ masked rollouts contribute exactly zero gradient, kept rollouts do not, and the 
 """
 
 import json
-import os
 import sys
 
 import deepspeed
 import torch
+from cpu_deepspeed import init_cpu_distributed
 from deepspeed.utils import safe_get_full_grad
 
 from openrlhf.models import Actor, PolicyLoss
@@ -20,14 +20,14 @@ ZERO_STAGE = 3
 
 
 def main(model_path, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_cpu_distributed(port)
     torch.manual_seed(0)
     ds_config = {
         "train_micro_batch_size_per_gpu": 8,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": ZERO_STAGE},
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+        # torch's AdamW: DeepSpeed's fused CPU Adam would first compile a C++ op for a minute.
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
         "bf16": {"enabled": True},
     }
     actor = Actor(model_path, attn_implementation="eager", param_dtype="bf16", ds_config=ds_config)

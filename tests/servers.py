@@ -4,6 +4,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from reward_servers.local import free_port, running_process  # noqa: F401  (used by the tests)
 
@@ -21,3 +22,16 @@ def running_server(task_args: list[str], api_key: str | None = None, env: dict[s
     server_env = {name: value for name, value in os.environ.items() if name != "GD2PO_REWARD_API_KEY"} | (env or {})
     with running_process(command, server_env) as (url, _):
         yield url
+
+
+@contextlib.contextmanager
+def running_servers(*task_args: list[str]) -> Iterator[list[str]]:
+    """Several `running_server`s, started side by side (each start is seconds of imports); yields their URLs."""
+    servers = [running_server(args) for args in task_args]
+    with ThreadPoolExecutor(len(servers)) as pool:
+        starts = [pool.submit(server.__enter__) for server in servers]
+    with contextlib.ExitStack() as stack:
+        for server, start in zip(servers, starts):
+            if start.exception() is None:
+                stack.push(server.__exit__)
+        yield [start.result() for start in starts]  # the first failure raises, and the started ones stop

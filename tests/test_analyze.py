@@ -7,8 +7,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from servers import running_server
@@ -204,16 +204,27 @@ def test_sigterm_stops_the_reward_server_it_started(tiny_model, tmp_path):
          "--n-samples", "8", "--max-new-tokens", "512", "--out", str(tmp_path / "out")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    children_file = Path(f"/proc/{analyze_process.pid}/task/{analyze_process.pid}/children")
+    # Until both of its servers (math, length) listen: they start one after the other, each waited
+    # for, so SIGTERM lands with both up and the analysis starting or generating.
     deadline = time.monotonic() + 120
-    while not children_file.read_text().split() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    servers = [int(pid) for pid in children_file.read_text().split()]
-    assert servers, "gd2po-analyze started no reward server"
-    time.sleep(3)  # into generation, with the server up
+    while len(servers := listening_children(analyze_process.pid)) < 2:
+        assert analyze_process.poll() is None and time.monotonic() < deadline, "gd2po-analyze started no reward servers"
+        time.sleep(0.1)
     analyze_process.send_signal(signal.SIGTERM)
     assert analyze_process.wait(timeout=60) == 128 + signal.SIGTERM
     for pid in servers:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not (tmp_path / "out").exists()
+
+
+def listening_children(pid):
+    """The pids of the process's children that listen on a TCP port."""
+    children = []
+    for child in psutil.Process(pid).children():
+        try:
+            if any(c.status == psutil.CONN_LISTEN for c in child.net_connections(kind="tcp")):
+                children.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return children

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -233,14 +234,23 @@ def test_bad_flag_combinations_exit_before_ray(argv, message, capsys):
     ray_init.assert_not_called()
 
 
-def test_help_lists_new_flags_as_module_and_script():
-    for command in (["-m", "openrlhf_gd2po.cli.train_gd2po_ray"], [str(TESTS.parent / "examples/scripts/train_gd2po_ray.py")]):
-        result = subprocess.run([sys.executable, *command, "--help"], capture_output=True, text=True, timeout=300)
-        assert result.returncode == 0, result.stderr
-        for flag in ("--gd2po.snr_threshold", "--gd2po.no_group_reweight", "--gd2po.no_whiten", "--reward.servers",
-                     "--reward.weights", "--reward.timeout", "--reward.retries", "--reward.batch_size",
-                     "--reward.on_failure", "gd2po_snr", "--ds.zero_stage"):  # fmt: skip
-            assert flag in result.stdout
+HELP_FLAGS = ("--gd2po.snr_threshold", "--gd2po.no_group_reweight", "--gd2po.no_whiten", "--reward.servers",
+              "--reward.weights", "--reward.timeout", "--reward.retries", "--reward.batch_size", "--reward.on_failure",
+              "gd2po_snr", "--ds.zero_stage")  # fmt: skip
+
+
+def test_help_lists_new_flags_as_module_and_script(capsys):
+    # The module as a command, in a fresh process ...
+    result = subprocess.run([sys.executable, "-m", "openrlhf_gd2po.cli.train_gd2po_ray", "--help"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert all(flag in result.stdout for flag in HELP_FLAGS)
+    # ... and the script as its own __main__, in this one (the deepspeed launcher test runs it as a command).
+    with mock.patch.object(sys, "argv", ["train_gd2po_ray.py", "--help"]), pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(TESTS.parent / "examples/scripts/train_gd2po_ray.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    stdout = capsys.readouterr().out
+    assert all(flag in stdout for flag in HELP_FLAGS)
 
 
 def test_deepspeed_launcher_runs_the_script():

@@ -3,9 +3,6 @@ input checks, real launches with a stand-in `ray` (the safety recipe's with tiny
 served on CPU), the data preparation scripts on the shared data.
 The evaluations and the reward direction check have their own test files."""
 
-import contextlib
-import importlib
-import io
 import json
 import os
 import shlex
@@ -13,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from unittest import mock
 
@@ -24,6 +20,8 @@ import pytest
 import ray
 import transformers
 from safetensors.torch import save_file
+
+import in_process
 from servers import free_port
 from test_reward_direction import load_check_module, train_reward_model
 from tiny_models import build_tiny_tokenizer
@@ -236,24 +234,7 @@ def run_python(script, *args, timeout=300):
 
 
 def run_main(script, *args):
-    """The script's main(argv) in this process, answered as run_python answers: a process start and the
-    imports cost seconds each, so each script runs once as a command and its other cases run here."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))  # the scripts import their neighbours, as sys.path[0] lets them
-    module = importlib.import_module(Path(script).stem)
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        try:
-            module.main([str(arg) for arg in args])
-            code = 0
-        except SystemExit as exit_:  # as the interpreter turns it into an exit status
-            code = exit_.code if isinstance(exit_.code, int) or exit_.code is None else 1
-            if isinstance(exit_.code, str):
-                print(exit_.code, file=sys.stderr)
-        except Exception:
-            traceback.print_exc()
-            code = 1
-    return subprocess.CompletedProcess([script, *args], code or 0, stdout.getvalue(), stderr.getvalue())
+    return in_process.run_main(SCRIPTS / script, *args)
 
 
 def read_jsonl(path):

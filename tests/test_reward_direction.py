@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from servers import running_server
+import in_process
+from servers import running_servers
 from tiny_models import build_tiny_classifier, build_tiny_tokenizer
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "examples" / "scripts"
+CHECK_SCRIPT = SCRIPTS / "check_reward_direction.py"
 
 
 def load_check_module():
@@ -53,8 +55,8 @@ def flip_sign(source: Path, directory: Path) -> Path:
     return directory
 
 
-def serve(model_dir: Path, name: str):
-    return running_server(["reward_model", "--model", str(model_dir), "--dimension-name", name, "--device", "cpu"])
+def serve(model_dir: Path, name: str) -> list[str]:
+    return ["reward_model", "--model", str(model_dir), "--dimension-name", name, "--device", "cpu"]
 
 
 def run_check(policy: Path, servers: str):
@@ -74,15 +76,15 @@ def test_direction_check_passes_the_right_way_and_stops_the_wrong_way(tmp_path):
         models[name] = train_reward_model(tmp_path / name, [good for _, good, _ in pairs], [bad for _, _, bad in pairs])
     flipped = flip_sign(models["harmlessness"], tmp_path / "harmlessness_flipped")
 
-    with (
-        serve(models["helpfulness"], "helpfulness") as helpful_url,
-        serve(models["harmlessness"], "harmlessness") as harmless_url,
-        serve(flipped, "harmlessness") as flipped_url,
-    ):
+    with running_servers(serve(models["helpfulness"], "helpfulness"), serve(models["harmlessness"], "harmlessness"),
+                         serve(flipped, "harmlessness")) as (helpful_url, harmless_url, flipped_url):  # fmt: skip
         right = run_check(policy, f"helpfulness={helpful_url}#helpfulness,harmlessness={harmless_url}#harmlessness")
-        wrong = run_check(policy, f"helpfulness={helpful_url}#helpfulness,harmlessness={flipped_url}#harmlessness")
-        swapped = run_check(policy, f"helpfulness={helpful_url}#helpfulness,harmlessness={harmless_url}#harmlessness,"
-                                    f"other={flipped_url}#harmlessness")  # fmt: skip
+        # The other cases through the same main(), in this process.
+        wrong = in_process.run_main(CHECK_SCRIPT, "--tokenizer", policy, "--reward-servers",
+                                    f"helpfulness={helpful_url}#helpfulness,harmlessness={flipped_url}#harmlessness")  # fmt: skip
+        swapped = in_process.run_main(CHECK_SCRIPT, "--tokenizer", policy, "--reward-servers",
+                                      f"helpfulness={helpful_url}#helpfulness,harmlessness={harmless_url}#harmlessness,"
+                                      f"other={flipped_url}#harmlessness")  # fmt: skip
 
     assert right.returncode == 0, right.stdout + right.stderr
     assert "harmlessness: refusal scored higher on 5/5 probes" in right.stdout
@@ -105,5 +107,6 @@ def test_direction_check_names_a_missing_dimension_and_a_dead_server(tmp_path):
     from reward_servers.local import free_port
 
     port = free_port()
-    dead = run_check(policy, f"helpfulness=http://127.0.0.1:{port}#h,harmlessness=http://127.0.0.1:{port}#h")
+    dead = in_process.run_main(CHECK_SCRIPT, "--tokenizer", policy, "--reward-servers",
+                               f"helpfulness=http://127.0.0.1:{port}#h,harmlessness=http://127.0.0.1:{port}#h")  # fmt: skip
     assert dead.returncode == 1 and "cannot score dimension" in dead.stderr and str(port) in dead.stderr

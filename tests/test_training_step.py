@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from servers import free_port
@@ -21,26 +22,42 @@ def trainer_argv(mode, *extra):
             "--actor.adam.lr", "1e-3", "--actor.lr_scheduler", "constant", "--gd2po.masked_rollouts", mode, *extra]  # fmt: skip
 
 
-def run_training_step(tmp_path, tiny_model, toolcall_url, probes, *extra, modes=("zero_advantage", "exclude")):
-    """Experiences of the --gd2po.masked_rollouts `modes` from the maker, then the script's probes."""
+def training_inputs(path, tiny_model, toolcall_url, probes, *extra, modes=("zero_advantage", "exclude")):
+    """Experiences of the --gd2po.masked_rollouts `modes` from the maker and the probes to run, saved to `path`."""
     servers = f"correctness={toolcall_url}#correctness,format={toolcall_url}#format"
     experiences = {}
     for mode in modes:
         args, _ = parse_cli(training_argv("gd2po_hard", servers, *trainer_argv(mode, *extra)))
         experiences[mode], _, _ = make_experiences(tiny_model, args, reference=True)
-    inputs = tmp_path / "inputs.pt"
-    torch.save({"args": args, "experiences": experiences, "probes": probes, "entropy_coef": ENTROPY_COEF}, inputs)
+    torch.save({"args": args, "experiences": experiences, "probes": probes, "entropy_coef": ENTROPY_COEF}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory, tiny_model, toolcall_url, local_ray):
+    """One script run, one trainer per test's inputs: the imports and DeepSpeed's start dominate a run."""
+    root = tmp_path_factory.mktemp("training_step")
+    inputs = {
+        "masked_rollouts": training_inputs(root / "masked.pt", tiny_model, toolcall_url, ["direction", "gradients", "ppo_train"]),
+        # OpenRLHF turns packing on with dynamic batching (and asks for vLLM engines); packing needs
+        # flash-attn's varlen kernels, so the script runs the padded layout.
+        "dynamic_batch": training_inputs(root / "dynamic.pt", tiny_model, toolcall_url, ["ppo_train"],
+                                         "--train.dynamic_batch_enable", "--train.max_tokens_per_gpu", "512",
+                                         "--vllm.num_engines", "1", modes=["exclude"]),
+    }  # fmt: skip
     result = subprocess.run(
-        [sys.executable, str(TESTS / "zero3_actor_training_step.py"), str(tiny_model), str(free_port()), str(inputs)],
+        [sys.executable, str(TESTS / "zero3_actor_training_step.py"), str(tiny_model), str(free_port()),
+         *map(str, inputs.values())],
         capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1]), experiences
+    lines = [line.removeprefix("REPORT ") for line in result.stdout.splitlines() if line.startswith("REPORT ")]
+    assert len(lines) == len(inputs), result.stdout[-4000:]
+    return dict(zip(inputs, map(json.loads, lines)))
 
 
-def test_masked_rollouts_in_the_real_actor_step(tmp_path, tiny_model, toolcall_url, local_ray):
-    """One script run for both checks: building the experiences and DeepSpeed dominate the time."""
-    report, experiences = run_training_step(tmp_path, tiny_model, toolcall_url, ["direction", "gradients", "ppo_train"])
+def test_masked_rollouts_in_the_real_actor_step(reports):
+    report = reports["masked_rollouts"]
     assert report["zero_stage"] == 3
     gradients = report["gradients"]
     for mode in ("zero_advantage", "exclude"):
@@ -78,13 +95,9 @@ def test_masked_rollouts_in_the_real_actor_step(tmp_path, tiny_model, toolcall_u
     assert (change[advantage < 0] < 0).all(), (advantage, change)
 
 
-def test_exclude_with_dynamic_batch(tmp_path, tiny_model, toolcall_url, local_ray):
-    # OpenRLHF turns packing on with dynamic batching (and asks for vLLM engines); packing needs
-    # flash-attn's varlen kernels, so the script runs the padded layout. The Actor unpacks packed
-    # log-probs to that same [batch, time] layout before `* action_mask`, so exclusion is unchanged.
-    report, _ = run_training_step(tmp_path, tiny_model, toolcall_url, ["ppo_train"], "--train.dynamic_batch_enable",
-                                  "--train.max_tokens_per_gpu", "512", "--vllm.num_engines", "1", modes=["exclude"])  # fmt: skip
+def test_exclude_with_dynamic_batch(reports):
+    # The Actor unpacks packed log-probs to the padded [batch, time] layout before `* action_mask`,
+    # so exclusion is unchanged with dynamic batching.
+    report = reports["dynamic_batch"]
     assert report["ppo_train"]["error"] is None and report["ppo_train"]["status_finite"]
     assert report["ppo_train"]["weights_finite"] and report["ppo_train"]["weight_change"] > 0
-
-

@@ -2,9 +2,9 @@
 GD2POExperienceMaker's output experiences.
 
 Run as a script by tests/test_training_step.py, in its own process because it initialises
-torch.distributed (gloo, world size 1): `zero3_actor_training_step.py MODEL PORT INPUT.pt`.
+torch.distributed (gloo, world size 1): `zero3_actor_training_step.py MODEL PORT INPUT.pt [INPUT.pt ...]`.
 INPUT.pt holds the trainer args (our real CLI), the experiences of each --gd2po.masked_rollouts
-mode and which probes to run. Prints one JSON line with what the test asserts.
+mode and which probes to run. Prints one `REPORT {json}` line per input with what the test asserts.
 
 Everything between the experiences and the weights is OpenRLHF's: DeepspeedStrategy.prepare,
 ActorPPOTrainer with its real PolicyLoss, KL loss and entropy, its NaiveReplayBuffer and ppo_train.
@@ -39,14 +39,14 @@ def cpu_device_lookups():
     return mock.patch.object(torch.cuda, "current_device", return_value="cpu")
 
 
-def build_trainer(args, model_path, port):
+def build_trainer(args, model_path):
     from openrlhf.models import Actor
     from openrlhf.utils.deepspeed import DeepspeedStrategy
 
     strategy = DeepspeedStrategy(seed=0, max_norm=args.actor.max_norm, micro_train_batch_size=args.train.micro_batch_size,
                                  train_batch_size=args.train.batch_size, zero_stage=args.ds.zero_stage, args=args)  # fmt: skip
-    # setup_distributed does this with NCCL and a CUDA mesh; the same on gloo and a CPU mesh.
-    init_cpu_distributed(port)
+    # setup_distributed does this with NCCL and a CUDA mesh; the same on gloo and a CPU mesh (main
+    # initialises torch.distributed once for all inputs).
     strategy.world_size = 1
     strategy.ds_device_mesh = init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("dp", "sp", "tp"))
     strategy.setup_ring_attn(strategy.ds_device_mesh)
@@ -231,11 +231,19 @@ def sequence_token_log_probs(trainer, experience):
         return trainer.actor(experience.sequences, experience.action_mask, experience.attention_mask)
 
 
-def main(model_path, port, input_path):
+def main(model_path, port, *input_paths):
     openrlhf_gd2po.install()  # as the Ray worker hook does in the policy actor's process
-    inputs = torch.load(input_path, weights_only=False)
+    init_cpu_distributed(port)
+    for input_path in input_paths:
+        print("REPORT", json.dumps(run_probes(model_path, torch.load(input_path, weights_only=False))), flush=True)
+    # Left to interpreter exit, gloo's worker threads were once torn down while still joinable.
+    torch.distributed.destroy_process_group()
+
+
+def run_probes(model_path, inputs):
+    """A fresh trainer for one input file's args, and the report of its probes."""
     args = inputs["args"]
-    trainer = build_trainer(args, model_path, port)
+    trainer = build_trainer(args, model_path)
     report = {"zero_stage": trainer.actor.model.zero_optimization_stage()}
     for experiences in inputs["experiences"].values():
         shorten_prompts(trainer, experiences)
@@ -250,10 +258,8 @@ def main(model_path, port, input_path):
         excluded = inputs["experiences"]["exclude"]
         report["ppo_train"] = ppo_train(trainer, excluded, inputs["entropy_coef"])
         report["ppo_train_unguarded"] = ppo_train(trainer, excluded, inputs["entropy_coef"], guarded=False)
-    print(json.dumps(report))
-    # Left to interpreter exit, gloo's worker threads were once torn down while still joinable.
-    torch.distributed.destroy_process_group()
+    return report
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

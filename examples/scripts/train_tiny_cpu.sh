@@ -89,10 +89,16 @@ done
 LOW=$(free_port)
 RAY_FLAGS+=(--min-worker-port "$LOW" --max-worker-port $((LOW + 60)))
 setsid "$RAY" start "${RAY_FLAGS[@]}" > "$OUT/ray_head.log" 2>&1 &
-PIDS+=($!)
+HEAD=$!
+PIDS+=($HEAD)
 export RAY_ADDRESS="127.0.0.1:$GCS_PORT"
-for _ in $(seq 120); do
-  "$RAY" status --address "$RAY_ADDRESS" > /dev/null 2>&1 && break
+for i in $(seq 180); do   # up when the node has registered its (fake) GPUs
+  "$RAY" status --address "$RAY_ADDRESS" 2>/dev/null | grep -q "GPU" && break
+  if ! kill -0 "$HEAD" 2>/dev/null || [ "$i" = 180 ]; then
+    echo "train_tiny_cpu: the Ray head did not come up; $OUT/ray_head.log:" >&2
+    tail -5 "$OUT/ray_head.log" >&2
+    exit 1
+  fi
   sleep 1
 done
 for port in "$MATH_PORT" "$LENGTH_PORT"; do

@@ -81,8 +81,10 @@ PIDS+=($!)
 # 4. Ray head
 GCS_PORT=$(free_port)
 RAY_FLAGS=(--head --block --disable-usage-stats --node-ip-address 127.0.0.1 --temp-dir "$TMP/ray"
-           --port "$GCS_PORT" --num-cpus 2 --num-gpus 2 --object-store-memory $((300 << 20)) --include-dashboard=false)
-for flag in --ray-client-server-port --node-manager-port --object-manager-port --runtime-env-agent-port \
+           --port "$GCS_PORT" --num-cpus 2 --num-gpus 2 --object-store-memory $((300 << 20)) --include-dashboard=false
+           --dashboard-host 127.0.0.1)
+# every port of ours, the dashboard's too (Ray starts its head process even without the UI, on 8265)
+for flag in --dashboard-port --ray-client-server-port --node-manager-port --object-manager-port --runtime-env-agent-port \
             --dashboard-agent-listen-port --dashboard-agent-grpc-port --metrics-export-port; do
   RAY_FLAGS+=("$flag" "$(free_port)")
 done

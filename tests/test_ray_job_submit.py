@@ -117,7 +117,7 @@ def job_output(dashboard_url, tmp_path_factory):
     logs = tmp_path_factory.mktemp("jobs")
     running = {}
     for name, (module, flags, more_env_vars) in JOBS.items():
-        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS / "cpu_stand_ins")]),
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),  # conftest's stand-ins
                                     "GD2PO_REWARD_API_KEY": API_KEY, **more_env_vars}}  # fmt: skip
         command = [str(RAY), "job", "submit", "--address", dashboard_url, "--runtime-env-json", json.dumps(runtime_env),
                    "--", sys.executable, str(TESTS / "ray_job_driver.py"), module, *flags]  # fmt: skip

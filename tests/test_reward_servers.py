@@ -421,3 +421,22 @@ def test_an_in_process_scorer_keeps_the_time_and_queue_limits():
         assert "--max-queue 0" in answer.json()["detail"]
         time.sleep(3)
         assert client.post("/get_reward", json={**body, "labels": ["fast"]}).json()["rewards"] == [1.0]
+
+
+def test_request_log_has_one_line_per_scored_sample(tmp_path):
+    log = tmp_path / "requests.jsonl"
+
+    def score(queries, prompts, labels):
+        return {"a": [float(len(q)) for q in queries], "b": [0.5] * len(queries)}
+
+    with TestClient(create_app("two", ["a", "b"], score, request_log=str(log))) as client:
+        first = {"query": ["p1x", "p1yy"], "prompts": ["p1", "p1"], "labels": ["1", None]}
+        assert client.post("/get_reward", json=first).status_code == 200
+        assert client.post("/get_reward", json={"query": ["p2"], "prompts": ["p2"], "labels": ["2"]}).status_code == 200
+        assert client.post("/get_reward", json={"query": ["p3"], "prompts": []}).status_code == 422  # not scored: not logged
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        {"query": "p1x", "prompt": "p1", "label": "1", "a": 3.0, "b": 0.5},
+        {"query": "p1yy", "prompt": "p1", "label": None, "a": 4.0, "b": 0.5},
+        {"query": "p2", "prompt": "p2", "label": "2", "a": 2.0, "b": 0.5},
+    ]
+    assert build_parser().parse_args(["math", "--port", "1", "--request-log", str(log)]).request_log == str(log)

@@ -29,8 +29,9 @@ def build_tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 
 def tiny_config(tokenizer, **extra) -> transformers.Qwen2Config:
-    """The ~2M-parameter Qwen2 shape every tiny test model shares; `extra` adds head or token settings."""
-    return transformers.Qwen2Config(
+    """The ~2M-parameter Qwen2 shape every tiny test model shares; `extra` adds head or token settings
+    (or overrides the shape's, e.g. 2 heads of 32 for vLLM's CPU attention, which has no head size 16)."""
+    shape = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -38,12 +39,18 @@ def tiny_config(tokenizer, **extra) -> transformers.Qwen2Config:
         num_attention_heads=4,
         num_key_value_heads=2,
         pad_token_id=tokenizer.pad_token_id,
-        **extra,
     )
+    return transformers.Qwen2Config(**dict(shape, **extra))
 
 
-def build_tiny_chat_model(path) -> Path:
-    """Save a random tiny Qwen2ForCausalLM and its tokenizer to `path`; return the path."""
+# vLLM's CPU attention supports head sizes 32, 64, 80, ... (vllm/v1/attention/backends/cpu_attn.py),
+# and vLLM's Qwen2 takes the head size as hidden_size // num_attention_heads.
+VLLM_CPU_HEADS = dict(num_attention_heads=2, num_key_value_heads=1)
+
+
+def build_tiny_chat_model(path, **shape) -> Path:
+    """Save a random tiny Qwen2ForCausalLM and its tokenizer to `path`; return the path. `shape`
+    overrides tiny_config's (VLLM_CPU_HEADS for a model that vLLM's CPU build can serve)."""
     path = Path(path)
     tokenizer = build_tiny_tokenizer()
     config = tiny_config(
@@ -52,6 +59,7 @@ def build_tiny_chat_model(path) -> Path:
         tie_word_embeddings=True,
         bos_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        **shape,
     )
     transformers.Qwen2ForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)

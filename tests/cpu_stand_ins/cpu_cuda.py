@@ -73,6 +73,14 @@ def _record(entry_point):
         log.write(f"{entry_point}\t{site}\t{os.getpid()}\n")
 
 
+def _recorded(entry_point, answer):
+    def call(*args, **kwargs):
+        _record(entry_point)  # its frame 2 is call's caller, the OpenRLHF site
+        return answer
+
+    return call
+
+
 def _is_cuda(device):
     if isinstance(device, str):
         return device.split(":")[0] == "cuda"
@@ -90,25 +98,10 @@ def install():
     _add_flash_attn_stand_in()
     _hand_down_to_children()
 
-    def current_device():
-        _record("torch.cuda.current_device")
-        return CPU_DEVICE
-
-    def set_device(device):
-        _record("torch.cuda.set_device")
-
-    def synchronize(device=None):
-        _record("torch.cuda.synchronize")
-
-    def empty_cache():
-        _record("torch.cuda.empty_cache")
-
-    def current_stream(device=None):
-        _record("torch.cuda.current_stream")
-        return None
-
-    torch.cuda.current_device, torch.cuda.set_device = current_device, set_device
-    torch.cuda.synchronize, torch.cuda.empty_cache, torch.cuda.current_stream = synchronize, empty_cache, current_stream
+    # Each answers its CPU meaning (the table above) and records its caller.
+    for name, answer in [("current_device", CPU_DEVICE), ("set_device", None), ("synchronize", None),
+                         ("empty_cache", None), ("current_stream", None)]:  # fmt: skip
+        setattr(torch.cuda, name, _recorded(f"torch.cuda.{name}", answer))
 
     empty = torch.empty
 

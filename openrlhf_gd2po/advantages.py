@@ -108,6 +108,43 @@ def compute_advantages(
     return AdvantageResult(advantages.float(), keep_mask, group_keep_ratio.float(), metrics)
 
 
+DYNAMIC_SAMPLING = ("off", "no_signal", "estimator")
+
+
+def group_drop_reason(
+    rewards: torch.Tensor,
+    estimator: str,
+    mode: str,
+    snr_threshold: float = 0.8,
+    reward_weights: torch.Tensor | None = None,
+    group_std_floor: float = 0.0,
+) -> str | None:
+    """Why dynamic sampling drops one query's group ([n, K] rewards), or None to keep it.
+
+    "no_signal": every dimension with a non-zero weight is constant, so every A_k is 0.
+    "estimator" (mode "estimator" only): `estimator` gives no rollout a non-zero advantage before
+    whitening: gd2po_* mask every rollout (kept fraction 0), gdpo's A_k cancel exactly, grpo's
+    weighted sum is constant. Whitening is batch-wide and cannot give such a group a signal of its own.
+    """
+    if mode not in DYNAMIC_SAMPLING:
+        raise ValueError(f"dynamic sampling mode must be one of {DYNAMIC_SAMPLING}, got {mode!r}")
+    if mode == "off":
+        return None
+    rewards = torch.as_tensor(rewards)
+    weights = torch.ones(rewards.shape[1]) if reward_weights is None else torch.as_tensor(reward_weights)
+    weighted = rewards[:, weights != 0]
+    if bool((weighted == weighted[:1]).all()):
+        return "no_signal"
+    if mode == "no_signal":
+        return None
+    result = compute_advantages(
+        rewards, torch.zeros(len(rewards), dtype=torch.long), estimator, snr_threshold=snr_threshold,
+        group_reweight=False, whiten=False, reward_weights=weights, group_std_floor=group_std_floor,
+    )
+    has_signal = result.keep_mask & (result.advantages.abs() > SIGN_EPS)
+    return None if bool(has_signal.any()) else "estimator"
+
+
 def _authors_metrics(conflict, consensus, group_keep_ratio, snr_threshold, weights):
     """The authors' logged statistics (tool-calling/verl/trainer/ppo/ray_trainer.py), same definitions.
 

@@ -22,6 +22,7 @@ import math
 import os
 import threading
 import time
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -61,7 +62,7 @@ def parse_reward_servers(spec: str) -> list[RewardDimension]:
     """`name=target[#field],...` → dimensions; see SPEC_FORMAT. A URL without a path gets `/get_reward`.
 
     A reward file's path is made absolute against this process's working directory; the file is
-    imported at the first fetch (`_load_reward_files`). Without `#field`, its first dimension.
+    imported at the first fetch (`load_reward_files`). Without `#field`, its first dimension.
     """
     dimensions = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
@@ -100,7 +101,7 @@ def _file_dimension(item: str, name: str, path: str, field: str | None) -> Rewar
     return RewardDimension(name, path, field)
 
 
-def _load_reward_files(dimensions) -> None:
+def load_reward_files(dimensions) -> None:
     """Import every reward file and check its dimensions before anything is scored. Done here, in the
     process that scores, not when parsing: the driver that checks the flags must not run user code
     (which may load a model). A broken file raises whatever `on_failure` says: retrying cannot fix it."""
@@ -147,42 +148,15 @@ async def fetch_rewards_async(
     dimensions, queries, prompts, labels, batch_size=256, timeout=300.0, retries=3, max_in_flight=8,
     on_failure="raise", deadline=600.0,
 ) -> RewardBatch:
-    _check_arguments(dimensions, queries, prompts, labels, batch_size, timeout, retries, max_in_flight, on_failure,
-                     deadline)
-    _load_reward_files(dimensions)
-    deadline_at = asyncio.get_running_loop().time() + deadline
-    by_target = {}
-    for dim in dimensions:
-        by_target.setdefault(dim.url, []).append(dim)
-
-    n = len(queries)
-    rewards = torch.full((n, len(dimensions)), float("nan"))
-    failed = torch.zeros(n, dtype=torch.bool)
-    seconds = {}
-    payloads = [
-        (start, {"query": list(queries[start : start + batch_size]), "prompts": list(prompts[start : start + batch_size]),
-                 "labels": list(labels[start : start + batch_size])})
-        for start in range(0, n, batch_size)
-    ]
-    settings = (timeout, retries, max_in_flight, deadline, deadline_at)
-    target_results = await asyncio.gather(*(_score_target(dims, payloads, *settings) for dims in by_target.values()))
-    for dims, (batch_results, elapsed) in zip(by_target.values(), target_results):
-        columns = [dimensions.index(d) for d in dims]
-        for (start, payload), result in zip(payloads, batch_results):
-            rows = slice(start, start + len(payload["query"]))
-            if isinstance(result, Exception):
-                if on_failure == "raise":
-                    raise result
-                failed[rows] = True
-            else:
-                rewards[rows, columns] = result
-        seconds.update({d.name: elapsed for d in dims})
-    rewards[failed] = float("nan")
-    return RewardBatch(rewards, failed, seconds)
+    check_arguments(dimensions, queries, prompts, labels, batch_size, timeout, retries, max_in_flight, on_failure,
+                    deadline)
+    load_reward_files(dimensions)
+    async with open_targets(dimensions, timeout, retries, max_in_flight) as targets:
+        return await score_samples(targets, dimensions, queries, prompts, labels, batch_size, deadline, on_failure)
 
 
-def _check_arguments(dimensions, queries, prompts, labels, batch_size, timeout, retries, max_in_flight, on_failure,
-                     deadline):
+def check_arguments(dimensions, queries, prompts, labels, batch_size, timeout, retries, max_in_flight, on_failure,
+                    deadline):
     if not dimensions or not all(isinstance(d, RewardDimension) for d in dimensions):
         raise ValueError(f"dimensions must be a non-empty list of RewardDimension, got {dimensions!r}")
     if len({d.name for d in dimensions}) != len(dimensions):
@@ -204,40 +178,98 @@ def _check_arguments(dimensions, queries, prompts, labels, batch_size, timeout, 
         raise ValueError(f"on_failure must be 'raise' or 'mask', got {on_failure!r}")
 
 
-async def _score_target(dims, payloads, timeout, retries, max_in_flight, deadline, deadline_at):
-    """All batches on one target (a replica list or a reward file); per-batch tensors or exceptions."""
-    started = time.perf_counter()
-    names = ",".join(d.name for d in dims)
-    where = f"{'reward file' if dims[0].is_file else 'reward server'} {dims[0].url} (dimensions {names})"
+@dataclass
+class Target:
+    """One distinct target (a replica list or a reward file) and the dimensions read from its answers."""
 
-    async def bounded(start, payload, score):
-        samples = f"{where}, samples {start}..{start + len(payload['query']) - 1}"
+    dims: list
+    where: str  # "reward server URL (dimensions a,b)", for error messages
+    score: object  # async (samples, start, payload) -> [len(payload), len(dims)] tensor
+
+
+@asynccontextmanager
+async def open_targets(dimensions, timeout, retries, max_in_flight):
+    """One Target per distinct target, open for as many score_samples calls as the caller makes: a replica
+    list keeps one aiohttp session and one Replicas, so max_in_flight and a replica found down hold across
+    calls; a reward file is called one batch at a time (reward functions need not be thread-safe)."""
+    by_target = {}
+    for dim in dimensions:
+        by_target.setdefault(dim.url, []).append(dim)
+    async with AsyncExitStack() as stack:
+        targets = []
+        for url, dims in by_target.items():
+            names = ",".join(d.name for d in dims)
+            where = f"{'reward file' if dims[0].is_file else 'reward server'} {url} (dimensions {names})"
+            if dims[0].is_file:
+                targets.append(Target(dims, where, _file_scorer(dims, timeout)))
+                continue
+            urls = url.split("|")
+            session = await stack.enter_async_context(open_session(urls, timeout, max_in_flight))
+            targets.append(Target(dims, where, _server_scorer(dims, where, session, Replicas(urls, max_in_flight),
+                                                              timeout, retries)))
+        yield targets
+
+
+def _file_scorer(dims, timeout):
+    one_at_a_time = asyncio.Semaphore(1)
+
+    async def score(samples, start, payload):
+        async with one_at_a_time:
+            return await _score_file_batch(dims, samples, start, payload, timeout)
+
+    return score
+
+
+def _server_scorer(dims, where, session, replicas, timeout, retries):
+    async def score(samples, start, payload):
+        body = await post_with_failover(session, replicas, samples, payload, timeout, retries)
+        return read_dimensions(body, where, dims, start, len(payload["query"]))
+
+    return score
+
+
+async def score_samples(targets, dimensions, queries, prompts, labels, batch_size, deadline, on_failure,
+                        first_sample=0) -> RewardBatch:
+    """Every sample on every target, cut into `batch_size` requests, all at once; `deadline` seconds from now
+    bound the whole call. Sample numbers in errors start at `first_sample` (a stream's running count)."""
+    deadline_at = asyncio.get_running_loop().time() + deadline
+    n = len(queries)
+    rewards = torch.full((n, len(dimensions)), float("nan"))
+    failed = torch.zeros(n, dtype=torch.bool)
+    payloads = [
+        (start, {"query": list(queries[start : start + batch_size]), "prompts": list(prompts[start : start + batch_size]),
+                 "labels": list(labels[start : start + batch_size])})
+        for start in range(0, n, batch_size)
+    ]
+
+    async def bounded(target, start, payload):
+        first = first_sample + start
+        samples = f"{target.where}, samples {first}..{first + len(payload['query']) - 1}"
         remaining = deadline_at - asyncio.get_running_loop().time()
         try:
-            return await asyncio.wait_for(score(samples, start, payload), max(remaining, 0.0))
+            return await asyncio.wait_for(target.score(samples, first, payload), max(remaining, 0.0))
         except asyncio.TimeoutError:
             raise RewardServerError(f"{samples}: not scored within the fetch deadline of {deadline:g} s") from None
 
-    if dims[0].is_file:
-        one_at_a_time = asyncio.Semaphore(1)  # reward functions need not be thread-safe
-
-        async def score(samples, start, payload):
-            async with one_at_a_time:
-                return await _score_file_batch(dims, samples, start, payload, timeout)
-
-        results = await asyncio.gather(*(bounded(s, p, score) for s, p in payloads), return_exceptions=True)
+    async def score_target(target):
+        started = time.perf_counter()
+        results = await asyncio.gather(*(bounded(target, s, p) for s, p in payloads), return_exceptions=True)
         return results, time.perf_counter() - started
 
-    urls = dims[0].url.split("|")
-    replicas = Replicas(urls, max_in_flight)
-    async with open_session(urls, timeout, max_in_flight) as session:
-
-        async def score(samples, start, payload):
-            body = await post_with_failover(session, replicas, samples, payload, timeout, retries)
-            return read_dimensions(body, where, dims, start, len(payload["query"]))
-
-        results = await asyncio.gather(*(bounded(s, p, score) for s, p in payloads), return_exceptions=True)
-    return results, time.perf_counter() - started
+    seconds = {}
+    for target, (batch_results, elapsed) in zip(targets, await asyncio.gather(*map(score_target, targets))):
+        columns = [dimensions.index(d) for d in target.dims]
+        for (start, payload), result in zip(payloads, batch_results):
+            rows = slice(start, start + len(payload["query"]))
+            if isinstance(result, Exception):
+                if on_failure == "raise":
+                    raise result
+                failed[rows] = True
+            else:
+                rewards[rows, columns] = result
+        seconds.update({d.name: elapsed for d in target.dims})
+    rewards[failed] = float("nan")
+    return RewardBatch(rewards, failed, seconds)
 
 
 async def _score_file_batch(dims, samples, start, payload, timeout) -> torch.Tensor:

@@ -11,15 +11,18 @@ import os
 import sys
 
 TRAINER_MODULE = "openrlhf.trainer.ppo_trainer"
+ASYNC_TRAINER_MODULE = "openrlhf.trainer.ppo_trainer_async"
 ACTOR_MODULE = "openrlhf.trainer.ray.ppo_actor"
 
 
 def install():
-    """Make every OpenRLHF PPO trainer built in this process use GD2POExperienceMaker, and every
-    actor's training step safe for micro-batches without action tokens (actor_training_step).
+    """Make every OpenRLHF PPO trainer built in this process use GD2POExperienceMaker and
+    GD2POSamplesGenerator, and every actor's training step safe for micro-batches without action
+    tokens (actor_training_step).
 
     `BasePPOTrainer.__init__` (sync and async trainers alike) looks `RemoteExperienceMaker` up in
-    TRAINER_MODULE's globals, so we swap that name. Importing these modules here would drag DeepSpeed
+    TRAINER_MODULE's globals, and each trainer module looks up its own `SamplesGenerator`, so we swap
+    those names. Importing these modules here would drag DeepSpeed
     into vLLM workers, so a module not imported yet is patched right after its import.
     """
     run_extra_setups()
@@ -70,6 +73,17 @@ def _swap_experience_maker(trainer_module):
     trainer_module.RemoteExperienceMaker = GD2POExperienceMaker
 
 
+def _swap_samples_generator(trainer_module):
+    from openrlhf_gd2po.samples_generator import GD2POSamplesGenerator
+
+    trainer_module.SamplesGenerator = GD2POSamplesGenerator
+
+
+def _patch_trainer(trainer_module):
+    _swap_experience_maker(trainer_module)
+    _swap_samples_generator(trainer_module)
+
+
 def _guard_actor_training_step(actor_module):
     from openrlhf_gd2po.actor_training_step import wrap_training_step
 
@@ -78,7 +92,11 @@ def _guard_actor_training_step(actor_module):
         trainer.training_step = wrap_training_step(trainer.training_step)
 
 
-PATCHES = {TRAINER_MODULE: _swap_experience_maker, ACTOR_MODULE: _guard_actor_training_step}
+PATCHES = {
+    TRAINER_MODULE: _patch_trainer,
+    ASYNC_TRAINER_MODULE: _swap_samples_generator,
+    ACTOR_MODULE: _guard_actor_training_step,
+}
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):

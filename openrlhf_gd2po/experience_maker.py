@@ -1,6 +1,7 @@
 """OpenRLHF's RemoteExperienceMaker with multi-server rewards and the GD²PO advantage step.
 
-Traceability: `--reward.servers` → `fetch_rewards` → `experience.info["reward/<name>"]` →
+Traceability: `--reward.servers` → `RewardStream` in GD2POSamplesGenerator (or `fetch_rewards` here, for a
+batch scored after generation) → `experience.info["reward/<name>"]` →
 `compute_advantages` → token-level `experience.advantages` → `experience.info["gd2po/*"]`,
 which OpenRLHF's actor averages per sample into its wandb/tensorboard logs.
 
@@ -37,13 +38,15 @@ class GD2POExperienceMaker(RemoteExperienceMaker):
 
     @torch.no_grad()
     def make_experience_batch(self, rollout_samples):
-        if self.reward_dimensions:
+        # GD2POSamplesGenerator scores each group while the step generates; a batch built elsewhere
+        # (another generator, a test) is scored here, the same way, in one fetch.
+        if self.reward_dimensions and "reward_fetch_failed" not in rollout_samples[0].info:
             self.fetch_multi_rewards(rollout_samples)
         return super().make_experience_batch(rollout_samples)
 
     @torch.no_grad()
     def fetch_multi_rewards(self, rollout_samples):
-        """Score every rollout on every dimension; fill `rewards` (weighted sum) and per-dimension info."""
+        """Score every rollout on every dimension in one fetch_rewards call; see attach_rewards."""
         args = self.args.reward
         queries = [self.tokenizer.decode(s.sequences[0], skip_special_tokens=False) for s in rollout_samples]
         batch = fetch_rewards(
@@ -58,20 +61,10 @@ class GD2POExperienceMaker(RemoteExperienceMaker):
             on_failure=args.on_failure,
             deadline=args.deadline,
         )
-        if batch.failed.any():
-            logger.warning(
-                f"Reward fetch failed for {int(batch.failed.sum())}/{len(rollout_samples)} rollouts; "
-                "they are masked out of this step (--reward.on_failure mask)"
-            )
-        # Failed rollouts never reach an advantage (they are masked); 0 only keeps the logs finite.
-        rewards = torch.nan_to_num(batch.rewards, nan=0.0)
-        combined = rewards @ self.reward_weights
-        for i, sample in enumerate(rollout_samples):
-            sample.rewards = combined[i : i + 1]
-            sample.info["reward"] = combined[i : i + 1]
-            sample.info["reward_fetch_failed"] = batch.failed[i : i + 1].float()
-            for k, dim in enumerate(self.reward_dimensions):
-                sample.info[f"reward/{dim.name}"] = rewards[i : i + 1, k]
+        attach_rewards(rollout_samples, batch, self.reward_dimensions, self.reward_weights)
+        warn_failed(int(batch.failed.sum()), len(rollout_samples))
+        for sample in rollout_samples:
+            for dim in self.reward_dimensions:
                 # Not under timing/: OpenRLHF sums every timing/* key into timing/step_total, and this
                 # time is already inside timing/make_experience.
                 sample.info[f"reward_seconds/{dim.name}"] = torch.tensor([batch.seconds[dim.name]])
@@ -134,3 +127,25 @@ class GD2POExperienceMaker(RemoteExperienceMaker):
                 experience.info[f"gd2po/{key}"] = torch.full((len(kept),), value)
             experience.kl = None
         return experiences
+
+
+def attach_rewards(samples, batch, dimensions, weights):
+    """Fill each sample's `rewards` (the weighted sum) and its info: `reward`, `reward/<dimension>` and
+    `reward_fetch_failed`, which compute_advantages_and_returns reads back."""
+    # Failed rollouts never reach an advantage (they are masked); 0 only keeps the logs finite.
+    rewards = torch.nan_to_num(batch.rewards, nan=0.0)
+    combined = rewards @ weights
+    for i, sample in enumerate(samples):
+        sample.rewards = combined[i : i + 1]
+        sample.info["reward"] = combined[i : i + 1]
+        sample.info["reward_fetch_failed"] = batch.failed[i : i + 1].float()
+        for k, dim in enumerate(dimensions):
+            sample.info[f"reward/{dim.name}"] = rewards[i : i + 1, k]
+
+
+def warn_failed(num_failed, num_samples):
+    if num_failed:
+        logger.warning(
+            f"Reward fetch failed for {num_failed}/{num_samples} rollouts; "
+            "they are masked out of this step (--reward.on_failure mask)"
+        )

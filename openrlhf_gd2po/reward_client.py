@@ -161,12 +161,7 @@ def check_arguments(dimensions, queries, prompts, labels, batch_size, timeout, r
         raise ValueError(f"dimensions must be a non-empty list of RewardDimension, got {dimensions!r}")
     if len({d.name for d in dimensions}) != len(dimensions):
         raise ValueError(f"dimension names must be unique, got {[d.name for d in dimensions]}")
-    if not len(queries) == len(prompts) == len(labels):
-        raise ValueError(f"queries/prompts/labels lengths differ: {len(queries)}/{len(prompts)}/{len(labels)}")
-    for column, values in (("queries", queries), ("prompts", prompts)):
-        bad = next((i for i, value in enumerate(values) if not isinstance(value, str)), None)
-        if bad is not None:
-            raise ValueError(f"{column}[{bad}] must be a string, got {type(values[bad]).__name__}")
+    check_samples(queries, prompts, labels)
     for argument, value, minimum in (("batch_size", batch_size, 1), ("retries", retries, 0),
                                      ("max_in_flight", max_in_flight, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -176,6 +171,15 @@ def check_arguments(dimensions, queries, prompts, labels, batch_size, timeout, r
             raise ValueError(f"{argument} must be a positive number of seconds, got {value!r}")
     if on_failure not in ("raise", "mask"):
         raise ValueError(f"on_failure must be 'raise' or 'mask', got {on_failure!r}")
+
+
+def check_samples(queries, prompts, labels):
+    if not len(queries) == len(prompts) == len(labels):
+        raise ValueError(f"queries/prompts/labels lengths differ: {len(queries)}/{len(prompts)}/{len(labels)}")
+    for column, values in (("queries", queries), ("prompts", prompts)):
+        bad = next((i for i, value in enumerate(values) if not isinstance(value, str)), None)
+        if bad is not None:
+            raise ValueError(f"{column}[{bad}] must be a string, got {type(values[bad]).__name__}")
 
 
 @dataclass

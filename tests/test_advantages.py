@@ -513,3 +513,30 @@ def test_group_std_floor_below_every_std_changes_nothing(estimator):
 def test_bad_group_std_floor(bad):
     with pytest.raises(ValueError, match="group_std_floor"):
         compute_advantages(REWARDS, GROUPS, "gdpo", group_std_floor=bad)
+
+
+# --- dynamic sampling's group test (issue 18) ---------------------------------------------------------
+
+
+def test_group_drop_reasons():
+    from openrlhf_gd2po.advantages import group_drop_reason
+
+    constant = torch.tensor([[1.0, 0.5], [1.0, 0.5], [1.0, 0.5]])
+    opposed = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # every rollout conflicts, A_1 = -A_2: consensus 0
+    constant_sum = torch.tensor([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])  # sum 2 everywhere, spreads differ
+    agreeing = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    for estimator in ("grpo", "gdpo", "gd2po_hard", "gd2po_snr"):
+        assert group_drop_reason(constant, estimator, "no_signal") == "no_signal"
+        assert group_drop_reason(constant, estimator, "estimator") == "no_signal"
+        assert group_drop_reason(opposed, estimator, "no_signal") is None  # no dimension is constant
+        assert group_drop_reason(opposed, estimator, "estimator") == "estimator"
+        assert group_drop_reason(agreeing, estimator, "estimator") is None
+        assert group_drop_reason(constant, estimator, "off") is None
+    # A constant sum still carries signal in each dimension: only grpo (which normalises the sum) has none.
+    assert group_drop_reason(constant_sum, "grpo", "estimator") == "estimator"
+    assert group_drop_reason(constant_sum, "gdpo", "estimator") is None
+    assert group_drop_reason(constant_sum, "gd2po_snr", "estimator", snr_threshold=0.0) is None
+    # Weights: a zero-weight dimension neither carries signal nor counts as one.
+    assert group_drop_reason(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), "gdpo", "no_signal", reward_weights=[1.0, 0.0]) == "no_signal"
+    with pytest.raises(ValueError, match="dynamic sampling mode must be one of"):
+        group_drop_reason(constant, "gdpo", "always")

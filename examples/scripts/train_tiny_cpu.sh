@@ -2,6 +2,7 @@
 # The real train_gd2po_ray job on CPU, end to end, with a tiny local Qwen2:
 #   bash examples/scripts/train_tiny_cpu.sh OUT [extra train_gd2po_ray flags]
 #   TINY_DIMENSIONS=length bash examples/scripts/train_tiny_cpu.sh OUT --algo.advantage.estimator group_norm
+#   TINY_DIMENSIONS=odd_length TINY_PROMPTS=14 bash examples/scripts/train_tiny_cpu.sh OUT --gd2po.dynamic_sampling no_signal
 # Starts what it needs and stops all of it at the end: a local Ray head on free ports with its own
 # temp dir (2 fake GPUs: OpenRLHF's actors ask for GPUs), two reward servers on 127.0.0.1 (math:
 # correctness + format; length) and one reward file scored in the trainer (brevity), one vLLM engine
@@ -12,6 +13,7 @@
 # tests/cpu_stand_ins/cpu_cuda.py, installed in every Ray worker by the GD²PO worker setup hook.
 set -euo pipefail
 TINY_DIMENSIONS="${TINY_DIMENSIONS:-correctness,format,length,brevity}"
+TINY_PROMPTS="${TINY_PROMPTS:-8}"   # the first N arithmetic prompts
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 OUT="$(mkdir -p "${1:?usage: train_tiny_cpu.sh OUT [extra flags]}" && cd "$1" && pwd)"
 shift
@@ -55,12 +57,12 @@ trap cleanup EXIT
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 # 1. the tiny model (2 heads of 32: vLLM's CPU attention has no head size 16) and 8 prompts
-"$PY" - "$ROOT" "$OUT" <<'EOF'
+"$PY" - "$ROOT" "$OUT" "$TINY_PROMPTS" <<'EOF'
 import json, sys
 sys.path.insert(0, f"{sys.argv[1]}/tests")
 from tiny_models import VLLM_CPU_HEADS, build_tiny_chat_model
 build_tiny_chat_model(f"{sys.argv[2]}/model", **VLLM_CPU_HEADS)
-rows = [json.loads(line) for line in open(f"{sys.argv[1]}/openrlhf_gd2po/data/arithmetic_prompts.jsonl")][:8]
+rows = [json.loads(line) for line in open(f"{sys.argv[1]}/openrlhf_gd2po/data/arithmetic_prompts.jsonl")][: int(sys.argv[3])]
 with open(f"{sys.argv[2]}/prompts.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
 EOF
@@ -86,6 +88,13 @@ setsid "$PY" -m reward_servers math --port "$MATH_PORT" --workers 1 --request-lo
 PIDS+=($!)
 setsid "$PY" -m reward_servers length --port "$LENGTH_PORT" --workers 1 --target-length 40 --request-log "$OUT/requests_length.jsonl" > "$OUT/reward_length.log" 2>&1 &
 PIDS+=($!)
+PORTS=("$MATH_PORT" "$LENGTH_PORT")
+if [[ ",$TINY_DIMENSIONS," == *,odd_length,* ]]; then   # signal on odd-label prompts only: dynamic sampling's test
+  ODD_PORT=$(free_port); PORTS+=("$ODD_PORT")
+  setsid "$PY" -m reward_servers file --path "$ROOT/tests/data/odd_label_length_reward.py" --port "$ODD_PORT" --workers 1 \
+    --request-log "$OUT/requests_odd_length.jsonl" > "$OUT/reward_odd_length.log" 2>&1 &
+  PIDS+=($!)
+fi
 
 # 4. Ray head
 GCS_PORT=$(free_port)
@@ -112,18 +121,19 @@ for i in $(seq 180); do   # up when the node has registered its (fake) GPUs
   fi
   sleep 1
 done
-for port in "$MATH_PORT" "$LENGTH_PORT"; do
+for port in "${PORTS[@]}"; do
   for _ in $(seq 60); do
     "$PY" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null && break
     sleep 1
   done
 done
 
-# 5. the real trainer, 2 steps: 8 prompts, 4 per rollout batch, 4 samples each, scored on the
+# 5. the real trainer, 2 steps: $TINY_PROMPTS prompts (8), 4 per rollout batch, 4 samples each, scored on the
 #    dimensions named in $TINY_DIMENSIONS (default: all four). Learning rate 1e-2, not OpenRLHF's
 #    1e-6: steps that small leave the random tiny model's bf16 weights where they were.
 declare -A SPEC=([correctness]="http://127.0.0.1:$MATH_PORT#correctness" [format]="http://127.0.0.1:$MATH_PORT#format"
-                 [length]="http://127.0.0.1:$LENGTH_PORT#length" [brevity]="$ROOT/examples/rewards/answer_reward.py#brevity")
+                 [length]="http://127.0.0.1:$LENGTH_PORT#length" [brevity]="$ROOT/examples/rewards/answer_reward.py#brevity"
+                 [odd_length]="http://127.0.0.1:${ODD_PORT:-0}#odd_length")
 SERVERS=""
 for dim in ${TINY_DIMENSIONS//,/ }; do
   [ -n "${SPEC[$dim]:-}" ] || { echo "train_tiny_cpu: TINY_DIMENSIONS: no dimension $dim (${!SPEC[*]})" >&2; exit 2; }
@@ -133,7 +143,7 @@ cd "$OUT"
 "$PY" -m openrlhf_gd2po.cli.train_gd2po_ray \
   --actor.model_name_or_path "$OUT/model" \
   --data.prompt_dataset "$OUT/prompts.jsonl" --data.input_key prompt --data.label_key label --data.apply_chat_template \
-  --data.max_samples 8 --rollout.batch_size 4 --rollout.n_samples_per_prompt 4 --rollout.micro_batch_size 4 \
+  --data.max_samples "$TINY_PROMPTS" --rollout.batch_size 4 --rollout.n_samples_per_prompt 4 --rollout.micro_batch_size 4 \
   --train.batch_size 16 --train.micro_batch_size 4 --train.max_epochs 1 --train.num_episodes 1 \
   --data.max_len 256 --rollout.max_new_tokens 48 \
   --actor.num_nodes 1 --actor.num_gpus_per_node 1 \

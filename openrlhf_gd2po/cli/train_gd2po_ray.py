@@ -16,7 +16,7 @@ import ray
 
 import openrlhf_gd2po
 from openrlhf_gd2po import deferred_reward
-from openrlhf_gd2po.advantages import ESTIMATORS
+from openrlhf_gd2po.advantages import DYNAMIC_SAMPLING, ESTIMATORS
 from openrlhf_gd2po.reward_client import parse_reward_servers
 
 WORKER_SETUP_HOOK = "openrlhf_gd2po.install"
@@ -44,6 +44,13 @@ def add_gd2po_arguments(parser):
                        help="divide each dimension's group advantage by max(group std, floor) + 1e-6 (default 0: "
                             "the authors' std + 1e-6); 0.1 stops a nearly constant reward dimension from getting "
                             "full weight (benchmarks/RESULTS.md, learning efficiency)")
+    group.add_argument("--gd2po.dynamic_sampling", choices=list(DYNAMIC_SAMPLING), default="off",
+                       help="drop a prompt's group and draw a new prompt instead (DAPO's dynamic sampling, on every "
+                            "reward dimension): no_signal drops groups where every dimension is constant; estimator "
+                            "also drops groups the estimator gives no advantage (gd2po_*: every rollout masked)")
+    group.add_argument("--gd2po.dynamic_sampling_max_extra_prompts", type=int, default=None,
+                       help="new prompts dynamic sampling may draw per generation batch (default 2 x the prompts of "
+                            "the batch); at the cap the step trains on the groups kept and logs a warning")
     group = parser.add_argument_group("GD²PO multi-reward servers")
     group.add_argument("--reward.servers", type=str, default=None,
                        help="reward dimensions as name=url[|replica_url...][#dimension],... or name=reward.py[#dimension] "
@@ -57,6 +64,9 @@ def add_gd2po_arguments(parser):
     group.add_argument("--reward.retries", type=int, default=3,
                        help="retries per request on connection errors, timeouts and HTTP 5xx/429")
     group.add_argument("--reward.batch_size", type=int, default=256, help="samples per reward request")
+    group.add_argument("--reward.flush_wait", type=float, default=0.5,
+                       help="seconds the first finished group waits for more before its reward request is sent with "
+                            "fewer than --reward.batch_size samples (rewards are fetched while generation runs)")
     group.add_argument("--reward.max_in_flight", type=int, default=8, help="concurrent requests per reward server")
     group.add_argument("--reward.on_failure", choices=["raise", "mask"], default="raise",
                        help="after retries: raise (stop training) or mask the affected rollouts (GD²PO estimators)")
@@ -68,6 +78,8 @@ def validate_gd2po_arguments(args):
     estimator, servers = get("algo.advantage.estimator"), get("reward.servers")
     if estimator in ESTIMATORS and not servers:
         return f"--algo.advantage.estimator {estimator} needs --reward.servers (one entry per reward dimension)"
+    if get("gd2po.dynamic_sampling") != "off" and not servers:
+        return "--gd2po.dynamic_sampling needs --reward.servers (it filters on every reward dimension)"
     if not servers:
         return None
     try:
@@ -80,9 +92,16 @@ def validate_gd2po_arguments(args):
     for flag in ("reward.remote_url", "reward.model_name_or_path"):
         if get(flag):
             return f"--{flag} and --reward.servers are two reward sources; give one"
-    for flag in ("algo.dynamic_filtering_enable", "eval.dataset"):
-        if get(flag):
-            return f"--{flag} needs per-sample rewards at generation time, which --reward.servers does not provide"
+    if get("algo.dynamic_filtering_enable"):
+        return ("--algo.dynamic_filtering_enable filters on one score per sample; with --reward.servers use "
+                "--gd2po.dynamic_sampling no_signal|estimator, which filters on every reward dimension")
+    if get("eval.dataset"):
+        return "--eval.dataset needs per-sample rewards from vLLM's workers, which --reward.servers does not provide"
+    if get("gd2po.dynamic_sampling") == "estimator" and estimator not in ESTIMATORS:
+        return f"--gd2po.dynamic_sampling estimator needs a GD²PO-family estimator ({', '.join(ESTIMATORS)}), got {estimator}"
+    max_extra = get("gd2po.dynamic_sampling_max_extra_prompts")
+    if max_extra is not None and max_extra < 0:
+        return f"--gd2po.dynamic_sampling_max_extra_prompts must be >= 0, got {max_extra}"
     if estimator in ESTIMATORS:
         if get("rollout.n_samples_per_prompt") < 2:
             return f"{estimator} normalises inside each prompt's group: --rollout.n_samples_per_prompt must be >= 2"
@@ -96,7 +115,7 @@ def validate_gd2po_arguments(args):
     if not 0.0 <= get("gd2po.group_std_floor") < float("inf"):
         return f"--gd2po.group_std_floor must be finite and >= 0, got {get('gd2po.group_std_floor')}"
     for flag, minimum in (("reward.timeout", 1e-3), ("reward.deadline", 1e-3), ("reward.retries", 0),
-                          ("reward.batch_size", 1), ("reward.max_in_flight", 1)):
+                          ("reward.batch_size", 1), ("reward.max_in_flight", 1), ("reward.flush_wait", 0.0)):
         if not minimum <= get(flag) < float("inf"):  # nan and inf too
             return f"--{flag} must be >= {minimum}, got {get(flag)}"
     return None

@@ -1,0 +1,141 @@
+"""GD2POSamplesGenerator inside OpenRLHF's real SamplesGenerator.generate_samples, with the real CLI's
+arguments, a real reward server over HTTP and a stand-in vLLM engine whose groups finish on a chosen
+schedule (benchmarks/scheduled_engine.py): rewards fetched while groups generate, merged requests,
+dynamic sampling's refills and cap, and failures. The real trainer run is tests/test_train_tiny_cpu.py."""
+
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import ray
+import torch
+
+from openrlhf_gd2po.reward_client import RewardServerError
+from servers import running_server
+from test_openrlhf_integration import N_SAMPLES, parse_cli, real_package_missing, training_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from scheduled_engine import ScheduledEngine  # noqa: E402
+
+ODD_LENGTH = ROOT / "tests" / "data" / "odd_label_length_reward.py"  # signal only on odd labels
+BATCH = 2  # training_argv: --rollout.batch_size 2, 4 samples per prompt
+
+pytestmark = pytest.mark.skipif(real_package_missing("vllm"), reason="OpenRLHF's samples generator imports vllm")
+
+
+@pytest.fixture(scope="module")
+def odd_length_server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("odd_length") / "requests.jsonl"
+    with running_server(["file", "--path", str(ODD_LENGTH), "--workers", "1", "--request-log", str(log)]) as url:
+        yield url, log
+
+
+@pytest.fixture(scope="module")
+def engine(local_ray):
+    made = ScheduledEngine.remote()
+    ray.get(made.reset.remote())  # started
+    return made
+
+
+def generator(engine, tiny_model, url, labels, *flags, seconds=None, estimator="gd2po_snr"):
+    """OpenRLHF's generator as train_gd2po_ray builds it (install() swaps the class), over prompts
+    "prompt i" with the given labels, one engine answering with responses of distinct lengths."""
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+    from transformers import AutoTokenizer
+
+    import openrlhf_gd2po
+
+    openrlhf_gd2po.install()
+    args, _ = parse_cli(training_argv(estimator, f"odd_length={url}", "--reward.flush_wait", "0.05", *flags))
+    prompts = [f"prompt {i}" for i in range(len(labels))]
+    responses = {p: ["x" * (i + 1) for i in range(N_SAMPLES)] for p in prompts}
+    ray.get(engine.reset.remote(seconds={p: s for p, s in zip(prompts, seconds or [])}, responses=responses))
+    dataloader = [(None, [p], [str(label)], [None]) for p, label in zip(prompts, labels)]
+    made = ppo_trainer.SamplesGenerator(strategy=SimpleNamespace(args=args), prompts_dataloader=dataloader,
+                                        eval_dataloader=None, tokenizer=AutoTokenizer.from_pretrained(tiny_model),
+                                        vllm_engines=[engine])  # fmt: skip
+    return made
+
+
+def groups(samples):
+    return [samples[i : i + N_SAMPLES] for i in range(0, len(samples), N_SAMPLES)]
+
+
+def info(samples, key):
+    return torch.cat([s.info[key] for s in samples])
+
+
+def test_dynamic_sampling_refills_dropped_groups_with_new_prompts(engine, tiny_model, odd_length_server):
+    url, log = odd_length_server
+    labels = [2, 3, 4, 6, 5, 8, 7, 9, 11]
+    made = generator(engine, tiny_model, url, labels, "--gd2po.dynamic_sampling", "no_signal")
+    assert type(made).__name__ == "GD2POSamplesGenerator"
+    start = len(log.read_text().splitlines()) if log.exists() else 0
+    batches = [made.generate_samples(max_new_tokens=8) for _ in range(2)]
+    for samples, _, prompts_consumed, _ in batches:
+        assert len(samples) == BATCH * N_SAMPLES  # full
+        for group in groups(samples):  # every kept group has signal: an odd label, rewards that differ
+            assert int(group[0].labels[0]) % 2 == 1 and len(set(info(group, "reward/odd_length").tolist())) == N_SAMPLES
+            assert len({s.prompts[0] for s in group}) == 1
+        assert info(samples, "gd2po/prompts_consumed").eq(prompts_consumed).all()
+    # Step 1 drew 2, 3, 4, 6, 5 (three dropped), step 2 drew 8, 7, 9 (one dropped): never a repeat.
+    assert [b[2] for b in batches] == [5, 3]
+    dispatched = ray.get(engine.dispatched.remote())
+    assert dispatched == [f"prompt {i}" for i in range(8)]
+    first, second = batches[0][0], batches[1][0]
+    assert info(first, "gd2po/dynamic_sampling_pass_rate")[0] == pytest.approx(2 / 5)
+    assert info(first, "gd2po/dynamic_sampling_drop_no_signal")[0] == pytest.approx(3 / 5)
+    assert info(second, "gd2po/dynamic_sampling_pass_rate")[0] == pytest.approx(2 / 3)
+    # The server scored every generated rollout once, the dropped ones too.
+    logged = [json.loads(line) for line in log.read_text().splitlines()[start:]]
+    assert len(logged) == 8 * N_SAMPLES and len({(r["prompt"], r["query"]) for r in logged}) == 8 * N_SAMPLES
+
+
+def test_at_the_cap_the_step_keeps_what_it_has_and_the_next_step_goes_on(engine, tiny_model, odd_length_server,
+                                                                         caplog):
+    url, _ = odd_length_server
+    made = generator(engine, tiny_model, url, [3, 2, 4, 6, 8, 5, 7], "--gd2po.dynamic_sampling", "no_signal",
+                             "--gd2po.dynamic_sampling_max_extra_prompts", "2")  # fmt: skip
+    samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
+    assert prompts_consumed == 4 and [s.labels[0] for s in samples] == ["3"] * N_SAMPLES
+    assert "kept 1/2 groups after drawing 4 prompts" in caplog.text
+    samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
+    # Prompts 4 and 5 (labels 8 and 5); 8 is dropped and refilled with prompt 6 (label 7): a full batch.
+    assert prompts_consumed == 3 and sorted({s.labels[0] for s in samples}) == ["5", "7"]
+    assert ray.get(engine.dispatched.remote()) == [f"prompt {i}" for i in range(7)]
+
+
+def test_groups_are_scored_while_later_groups_generate(engine, tiny_model, odd_length_server):
+    url, log = odd_length_server
+    # Prompt 0 finishes at once, prompt 1 after 2 s: its request goes out long before generation ends.
+    made = generator(engine, tiny_model, url, [3, 5], seconds=[0.0, 2.0])
+    start = time.perf_counter()
+    samples, *_ = made.generate_samples(max_new_tokens=8)
+    assert time.perf_counter() - start < 4  # 2 s of generation; the engine is warm (scheduled_engine)
+    assert info(samples, "gd2po/reward_requests")[0] == 2
+    assert info(samples, "reward_seconds/wait_after_generation")[0] < 1.5
+    # Both groups at once: one merged request of 8 samples (--reward.batch_size 3 in training_argv cuts it
+    # into 3 + 3 + 2 on the wire, so this one uses the default batch size).
+    made = generator(engine, tiny_model, url, [3, 5], "--reward.batch_size", "256", "--reward.flush_wait", "1")
+    samples, *_ = made.generate_samples(max_new_tokens=8)
+    assert info(samples, "gd2po/reward_requests")[0] == 1
+    want = [len("x" * i) / 100 + 120 * i % 1000 / 1e6 for i in range(1, 5)]  # ord("x") = 120
+    assert info(samples, "reward/odd_length").tolist() == pytest.approx(want * 2)
+
+
+def test_a_server_that_is_down_raises_or_masks_as_on_failure_says(engine, tiny_model):
+    from servers import free_port
+
+    down = f"http://127.0.0.1:{free_port()}"
+    made = generator(engine, tiny_model, down, [3, 5], "--reward.retries", "0")
+    with pytest.raises(RewardServerError, match=rf"reward server {down}/get_reward .*samples \d+\.\.\d+: failed"):
+        made.generate_samples(max_new_tokens=8)
+    made = generator(engine, tiny_model, down, [3, 5], "--reward.retries", "0", "--reward.on_failure", "mask",
+                        "--gd2po.dynamic_sampling", "estimator")  # fmt: skip
+    samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
+    # Failed groups are never dropped and refilled around: the experience maker masks them.
+    assert prompts_consumed == 2 and info(samples, "reward_fetch_failed").eq(1).all()

@@ -9,10 +9,13 @@ so most groups are done well before the last, as RL generation lengths are. Rewa
 sleepy servers of bench_reward_stage.py (one request at a time each; the reward model costs
 50 ms + 2 ms per sample). Modes, alternating in one run against the same servers and schedule:
 
-  after   OpenRLHF's own SamplesGenerator, then one fetch_rewards over the batch: today's path when
-          rewards are scored in the experience maker (GD2POExperienceMaker.fetch_multi_rewards).
-  stream  GD2POSamplesGenerator: each finished group goes to a RewardStream (batches of up to 256
-          samples, --reward.flush_wait 0.5 s), so rewards are fetched while later groups generate.
+  after     OpenRLHF's own SamplesGenerator, then one fetch_rewards over the batch: the path when
+            rewards are scored in the experience maker (GD2POExperienceMaker.fetch_multi_rewards).
+  stream    GD2POSamplesGenerator: each finished group goes to a RewardStream (batches of up to 256
+            samples, --reward.flush_wait 0.5 s), so rewards are fetched while later groups generate.
+  openrlhf  OpenRLHF's own scoring while generating (--reward.remote_url): each sample, once generated,
+            POSTs its one query to every server in a new session (the engine stand-in does this as
+            OpenRLHF's executor does). Timed once: it is the slow one.
 
 "added" is a mode's wall time minus generation alone (the after mode's generation part), as a share
 of generation. Target: stream adds <= 10% when rewards are cheaper than generation. Every reward is
@@ -67,9 +70,10 @@ def schedule(num_prompts: int, gen_seconds: float):
     return prompts, seconds, responses
 
 
-def run(generator_class, args, engine, tokenizer, prompts, seconds, responses, dimensions):
-    """One step's generation (and rewards); returns (generation s, total s, requests, decoded queries, rewards)."""
-    ray.get(engine.reset.remote(seconds, responses))
+def run(generator_class, args, engine, tokenizer, prompts, seconds, responses, dimensions, per_sample=False):
+    """One step's generation and rewards; returns (generation s, total s, requests)."""
+    reward_urls = {d.name: d.url for d in dimensions} if per_sample else None
+    ray.get(engine.reset.remote(seconds, responses, reward_urls))
     dataloader = [(None, [p], ["0"], [None]) for p in prompts]
     generator = generator_class(strategy=SimpleNamespace(args=args), prompts_dataloader=dataloader,
                                 eval_dataloader=None, tokenizer=tokenizer, vllm_engines=[engine])  # fmt: skip
@@ -77,9 +81,10 @@ def run(generator_class, args, engine, tokenizer, prompts, seconds, responses, d
     samples, *_ = generator.generate_samples(max_new_tokens=1024)
     generated = time.perf_counter() - started
     queries = [tokenizer.decode(s.sequences[0], skip_special_tokens=False) for s in samples]
-    if "reward/format" in samples[0].info:  # stream: scored while generating
+    if "reward/format" in samples[0].info:  # scored while generating
         rewards = torch.stack([torch.cat([s.info[f"reward/{d.name}"] for s in samples]) for d in dimensions], dim=1)
-        requests = int(samples[0].info["gd2po/reward_requests"].item()) * len(dimensions)
+        requests = len(samples) * len(dimensions) if per_sample else (
+            int(samples[0].info["gd2po/reward_requests"].item()) * len(dimensions))
     else:
         batch = fetch_rewards(dimensions, queries, [s.prompts[0] for s in samples], ["0"] * len(samples))
         rewards, requests = batch.rewards, -(-len(samples) // 256) * len(dimensions)
@@ -117,6 +122,8 @@ def main():
             after.append(run(SamplesGenerator, trainer, engine, tokenizer, prompts, seconds, responses, dimensions))
             stream.append(run(GD2POSamplesGenerator, trainer, engine, tokenizer, prompts, seconds, responses,
                               dimensions))
+        openrlhf = [run(SamplesGenerator, trainer, engine, tokenizer, prompts, seconds, responses, dimensions,
+                        per_sample=True)]
     ray.shutdown()
 
     generation = statistics.median(r[0] for r in after)
@@ -127,7 +134,8 @@ def main():
     print(f"generation alone (OpenRLHF's SamplesGenerator): {generation:.2f} s\n")
     print(f"{'mode':48s} {'requests':>8s} {'wall s':>7s} {'added s':>8s} {'added %':>8s}")
     print("-" * 83)
-    rows = {"after: generate all, then fetch_rewards": after, "stream: score each group as it finishes": stream}
+    rows = {"after: generate all, then fetch_rewards": after, "stream: score each group as it finishes": stream,
+            "openrlhf: each sample posts as it finishes (x1)": openrlhf}
     added = {}
     for label, runs in rows.items():
         total = statistics.median(r[1] for r in runs)

@@ -27,9 +27,13 @@ class ScheduledEngine:
         pickle.loads(pickle.dumps(SamplingParams()))
         self.reset()
 
-    def reset(self, seconds=None, responses=None):
-        """A new schedule: seconds and response texts per prompt; forgets the prompts dispatched."""
-        self.seconds, self.responses = seconds or {}, responses or {}
+    def reset(self, seconds=None, responses=None, reward_urls=None):
+        """A new schedule: seconds and response texts per prompt; forgets the prompts dispatched.
+        `reward_urls` ({dimension: URL}): score each sample there as soon as it is generated, one POST per
+        sample per server in a new session, as OpenRLHF's executor does with --reward.remote_url; the
+        scores come back in the sample's extra_logs as reward/<dimension>."""
+        self.seconds, self.responses, self.reward_urls = seconds or {}, responses or {}, reward_urls or {}
+        self.scoring = asyncio.Semaphore(128)  # samples scored at once: vLLM's default max_num_seqs per engine
         self.prompts = []  # every prompt dispatched since, in order
         self.unfinished = 0
 
@@ -56,7 +60,27 @@ class ScheduledEngine:
                 "action_ranges": [(len(prompt_ids), len(prompt_ids) + len(action_ids))],
                 "rollout_log_probs": None, "truncated": False, "reward": None, "scores": None, "extra_logs": {},
             })
+        if self.reward_urls:
+            queries = [hf_tokenizer.decode(o["observation_tokens"], skip_special_tokens=False) for o in outputs]
+            async def score(query):
+                async with self.scoring:
+                    return await asyncio.gather(*(_post(url, query, prompt, label) for url in self.reward_urls.values()))
+
+            scores = [x for row in await asyncio.gather(*map(score, queries)) for x in row]
+            for i, output in enumerate(outputs):
+                row = scores[i * len(self.reward_urls) : (i + 1) * len(self.reward_urls)]
+                output["extra_logs"] = {f"reward/{name}": value for name, value in zip(self.reward_urls, row)}
         return outputs
+
+
+async def _post(url, query, prompt, label):
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as session:  # OpenRLHF's timeout
+        payload = {"query": [query], "prompts": [prompt], "labels": [label]}
+        async with session.post(url, json=payload) as response:
+            response.raise_for_status()
+            return (await response.json())["rewards"][0]
 
 
 # Ray workers cannot import this file by name (benchmarks/ is not on their path): ship the class by value.

@@ -31,10 +31,7 @@ logger = init_logger(__name__)
 class GD2POExperienceMaker(RemoteExperienceMaker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        servers = getattr(self.args.reward, "servers", None)
-        self.reward_dimensions = parse_reward_servers(servers) if servers else []
-        weights = getattr(self.args.reward, "weights", None)
-        self.reward_weights = torch.tensor(weights or [1.0] * len(self.reward_dimensions), dtype=torch.float32)
+        self.reward_dimensions, self.reward_weights = reward_dimensions(self.args)
 
     @torch.no_grad()
     def make_experience_batch(self, rollout_samples):
@@ -127,6 +124,14 @@ class GD2POExperienceMaker(RemoteExperienceMaker):
                 experience.info[f"gd2po/{key}"] = torch.full((len(kept),), value)
             experience.kl = None
         return experiences
+
+
+def reward_dimensions(args):
+    """`--reward.servers` as RewardDimensions ([] without it) and `--reward.weights` as a tensor (default 1s)."""
+    servers = getattr(args.reward, "servers", None)
+    dimensions = parse_reward_servers(servers) if servers else []
+    weights = getattr(args.reward, "weights", None)
+    return dimensions, torch.tensor(weights or [1.0] * len(dimensions), dtype=torch.float32)
 
 
 def attach_rewards(samples, batch, dimensions, weights):

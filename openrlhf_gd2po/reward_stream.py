@@ -59,6 +59,10 @@ class RewardStream:
     def close(self):
         """Cancel what is buffered or in flight (their futures are cancelled), close the sessions, stop the loop."""
         async def shut_down():
+            if self.flush_timer is not None:
+                self.flush_timer.cancel()
+            for *_, future in self.buffer:
+                future.cancel()
             for task in list(self.in_flight):
                 task.cancel()
             await asyncio.gather(*self.in_flight, return_exceptions=True)
@@ -67,8 +71,6 @@ class RewardStream:
         try:
             self._call(shut_down())
         finally:
-            for *_, future in self.buffer:
-                future.cancel()
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join()
             self.loop.close()

@@ -11,8 +11,10 @@ The GD²PO batch step (normalise, mask, reweight, whiten) stays in GD2POExperien
 """
 
 import concurrent.futures
+import math
 import time
 from collections import Counter
+from types import SimpleNamespace
 
 import ray
 import torch
@@ -20,8 +22,7 @@ import torch
 from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator, _collect_prompt_batch
 from openrlhf.utils.logging_utils import init_logger
 from openrlhf_gd2po.advantages import group_drop_reason
-from openrlhf_gd2po.experience_maker import attach_rewards, warn_failed
-from openrlhf_gd2po.reward_client import parse_reward_servers
+from openrlhf_gd2po.experience_maker import attach_rewards, reward_dimensions, warn_failed
 from openrlhf_gd2po.reward_stream import RewardStream
 
 logger = init_logger(__name__)
@@ -33,10 +34,7 @@ POLL_SECONDS = 0.02  # ray.wait cannot also wait on the reward futures, so it po
 class GD2POSamplesGenerator(SamplesGenerator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        servers = getattr(self.args.reward, "servers", None)
-        self.reward_dimensions = parse_reward_servers(servers) if servers else []
-        weights = getattr(self.args.reward, "weights", None)
-        self.reward_weights = torch.tensor(weights or [1.0] * len(self.reward_dimensions), dtype=torch.float32)
+        self.reward_dimensions, self.reward_weights = reward_dimensions(self.args)
 
     def _generate_vllm(self, dataloader_iter, num_prompts, dynamic_filtering, **generate_kwargs):
         if not self.reward_dimensions:
@@ -45,62 +43,80 @@ class GD2POSamplesGenerator(SamplesGenerator):
         if not prompts:
             return [], 0, True
         max_extra = self.args.gd2po.dynamic_sampling_max_extra_prompts
-        max_extra = 2 * len(prompts) if max_extra is None else max_extra
-        prompts_consumed = len(prompts)
-        generating = self._dispatch_prompts_to_vllm(prompts, labels, images=images, **generate_kwargs)
-        scoring = {}  # reward future -> its group's samples
-        accepted, drops, failed = [], Counter(), 0
-        generation_done = time.perf_counter()
+        step = SimpleNamespace(accepted=[], drops=Counter(), failed=0, prompts_consumed=len(prompts),
+                               exhausted=exhausted, reward_wait=0.0)
         with self._reward_stream() as stream:
-            while generating or scoring:
-                if generating:
-                    ready, generating = ray.wait(generating, num_returns=1, timeout=POLL_SECONDS if scoring else 10.0)
-                    for ref in ready:
-                        group = [self._process_response_into_experience(r, **generate_kwargs) for r in ray.get(ref)]
-                        queries = [self.tokenizer.decode(s.sequences[0], skip_special_tokens=False) for s in group]
-                        scoring[stream.submit(queries, [s.prompts[0] for s in group], [s.labels[0] for s in group])] = group
-                    if not generating:
-                        stream.flush()
-                        generation_done = time.perf_counter()
-                else:
-                    concurrent.futures.wait(scoring, return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in [f for f in scoring if f.done()]:
-                    group, batch = scoring.pop(future), future.result()  # on_failure raise: raises here
-                    attach_rewards(group, batch, self.reward_dimensions, self.reward_weights)
-                    failed += int(batch.failed.sum())
-                    reason = None if batch.failed.any() else self._drop_reason(batch.rewards)
-                    if reason is None:
-                        accepted.extend(group)
-                        continue
-                    drops[reason] += 1
-                    if prompts_consumed - len(prompts) < max_extra and not exhausted:
-                        new_prompts, new_labels, new_images, exhausted = _collect_prompt_batch(dataloader_iter, 1)
-                        prompts_consumed += len(new_prompts)
-                        if new_prompts:
-                            generating += self._dispatch_prompts_to_vllm(
-                                new_prompts, new_labels, images=new_images, **generate_kwargs
-                            )
-            reward_wait = time.perf_counter() - generation_done
-        warn_failed(failed, stream.submitted)
-        groups_scored = len(accepted) // self.args.rollout.n_samples_per_prompt + sum(drops.values())
-        if len(accepted) < len(prompts) * self.args.rollout.n_samples_per_prompt:
+            self._score_while_generating(step, stream, dataloader_iter, prompts, labels, images,
+                                         2 * len(prompts) if max_extra is None else max_extra, generate_kwargs)
+        warn_failed(step.failed, stream.submitted)
+        n = self.args.rollout.n_samples_per_prompt
+        groups_scored = len(step.accepted) // n + sum(step.drops.values())
+        if step.drops and len(step.accepted) < len(prompts) * n:  # at the cap, or out of prompts
+            kept, unit = len(step.accepted), self._short_batch_unit()
+            step.accepted = step.accepted[: kept // unit * unit]
             logger.warning(
-                f"Dynamic sampling kept {len(accepted) // self.args.rollout.n_samples_per_prompt}/{len(prompts)} "
-                f"groups after drawing {prompts_consumed} prompts (dropped: {dict(drops)}; "
-                f"--gd2po.dynamic_sampling_max_extra_prompts {max_extra}); this step trains on what was kept"
+                f"Dynamic sampling kept {kept // n}/{len(prompts)} groups after drawing {step.prompts_consumed} "
+                f"prompts (dropped: {dict(step.drops)}; --gd2po.dynamic_sampling_max_extra_prompts {max_extra}); "
+                f"this step trains on {len(step.accepted) // n} of them (whole optimizer steps: a multiple of "
+                f"{unit} samples)"
             )
         metrics = {
-            "gd2po/dynamic_sampling_pass_rate": (groups_scored - sum(drops.values())) / groups_scored,
-            "gd2po/prompts_consumed": prompts_consumed,
-            **{f"gd2po/dynamic_sampling_drop_{r}": drops[r] / groups_scored for r in DROP_REASONS},
+            "gd2po/dynamic_sampling_pass_rate": 1 - sum(step.drops.values()) / groups_scored,
+            "gd2po/prompts_consumed": step.prompts_consumed,
+            **{f"gd2po/dynamic_sampling_drop_{r}": step.drops[r] / groups_scored for r in DROP_REASONS},
             # Not under timing/ (OpenRLHF sums those into step_total): inside timing/generation.
-            "reward_seconds/wait_after_generation": reward_wait,
+            "reward_seconds/wait_after_generation": step.reward_wait,
             **{f"reward_seconds/{name}": seconds for name, seconds in stream.seconds.items()},
             "gd2po/reward_requests": stream.requests,
         }
-        for sample in accepted:
+        for sample in step.accepted:
             sample.info.update({key: torch.tensor([float(value)]) for key, value in metrics.items()})
-        return accepted, prompts_consumed, exhausted
+        return step.accepted, step.prompts_consumed, step.exhausted
+
+    def _score_while_generating(self, step, stream, dataloader_iter, prompts, labels, images, max_extra,
+                                generate_kwargs):
+        """OpenRLHF's loop: each group from ray.wait goes to the stream; each group whose rewards are back
+        is kept, or dropped and replaced by the next prompt while fewer than max_extra were drawn."""
+        generating = self._dispatch_prompts_to_vllm(prompts, labels, images=images, **generate_kwargs)
+        scoring = {}  # reward future -> its group's samples
+        generation_done = time.perf_counter()
+        while generating or scoring:
+            if generating:
+                ready, generating = ray.wait(generating, num_returns=1, timeout=POLL_SECONDS if scoring else 10.0)
+                for ref in ready:
+                    group = [self._process_response_into_experience(r, **generate_kwargs) for r in ray.get(ref)]
+                    queries = [self.tokenizer.decode(s.sequences[0], skip_special_tokens=False) for s in group]
+                    scoring[stream.submit(queries, [s.prompts[0] for s in group], [s.labels[0] for s in group])] = group
+                if not generating:
+                    stream.flush()
+                    generation_done = time.perf_counter()
+            else:
+                concurrent.futures.wait(scoring, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in [f for f in scoring if f.done()]:
+                group, batch = scoring.pop(future), future.result()  # on_failure raise: raises here
+                attach_rewards(group, batch, self.reward_dimensions, self.reward_weights)
+                step.failed += int(batch.failed.sum())
+                reason = None if batch.failed.any() else self._drop_reason(batch.rewards)
+                if reason is None:
+                    step.accepted.extend(group)
+                    continue
+                step.drops[reason] += 1
+                if step.prompts_consumed - len(prompts) < max_extra and not step.exhausted:
+                    new_prompts, new_labels, new_images, step.exhausted = _collect_prompt_batch(dataloader_iter, 1)
+                    step.prompts_consumed += len(new_prompts)
+                    if new_prompts:
+                        generating += self._dispatch_prompts_to_vllm(
+                            new_prompts, new_labels, images=new_images, **generate_kwargs
+                        )
+        step.reward_wait = time.perf_counter() - generation_done
+
+    def _short_batch_unit(self):
+        """A short batch is cut to a multiple of this many samples: whole groups, whole optimizer steps
+        (--train.batch_size; a partial one would leave its gradients accumulated into the next step) and the
+        same number of micro-batches on every data-parallel rank (ZeRO-3 hangs otherwise)."""
+        args = self.args
+        ranks = args.actor.num_nodes * args.actor.num_gpus_per_node // args.ds.ring_attn_size // args.ds.tensor_parallel_size
+        return math.lcm(args.rollout.n_samples_per_prompt, args.train.batch_size, args.rollout.micro_batch_size * ranks)
 
     def _reward_stream(self):
         args = self.args.reward

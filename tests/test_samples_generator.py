@@ -98,11 +98,12 @@ def test_dynamic_sampling_refills_dropped_groups_with_new_prompts(engine, tiny_m
 def test_at_the_cap_the_step_keeps_what_it_has_and_the_next_step_goes_on(engine, tiny_model, odd_length_server,
                                                                          caplog):
     url, _ = odd_length_server
+    # One optimizer step per group (--train.batch_size 4), so the one group kept is trained on.
     made = generator(engine, tiny_model, url, [3, 2, 4, 6, 8, 5, 7], "--gd2po.dynamic_sampling", "no_signal",
-                             "--gd2po.dynamic_sampling_max_extra_prompts", "2")  # fmt: skip
+                     "--gd2po.dynamic_sampling_max_extra_prompts", "2", "--train.batch_size", "4")  # fmt: skip
     samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
     assert prompts_consumed == 4 and [s.labels[0] for s in samples] == ["3"] * N_SAMPLES
-    assert "kept 1/2 groups after drawing 4 prompts" in caplog.text
+    assert "kept 1/2 groups after drawing 4 prompts" in caplog.text and "trains on 1 of them" in caplog.text
     samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
     # Prompts 4 and 5 (labels 8 and 5); 8 is dropped and refilled with prompt 6 (label 7): a full batch.
     assert prompts_consumed == 3 and sorted({s.labels[0] for s in samples}) == ["5", "7"]
@@ -139,3 +140,15 @@ def test_a_server_that_is_down_raises_or_masks_as_on_failure_says(engine, tiny_m
     samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
     # Failed groups are never dropped and refilled around: the experience maker masks them.
     assert prompts_consumed == 2 and info(samples, "reward_fetch_failed").eq(1).all()
+
+
+def test_a_short_batch_trains_whole_optimizer_steps_only(engine, tiny_model, odd_length_server, caplog):
+    # Two ranks, an optimizer step of 8 samples: the one group kept (4 samples) would be half a step
+    # (its gradient would stay accumulated into the next) and one micro-batch on one rank only.
+    url, _ = odd_length_server
+    made = generator(engine, tiny_model, url, [3, 2, 4, 6], "--gd2po.dynamic_sampling", "no_signal",
+                     "--gd2po.dynamic_sampling_max_extra_prompts", "2", "--train.batch_size", "8",
+                     "--actor.num_gpus_per_node", "2")  # fmt: skip
+    samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
+    assert samples == [] and prompts_consumed == 4  # OpenRLHF's trainer then draws the next batch
+    assert "trains on 0 of them (whole optimizer steps: a multiple of 8 samples)" in caplog.text

@@ -35,6 +35,8 @@ Metrics (fixed before the runs):
              (what GRPO's advantage estimates); "steps to target" on the table = first step where its
              10-step trailing mean reaches 0.8, censored as above.
 Each seed draws a new task, initial logits and samples; seeds are paired across estimators.
+`train(..., dynamic=mode)` adds DAPO-style dynamic sampling (`draw_groups`); its benchmark, with samples
+drawn counted as cost, is benchmarks/dynamic_sampling_efficiency.py.
 
     python benchmarks/learning_efficiency.py [--quick] [--part table|map|all] [--out benchmarks/learning_efficiency.png]
 """
@@ -49,7 +51,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from openrlhf_gd2po.advantages import compute_advantages  # noqa: E402
+from openrlhf_gd2po.advantages import compute_advantages, group_drop_reason  # noqa: E402
 
 NUM_PROMPTS = 16
 GROUP_SIZE = 8
@@ -63,6 +65,7 @@ EXACT_TARGET = 0.5  # P(exact) for the map's steps to target
 SMOOTH_WINDOW = 10
 STD_FLOOR = 0.1
 CONFLICT_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
+MAX_EXTRA_PROMPTS = 2 * NUM_PROMPTS  # dynamic sampling's refill cap per step (the trainer's default: 3x)
 
 # (name, estimator, snr_threshold, group_std_floor, exclude masked rollouts from the denominator)
 TABLE_VARIANTS = [
@@ -181,8 +184,39 @@ def neutral_metrics(logits, answers, answer_lengths, brevity):
     return exact.mean().item(), token.mean().item(), pareto.mean().item()
 
 
-def train(variant, num_rewards, seed, steps, conflict=1.0, learning_rate=LEARNING_RATE, optimizer_name="adam"):
-    """One training run; returns per-step score, combined reward and the metrics of the module docstring."""
+def draw_groups(logits, gen, prompt_gen, reward_fn, drop_reason):
+    """One step's groups with DAPO-style dynamic sampling (the trainer's refill loop).
+
+    Draws the 16 prompts, drops each group `drop_reason` (its [G, K] rewards -> reason or None) rejects
+    and draws as many replacement prompts (uniform over the task's prompts, from `prompt_gen`) as groups
+    are missing, until 16 are kept or MAX_EXTRA_PROMPTS extra prompts were drawn. A prompt drawn twice is
+    two groups. Returns the kept rollouts (tokens, lengths, loss mask, prompt ids, rewards), the rewards
+    of every rollout drawn and the reasons (None = kept) of every group drawn.
+    """
+    prompts, kept, drawn_rewards, reasons, extra = torch.arange(NUM_PROMPTS), [], [], [], 0
+    while True:
+        prompt_ids = prompts.repeat_interleave(GROUP_SIZE)
+        tokens, lengths, loss_mask = sample_rollouts(logits, prompt_ids, gen)
+        rewards = reward_fn(tokens, lengths, prompt_ids)
+        round_reasons = [drop_reason(group) for group in rewards.split(GROUP_SIZE)]
+        keep = torch.tensor([reason is None for reason in round_reasons]).repeat_interleave(GROUP_SIZE)
+        kept.append([x[keep] for x in (tokens, lengths, loss_mask, prompt_ids, rewards)])
+        drawn_rewards.append(rewards)
+        reasons += round_reasons
+        missing = NUM_PROMPTS - sum(reason is None for reason in reasons)
+        if missing == 0 or extra == MAX_EXTRA_PROMPTS:
+            return [torch.cat(x) for x in zip(*kept)], torch.cat(drawn_rewards), reasons
+        prompts = torch.randint(0, NUM_PROMPTS, (min(missing, MAX_EXTRA_PROMPTS - extra),), generator=prompt_gen)
+        extra += len(prompts)
+
+
+def train(variant, num_rewards, seed, steps, conflict=1.0, learning_rate=LEARNING_RATE, optimizer_name="adam",
+          dynamic="off"):
+    """One training run; returns per-step score, combined reward and the metrics of the module docstring.
+
+    `dynamic` is the dynamic-sampling mode of `group_drop_reason` ("off": every step trains on the 16
+    prompts' groups, as before); each step also records the rollouts drawn ("samples") and its groups' reasons.
+    """
     _, estimator, snr_threshold, std_floor, exclude_masked = variant
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -192,30 +226,41 @@ def train(variant, num_rewards, seed, steps, conflict=1.0, learning_rate=LEARNIN
 
     logits = (0.1 * torch.randn(NUM_PROMPTS, MAX_LEN, EOS + 1)).requires_grad_()
     optimizer = (torch.optim.Adam if optimizer_name == "adam" else torch.optim.SGD)([logits], lr=learning_rate)
-    prompt_ids = torch.arange(NUM_PROMPTS).repeat_interleave(GROUP_SIZE)
-    history = {key: [] for key in ("score", "combined", "per_dim", "keep_ratio", "conflict_ratio", "exact",
-                                   "token_prob", "pareto", "summed_advantage")}
-    for _ in range(steps):
-        tokens, lengths, loss_mask = sample_rollouts(logits, prompt_ids, gen)
-        rewards = score(tokens, lengths, prompt_ids, answers, answer_lengths, brevity, num_rewards)
-        result = compute_advantages(rewards, prompt_ids, estimator, response_lengths=loss_mask.sum(dim=1),
-                                    snr_threshold=snr_threshold, group_std_floor=std_floor)
-        # Token mean: masked rollouts (advantage 0) count in the denominator unless excluded.
-        denominator_mask = loss_mask & result.keep_mask[:, None] if exclude_masked else loss_mask
-        log_probs = torch.log_softmax(logits[prompt_ids], dim=-1).gather(2, tokens[:, :, None])[:, :, 0]
-        loss = -(result.advantages[:, None] * log_probs * loss_mask).sum() / denominator_mask.sum().clamp(min=1)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    prompt_gen = torch.Generator().manual_seed(30_000 + seed)  # replacement prompts; unused when dynamic="off"
 
-        combined = rewards.sum(dim=1).mean().item()
+    def reward_fn(tokens, lengths, prompt_ids):
+        return score(tokens, lengths, prompt_ids, answers, answer_lengths, brevity, num_rewards)
+
+    def drop_reason(group_rewards):
+        return group_drop_reason(group_rewards, estimator, dynamic, snr_threshold=snr_threshold,
+                                 group_std_floor=std_floor)
+
+    history = {key: [] for key in ("score", "combined", "per_dim", "keep_ratio", "conflict_ratio", "exact",
+                                   "token_prob", "pareto", "summed_advantage", "samples", "reasons")}
+    for _ in range(steps):
+        (tokens, _, loss_mask, prompt_ids, rewards), drawn_rewards, reasons = draw_groups(
+            logits, gen, prompt_gen, reward_fn, drop_reason)
+        if len(prompt_ids):  # at the refill cap with nothing kept: no update, the samples still count
+            group_ids = torch.arange(len(prompt_ids) // GROUP_SIZE).repeat_interleave(GROUP_SIZE)
+            result = compute_advantages(rewards, group_ids, estimator, response_lengths=loss_mask.sum(dim=1),
+                                        snr_threshold=snr_threshold, group_std_floor=std_floor)
+            # Token mean: masked rollouts (advantage 0) count in the denominator unless excluded.
+            denominator_mask = loss_mask & result.keep_mask[:, None] if exclude_masked else loss_mask
+            log_probs = torch.log_softmax(logits[prompt_ids], dim=-1).gather(2, tokens[:, :, None])[:, :, 0]
+            loss = -(result.advantages[:, None] * log_probs * loss_mask).sum() / denominator_mask.sum().clamp(min=1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            for key, name in (("keep_ratio", "keep_ratio"), ("conflict_ratio", "conflict_ratio"),
+                              ("summed_advantage", "mean_abs_summed_advantage")):
+                history[key].append(result.metrics[name])
+
+        combined = drawn_rewards.sum(dim=1).mean().item()  # every rollout drawn: all come from the policy
         exact, token_prob, pareto = neutral_metrics(logits, answers, answer_lengths, brevity)
-        for key, value in (("combined", combined), ("per_dim", rewards.mean(dim=0).tolist()),
+        for key, value in (("combined", combined), ("per_dim", drawn_rewards.mean(dim=0).tolist()),
                            ("score", (combined - uniform) / (best - uniform)),
-                           ("keep_ratio", result.metrics["keep_ratio"]),
-                           ("conflict_ratio", result.metrics["conflict_ratio"]),
-                           ("summed_advantage", result.metrics["mean_abs_summed_advantage"]),
-                           ("exact", exact), ("token_prob", token_prob), ("pareto", pareto)):
+                           ("exact", exact), ("token_prob", token_prob), ("pareto", pareto),
+                           ("samples", len(drawn_rewards)), ("reasons", reasons)):
             history[key].append(value)
     return history
 

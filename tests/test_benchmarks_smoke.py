@@ -69,3 +69,52 @@ def test_bench_replicas_quick():
     rows = [line.split()[:2] for line in completed.stdout.splitlines() if line.startswith(("   cpu", " sleep"))]
     assert rows == [["cpu", "1"], ["cpu", "2"], ["sleep", "1"], ["sleep", "2"]]
     assert "control, no servers" in completed.stdout
+
+
+def test_dynamic_sampling_refill_loop():
+    """draw_groups keeps refilling up to the cap (3x the prompts), and keeps the first draw when nothing is dropped."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import learning_efficiency as le
+    import torch
+
+    logits = torch.zeros(le.NUM_PROMPTS, le.MAX_LEN, le.EOS + 1)
+    answers, lengths, brevity = le.make_task(0)
+
+    def reward_fn(tokens, response_lengths, prompt_ids):
+        return le.score(tokens, response_lengths, prompt_ids, answers, lengths, brevity, 2)
+
+    def draw(drop_reason):
+        return le.draw_groups(logits, torch.Generator().manual_seed(0), torch.Generator().manual_seed(1),
+                              reward_fn, drop_reason)
+
+    (tokens, *_), drawn, reasons = draw(lambda group: None)
+    assert len(tokens) == len(drawn) == le.NUM_PROMPTS * le.GROUP_SIZE and reasons == [None] * le.NUM_PROMPTS
+    (tokens, *_), drawn, reasons = draw(lambda group: "no_signal")
+    assert len(tokens) == 0 and len(reasons) == le.NUM_PROMPTS + le.MAX_EXTRA_PROMPTS
+    assert len(drawn) == len(reasons) * le.GROUP_SIZE
+    every_other = iter(range(10**6))
+    (tokens, *_), drawn, reasons = draw(lambda group: None if next(every_other) % 2 else "estimator")
+    assert len(tokens) == le.NUM_PROMPTS * le.GROUP_SIZE  # 16 kept after 8 + 4 + 2 + 1 + 1 replacements
+    assert reasons.count(None) == le.NUM_PROMPTS and len(reasons) == 32
+
+
+def test_dynamic_sampling_efficiency_quick(tmp_path):
+    out = tmp_path / "ds.json"
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/dynamic_sampling_efficiency.py", "--quick", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    for text in ("original task (c = 1)", "conflict map", "samples@0.5", "gdpo ds=no_signal",
+                 "gd2po_snr(τ=0.8) ds=estimator"):
+        assert text in completed.stdout
+    result = json.loads(out.read_text())
+    rows = {(row["num_rewards"], row["conflict"], row["name"]): row["summary"] for row in result["table"]["rows"]}
+    assert len(rows) == 12 and {c for _, c, _ in rows} == {1.0}
+    assert {row["conflict"] for row in result["map"]["rows"]} == {0.0, 1.0}
+    # 30 steps x 128 rollouts at least; the off rows draw exactly that and keep every group.
+    assert all(s["samples_total"][0] >= 30 * 128 for s in rows.values())
+    assert rows[(2, 1.0, "gdpo ds=off")]["samples_total"][0] == 30 * 128
+    assert rows[(2, 1.0, "gdpo ds=off")]["pass_rate"] == 1.0
+    # gd2po masks whole groups early on at K=3: the estimator mode drops and refills some.
+    assert rows[(3, 1.0, "gd2po_snr(τ=0.8) ds=estimator")]["dropped_estimator"] > 0

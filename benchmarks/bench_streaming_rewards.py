@@ -1,7 +1,7 @@
 """Rewards fetched after all of generation vs per finished group, through OpenRLHF's real SamplesGenerator.
 
     python benchmarks/bench_streaming_rewards.py          # 128 prompts x 8 samples, 3 repeats
-    python benchmarks/bench_streaming_rewards.py --quick  # 16 prompts x 8, 2 s, 1 repeat: smoke test
+    python benchmarks/bench_streaming_rewards.py --quick  # 8 prompts x 8, 1 s, 1 repeat: smoke test
 
 Generation: a stand-in vLLM engine (benchmarks/scheduled_engine.py) behind Ray, whose groups finish
 on a long-tailed schedule: group i takes `gen_seconds * x_i / max(x)` with x lognormal (sigma 0.6),
@@ -95,12 +95,12 @@ def run(generator_class, args, engine, tokenizer, prompts, seconds, responses, d
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="16 prompts, 2 s, 1 repeat")
-    parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default 128, quick 16)")
-    parser.add_argument("--gen-seconds", type=float, default=None, help="the slowest group's seconds (default 20, quick 2)")
+    parser.add_argument("--quick", action="store_true", help="8 prompts, 1 s, 1 repeat")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default 128, quick 8)")
+    parser.add_argument("--gen-seconds", type=float, default=None, help="the slowest group's seconds (default 20, quick 1)")
     args = parser.parse_args()
-    num_prompts = args.prompts or (16 if args.quick else 128)
-    gen_seconds = args.gen_seconds or (2.0 if args.quick else 20.0)
+    num_prompts = args.prompts or (8 if args.quick else 128)
+    gen_seconds = args.gen_seconds or (1.0 if args.quick else 20.0)
     repeats = 1 if args.quick else 3
 
     from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator

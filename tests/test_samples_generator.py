@@ -152,3 +152,14 @@ def test_a_short_batch_trains_whole_optimizer_steps_only(engine, tiny_model, odd
     samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
     assert samples == [] and prompts_consumed == 4  # OpenRLHF's trainer then draws the next batch
     assert "trains on 0 of them (whole optimizer steps: a multiple of 8 samples)" in caplog.text
+
+
+def test_install_swaps_the_generator_of_the_sync_and_the_async_trainer():
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+    import openrlhf.trainer.ppo_trainer_async as ppo_trainer_async
+
+    import openrlhf_gd2po
+    from openrlhf_gd2po.samples_generator import GD2POSamplesGenerator
+
+    openrlhf_gd2po.install()
+    assert ppo_trainer.SamplesGenerator is GD2POSamplesGenerator is ppo_trainer_async.SamplesGenerator

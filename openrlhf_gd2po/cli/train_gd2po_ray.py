@@ -60,7 +60,8 @@ def add_gd2po_arguments(parser):
                        help="one weight per --reward.servers dimension (default all 1)")
     group.add_argument("--reward.timeout", type=float, default=300.0, help="seconds per reward request")
     group.add_argument("--reward.deadline", type=float, default=600.0,
-                       help="seconds for a whole reward fetch, retries included; batches not scored by then fail")
+                       help="seconds for each reward request from when it is sent, retries included (so the most a step waits "
+                            "for rewards after its last group is generated); batches not scored by then fail")
     group.add_argument("--reward.retries", type=int, default=3,
                        help="retries per request on connection errors, timeouts and HTTP 5xx/429")
     group.add_argument("--reward.batch_size", type=int, default=256, help="samples per reward request")

@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import aiohttp
 import torch
 
 from openrlhf_gd2po.reward_client import RewardDimension, fetch_rewards
@@ -53,7 +52,8 @@ OPENRLHF_CONCURRENCY = 128  # vLLM's default max_num_seqs for one AsyncLLMEngine
 TARGET_VS_SLOWEST = 1.2
 TARGET_VS_OPENRLHF = 10.0
 
-from sleepy_reward_server import reward_for  # benchmarks/ is on the path when run as a script  # noqa: E402
+from scheduled_engine import post_one_sample  # noqa: E402  (benchmarks/ is on the path when run as a script)
+from sleepy_reward_server import reward_for  # noqa: E402
 
 
 def make_samples(n: int) -> tuple[list[str], list[str], list[str]]:
@@ -103,19 +103,11 @@ async def openrlhf_pattern(urls: list[str], samples, concurrency: int) -> torch.
     """Each sample POSTs its one query to every server, each POST in a new session (as OpenRLHF's
     _post_request does; its retries are left out, nothing fails here). `concurrency` samples at a time."""
     queries, prompts, labels = samples
-    timeout = aiohttp.ClientTimeout(total=180)  # OpenRLHF's
     generations_in_flight = asyncio.Semaphore(concurrency)
-
-    async def post(url, i):
-        payload = {"query": [queries[i]], "prompts": [prompts[i]], "labels": [labels[i]]}
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.post(url, json=payload) as response:
-                response.raise_for_status()
-                return (await response.json())["rewards"][0]
 
     async def score_sample(i):
         async with generations_in_flight:
-            return await asyncio.gather(*(post(url, i) for url in urls))
+            return await asyncio.gather(*(post_one_sample(url, queries[i], prompts[i], labels[i]) for url in urls))
 
     return torch.tensor(await asyncio.gather(*(score_sample(i) for i in range(len(queries)))))
 

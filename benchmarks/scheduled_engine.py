@@ -6,6 +6,10 @@ agent executor answers: one dict per sample with the prompt's tokens followed by
 prompt's group takes `seconds[prompt]` seconds (default 0), and the i-th response is the prompt's
 `responses[prompt][i]` text (default: "response i"), so a test or benchmark chooses both the
 long tail and the rewards (`reset` sets both: one engine serves many runs, its start-up is seconds). Groups run concurrently, as vLLM's continuous batching runs them.
+
+A stand-in for CPU runs only: benchmarks/bench_streaming_rewards.py and tests/test_samples_generator.py use
+it; no openrlhf_gd2po module imports it, and setup.cfg ships nothing under benchmarks/. Training, on any
+machine, runs OpenRLHF's real vLLM engines.
 """
 
 import asyncio
@@ -62,18 +66,19 @@ class ScheduledEngine:
             })
         if self.reward_urls:
             queries = [hf_tokenizer.decode(o["observation_tokens"], skip_special_tokens=False) for o in outputs]
+
             async def score(query):
                 async with self.scoring:
-                    return await asyncio.gather(*(_post(url, query, prompt, label) for url in self.reward_urls.values()))
+                    urls = self.reward_urls.values()
+                    return await asyncio.gather(*(post_one_sample(url, query, prompt, label) for url in urls))
 
-            scores = [x for row in await asyncio.gather(*map(score, queries)) for x in row]
-            for i, output in enumerate(outputs):
-                row = scores[i * len(self.reward_urls) : (i + 1) * len(self.reward_urls)]
+            for output, row in zip(outputs, await asyncio.gather(*map(score, queries))):
                 output["extra_logs"] = {f"reward/{name}": value for name, value in zip(self.reward_urls, row)}
         return outputs
 
 
-async def _post(url, query, prompt, label):
+async def post_one_sample(url, query, prompt, label):
+    """OpenRLHF's remote reward call for one sample: a new aiohttp session, one POST, its first reward."""
     import aiohttp
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as session:  # OpenRLHF's timeout

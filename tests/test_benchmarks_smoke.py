@@ -8,23 +8,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_advantages_quick():
-    completed = subprocess.run(
-        [sys.executable, "benchmarks/bench_advantages.py", "--quick"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
+def run_benchmark(script, *args, timeout=120):
+    """`python benchmarks/SCRIPT ARGS...` from the repository root; it must exit 0 (stderr shown if not)."""
+    completed = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, capture_output=True,
+                               text=True, timeout=timeout)  # fmt: skip
     assert completed.returncode == 0, completed.stderr
+    return completed
+
+
+def test_bench_advantages_quick():
+    completed = run_benchmark("bench_advantages.py", "--quick")
     assert "speed-up" in completed.stdout
     assert "gd2po_snr    1024" in completed.stdout
 
 
 def test_learning_efficiency_quick(tmp_path):
     out = tmp_path / "le.png"
-    completed = subprocess.run(
-        [sys.executable, "benchmarks/learning_efficiency.py", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert completed.returncode == 0, completed.stderr
+    completed = run_benchmark("learning_efficiency.py", "--quick", "--out", str(out))
     assert "steps to target" in completed.stdout
     for estimator in ("grpo", "gdpo", "gd2po_hard", "gd2po_snr"):
         assert estimator in completed.stdout
@@ -40,11 +40,7 @@ def test_learning_efficiency_quick(tmp_path):
 
 
 def test_bench_reward_stage_quick():
-    completed = subprocess.run(
-        [sys.executable, "benchmarks/bench_reward_stage.py", "--quick"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert completed.returncode == 0, completed.stderr
+    completed = run_benchmark("bench_reward_stage.py", "--quick")
     for row in ("(a) slowest server alone", "client: fetch_rewards, 3 servers", "(b) OpenRLHF pattern, 3 servers"):
         assert row in completed.stdout
     assert "target client <= 1.2x (a)" in completed.stdout
@@ -52,20 +48,14 @@ def test_bench_reward_stage_quick():
 
 
 def test_bench_streaming_rewards_quick():
-    completed = subprocess.run([sys.executable, "benchmarks/bench_streaming_rewards.py", "--quick"],
-                               cwd=ROOT, capture_output=True, text=True, timeout=180)  # fmt: skip
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = run_benchmark("bench_streaming_rewards.py", "--quick", timeout=180)
     for row in ("after: generate all, then fetch_rewards", "stream: score each group as it finishes"):
         assert row in completed.stdout
     assert "target stream adds <= 10% to generation" in completed.stdout
 
 
 def test_bench_replicas_quick():
-    completed = subprocess.run(
-        [sys.executable, "benchmarks/bench_replicas.py", "--quick", "--samples", "128"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert completed.returncode == 0, completed.stderr
+    completed = run_benchmark("bench_replicas.py", "--quick", "--samples", "128")
     rows = [line.split()[:2] for line in completed.stdout.splitlines() if line.startswith(("   cpu", " sleep"))]
     assert rows == [["cpu", "1"], ["cpu", "2"], ["sleep", "1"], ["sleep", "2"]]
     assert "control, no servers" in completed.stdout
@@ -100,11 +90,7 @@ def test_dynamic_sampling_refill_loop():
 
 def test_dynamic_sampling_efficiency_quick(tmp_path):
     out = tmp_path / "ds.json"
-    completed = subprocess.run(
-        [sys.executable, "benchmarks/dynamic_sampling_efficiency.py", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert completed.returncode == 0, completed.stderr
+    completed = run_benchmark("dynamic_sampling_efficiency.py", "--quick", "--out", str(out))
     for text in ("original task (c = 1)", "conflict map", "samples@0.5", "gdpo ds=no_signal",
                  "gd2po_snr(τ=0.8) ds=estimator"):
         assert text in completed.stdout

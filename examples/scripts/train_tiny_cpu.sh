@@ -126,7 +126,12 @@ for flag in --dashboard-port --ray-client-server-port --node-manager-port --obje
             --dashboard-agent-listen-port --dashboard-agent-grpc-port --metrics-export-port; do
   RAY_FLAGS+=("$flag" "$(free_port)")
 done
-LOW=$(free_port)
+TAKEN=" ${PORTS[*]} ${RAY_FLAGS[*]} "
+for _ in $(seq 20); do   # a worker port range clear of every port above: Ray refuses an overlap at start
+  LOW=$(free_port) CLEAR=1
+  for port in $(seq "$LOW" $((LOW + 60))); do [[ "$TAKEN" == *" $port "* ]] && CLEAR=0 && break; done
+  [ "$CLEAR" = 1 ] && break
+done
 RAY_FLAGS+=(--min-worker-port "$LOW" --max-worker-port $((LOW + 60)))
 setsid "$RAY" start "${RAY_FLAGS[@]}" > "$OUT/ray_head.log" 2>&1 &
 HEAD=$!

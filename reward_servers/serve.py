@@ -41,10 +41,13 @@ class RewardServer:
 
         _replica_app, self.scorer = build_app(args)
         self.score_body = _replica_app.state.score_body
+        self.max_body_bytes = int(args.max_body_mb * 2**20)
 
     async def get_reward(self, body: bytes) -> dict:
         """The DeploymentHandle's entry point: a /get_reward body (JSON bytes) → {"status": 200, "body":
         the response} or {"status": the HTTP status the route would answer, "detail": why}."""
+        if len(body) > self.max_body_bytes:  # the route's limit, so that a batch scores alike on both paths
+            return {"status": 413, "detail": f"request body is over the {self.max_body_bytes / 2**20:g} MiB limit"}
         try:
             answer = await self.score_body(body, client_still_waiting)
         except HTTPException as error:

@@ -1,0 +1,158 @@
+"""Reward servers as Ray Serve applications (`python -m reward_servers ... --ray-serve NAME`) on the session's
+local Ray: the trainer's DeploymentHandle path and the HTTP route, one Serve instance for the module."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import torch
+from servers import free_port
+from test_reward_servers import ROWS, THINK, batch, sample
+
+from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards, parse_reward_servers
+
+API_KEY = "serve-key-123"
+SPIN_REWARD = Path(__file__).parent / "data" / "spin_reward.py"
+DEPLOY_SECONDS = 120
+
+
+@contextlib.contextmanager
+def deployed(task_args: list[str], name: str, env: dict) -> tuple[str, subprocess.Popen]:
+    """Run the CLI until it prints the application's URL; yield (URL, process). A foreground CLI is
+    stopped with SIGTERM at the end of the block (unless a test did it already)."""
+    command = [sys.executable, "-m", "reward_servers", *task_args, "--ray-serve", name, "--port", str(free_port())]
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            yield wait_for_url(process, log), process
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+def wait_for_url(process, log) -> str:
+    line = process.stdout.readline()  # the CLI prints one line once the application runs, or exits
+    if not line:
+        process.wait(timeout=DEPLOY_SECONDS)
+        log.seek(0)
+        raise RuntimeError(f"the CLI exited with code {process.returncode}:\n{log.read()[-3000:]}")
+    return json.loads(line)["url"]
+
+
+@pytest.fixture(scope="module")
+def serve_apps(local_ray):
+    """`tc`: toolcall in the foreground, with an API key and a 64 KiB body limit; `spin`: the spinning reward
+    file, detached. One worker and a quarter CPU each: the session's Ray has 2 CPUs."""
+    import ray
+    from ray import serve
+
+    env = {k: v for k, v in os.environ.items() if k != "GD2PO_REWARD_API_KEY"}
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    small = ["--workers", "1", "--num-cpus", "0.25"]
+    tc_args = ["toolcall", *small, "--api-key", API_KEY, "--max-body-mb", str(64 / 1024)]
+    with deployed(tc_args, "tc", env) as (tc_url, tc_process):
+        with deployed(["file", "--path", str(SPIN_REWARD), *small, "--detach"], "spin", env) as (spin_url, spin):
+            assert spin.wait(timeout=30) == 0  # --detach: the CLI is gone, the application stays
+            try:
+                yield {"tc": tc_url, "tc_process": tc_process, "spin": spin_url}
+            finally:
+                serve.delete("spin")
+
+
+def fetch(spec, samples, **kwargs):
+    queries, prompts, labels = zip(*samples)
+    return fetch_rewards(parse_reward_servers(spec), list(queries), list(prompts), list(labels), **kwargs)
+
+
+TOOLCALL_SAMPLES = [
+    sample(0, ROWS[0]["ground_truth"]),
+    sample(0, THINK + '\n<tool_call>\n{"name": "GetNews", "parameters": {"page": "2"}}\n</tool_call>'),
+    sample(1, THINK + "\n<response> Please give me the text to analyse. </response>"),
+    sample(0, "Azure news: nothing new today."),
+]
+
+
+def test_handle_and_route_score_as_the_standalone_server(serve_apps, toolcall_url):
+    dimensions = ("correctness", "format", "length")
+    on_serve = fetch(",".join(f"{d}=serve:tc#{d}" for d in dimensions), TOOLCALL_SAMPLES, batch_size=3)
+    standalone = fetch(",".join(f"{d}={toolcall_url}#{d}" for d in dimensions), TOOLCALL_SAMPLES, batch_size=3)
+    assert torch.equal(on_serve.rewards, standalone.rewards) and not on_serve.failed.any()
+    assert on_serve.rewards[:, 0].tolist() == [3.0, 1.0, 0.0, -3.0]  # not all alike: the batch tells them apart
+
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    route = httpx.post(f"{serve_apps['tc']}/get_reward", json=batch(*TOOLCALL_SAMPLES), headers=key, timeout=60)
+    direct = httpx.post(f"{toolcall_url}/get_reward", json=batch(*TOOLCALL_SAMPLES), timeout=60)
+    assert route.status_code == 200 and route.json() == direct.json()
+    assert httpx.get(f"{serve_apps['tc']}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{serve_apps['tc']}/info", headers=key).json()["dimensions"] == list(dimensions)
+
+
+def test_the_route_keeps_the_servers_refusals(serve_apps):
+    url, key = f"{serve_apps['tc']}/get_reward", {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.post(url, json=batch(*TOOLCALL_SAMPLES)).status_code == 401
+    assert httpx.get(f"{serve_apps['tc']}/info").status_code == 401
+    too_large = {"query": ["x" * 70_000], "prompts": [""], "labels": [None]}
+    oversized = httpx.post(url, json=too_large, headers=key)
+    assert oversized.status_code == 413 and "--max-body-mb" in oversized.text
+    plain = httpx.post(url, content=b"query=x", headers=key | {"content-type": "text/plain"})
+    assert plain.status_code == 415
+    not_json = httpx.post(url, content=b"{not json", headers=key | {"content-type": "application/json"})
+    assert not_json.status_code == 422
+    # The handle path validates alike: a sample's field names the error, and it is not retried.
+    with pytest.raises(RewardServerError, match=r"serve:tc.*status 422.*labels"):
+        fetch("c=serve:tc", [(TOOLCALL_SAMPLES[0][0], TOOLCALL_SAMPLES[0][1], None)], retries=2)
+    with pytest.raises(RewardServerError, match=r"serve:tc.*status 413.*MiB limit"):
+        fetch("c=serve:tc", [("x" * 70_000, "", None)], retries=2)
+
+
+def replica_process(application: str) -> psutil.Process:
+    """The Serve replica actor of `application` (Ray titles it `ray::ServeReplica:<app>:<deployment>`)."""
+    found = [p for p in psutil.process_iter(["cmdline"]) if f"ServeReplica:{application}:" in " ".join(p.info["cmdline"] or [])]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def wait_until_scoring(replica: psutil.Process, seconds: float = 60) -> None:
+    """Until the replica's worker has spun for half a second: the requests are in the replica."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(child.cpu_times().user > 0.5 for child in replica.children()):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the replica's worker never started scoring")
+
+
+def test_killed_replica_is_replaced_and_the_fetch_retries_masks_or_raises(serve_apps):
+    spin_for_2_s = [("q", "q", "2")]
+    replica = replica_process("spin")
+    with ThreadPoolExecutor(3) as pool:
+        retried = pool.submit(fetch, "spin=serve:spin", spin_for_2_s, timeout=60, retries=5)
+        masked = pool.submit(fetch, "spin=serve:spin", spin_for_2_s, timeout=60, retries=0, on_failure="mask")
+        raised = pool.submit(fetch, "spin=serve:spin", spin_for_2_s, timeout=60, retries=0)
+        wait_until_scoring(replica)
+        replica.kill()
+        assert retried.result().rewards.tolist() == [[2.0]]
+        assert masked.result().failed.tolist() == [True] and masked.result().rewards.isnan().all()
+        with pytest.raises(RewardServerError, match=r"serve:spin.*samples 0\.\.0: failed after 1 attempt"):
+            raised.result()
+    assert replica_process("spin").pid != replica.pid  # Serve started another
+
+
+def test_sigterm_deletes_the_application(serve_apps):
+    from ray import serve
+
+    process = serve_apps["tc_process"]
+    process.terminate()
+    assert process.wait(timeout=60) == 0
+    output = process.stdout.read()
+    assert '{"serve_application": "tc", "deleted": true}' in output.splitlines(), output
+    assert "tc" not in serve.status().applications

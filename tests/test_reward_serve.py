@@ -50,17 +50,17 @@ def wait_for_url(process, log) -> str:
 
 @pytest.fixture(scope="module")
 def serve_apps(local_ray):
-    """`tc`: toolcall in the foreground, with an API key and a 64 KiB body limit; `spin`: the spinning reward
-    file, detached. One worker and a quarter CPU each: the session's Ray has 2 CPUs."""
+    """`tc`: toolcall in the foreground, with an API key and a 64 KiB body limit, one worker; `spin`: the spinning
+    reward file, detached, three workers. A quarter CPU each for Ray: the session's Ray has 2 CPUs."""
     import ray
     from ray import serve
 
     env = {k: v for k, v in os.environ.items() if k != "GD2PO_REWARD_API_KEY"}
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    small = ["--workers", "1", "--num-cpus", "0.25"]
-    tc_args = ["toolcall", *small, "--api-key", API_KEY, "--max-body-mb", str(64 / 1024)]
+    tc_args = ["toolcall", "--workers", "1", "--num-cpus", "0.25", "--api-key", API_KEY, "--max-body-mb", str(64 / 1024)]
+    spin_args = ["file", "--path", str(SPIN_REWARD), "--workers", "3", "--num-cpus", "0.25", "--detach"]
     with deployed(tc_args, "tc", env) as (tc_url, tc_process):
-        with deployed(["file", "--path", str(SPIN_REWARD), *small, "--detach"], "spin", env) as (spin_url, spin):
+        with deployed(spin_args, "spin", env) as (spin_url, spin):
             assert spin.wait(timeout=30) == 0  # --detach: the CLI is gone, the application stays
             try:
                 yield {"tc": tc_url, "tc_process": tc_process, "spin": spin_url}
@@ -121,28 +121,31 @@ def replica_process(application: str) -> psutil.Process:
     return found[0]
 
 
-def wait_until_scoring(replica: psutil.Process, seconds: float = 60) -> None:
-    """Until the replica's worker has spun for half a second: the requests are in the replica."""
+def wait_until_scoring(replica: psutil.Process, requests: int, seconds: float = 60) -> None:
+    """Until `requests` of the replica's workers spin: every request is in the replica, none has finished."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if any(child.cpu_times().user > 0.5 for child in replica.children()):
+        if sum(child.cpu_times().user > 0.2 for child in replica.children()) >= requests:
             return
-        time.sleep(0.1)
-    raise AssertionError("the replica's worker never started scoring")
+        time.sleep(0.05)
+    raise AssertionError(f"the replica's workers never scored {requests} requests at once")
 
 
 def test_killed_replica_is_replaced_and_the_fetch_retries_masks_or_raises(serve_apps):
-    spin_for_2_s = [("q", "q", "2")]
+    """Serve's router sends a request whose replica died to the replacement itself, so a fetch whose
+    timeout leaves room for the replacement succeeds, and one whose timeout does not masks or raises."""
     replica = replica_process("spin")
     with ThreadPoolExecutor(3) as pool:
-        retried = pool.submit(fetch, "spin=serve:spin", spin_for_2_s, timeout=60, retries=5)
-        masked = pool.submit(fetch, "spin=serve:spin", spin_for_2_s, timeout=60, retries=0, on_failure="mask")
-        raised = pool.submit(fetch, "spin=serve:spin", spin_for_2_s, timeout=60, retries=0)
-        wait_until_scoring(replica)
+        retried = pool.submit(fetch, "spin=serve:spin", [("q", "q", "3")], timeout=60, retries=5)
+        # 5 s of scoring cannot finish within 5 s on a replica that still has to start.
+        short = {"timeout": 5.0, "retries": 0}
+        masked = pool.submit(fetch, "spin=serve:spin", [("q", "q", "5")], **short, on_failure="mask")
+        raised = pool.submit(fetch, "spin=serve:spin", [("q", "q", "5")], **short)
+        wait_until_scoring(replica, 3)
         replica.kill()
-        assert retried.result().rewards.tolist() == [[2.0]]
+        assert retried.result().rewards.tolist() == [[3.0]]
         assert masked.result().failed.tolist() == [True] and masked.result().rewards.isnan().all()
-        with pytest.raises(RewardServerError, match=r"serve:spin.*samples 0\.\.0: failed after 1 attempt"):
+        with pytest.raises(RewardServerError, match=r"serve:spin.*samples 0\.\.0: failed after 1 attempt.*within 5 s"):
             raised.result()
     assert replica_process("spin").pid != replica.pid  # Serve started another
 
@@ -156,3 +159,14 @@ def test_sigterm_deletes_the_application(serve_apps):
     output = process.stdout.read()
     assert '{"serve_application": "tc", "deleted": true}' in output.splitlines(), output
     assert "tc" not in serve.status().applications
+
+
+def test_serve_targets_are_parsed_and_bad_names_refused():
+    dims = parse_reward_servers("c=serve:tc#correctness,rm=serve:safety-rm_2")
+    assert [(d.name, d.url, d.field, d.is_serve, d.is_file) for d in dims] == [
+        ("c", "serve:tc", "correctness", True, False),
+        ("rm", "serve:safety-rm_2", None, True, False),
+    ]
+    for bad in ["c=serve:", "c=serve:a/b", "c=serve:a b"]:
+        with pytest.raises(ValueError, match="Serve application name"):
+            parse_reward_servers(bad)

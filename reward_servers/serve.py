@@ -111,8 +111,11 @@ def run_on_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
     # Cluster-wide, taken only if Serve is not running yet. No proxy request timeout: each application
     # bounds its own requests (--request-timeout, --read-timeout), and a cluster-wide one shorter than a
-    # reward model's batch would cut it off.
-    serve.start(http_options={"host": args.host, "port": args.port or DEFAULT_SERVE_PORT, "request_timeout_s": None})
+    # reward model's batch would cut it off. Idle keep-alive connections close after 5 s, as the
+    # standalone server's (Serve's default is 90 s).
+    http = {"host": args.host, "port": args.port or DEFAULT_SERVE_PORT, "request_timeout_s": None,
+            "keep_alive_timeout_s": 5}
+    serve.start(http_options=http)
     if name in serve.status().applications:
         raise SystemExit(f"--ray-serve {name}: a Serve application {name!r} is already running on this cluster")
     deployment = serve.deployment(serve.ingress(replica_app)(RewardServer)).options(**deployment_options(args))

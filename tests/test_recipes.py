@@ -94,7 +94,8 @@ def safety_env(paths, **extra):
     return {"MODEL_PATH": str(paths / "policy"), "REWARD_MODEL_PATH": str(paths / "reward_model"),
             "COST_MODEL_PATH": str(paths / "cost_model"), "DATA": str(paths / "prompts.jsonl"),
             "REWARD_PORT": str(free_port()), "COST_PORT": str(free_port()), "SAVE_PATH": str(paths / "out"),
-            "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}", "PYTHON": sys.executable, "DRY_RUN": "1"} | extra  # fmt: skip
+            "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}", "PYTHON": sys.executable, "DRY_RUN": "1",
+            "REWARD_SERVE": "0"} | extra  # fmt: skip
 
 
 def test_every_shell_script_parses():
@@ -142,6 +143,24 @@ def test_safety_dry_run_prints_the_launch(fake_paths, estimator):
             in result.stdout)
     assert "DATA: 1 prompts; 0 rollout steps of 512 prompts (the authors: 100)" in result.stdout
     assert "DRY_RUN=1: nothing was launched." in result.stdout
+
+
+def test_safety_dry_run_deploys_both_models_on_ray_serve(fake_paths):
+    env = safety_env(fake_paths, REWARD_SERVE="1", RM_GPUS="0.5")
+    result = run_script("train_safety_gd2po.sh", env)
+    assert result.returncode == 0, result.stderr
+    servers = "helpfulness=serve:safety_rm#helpfulness,harmlessness=serve:safety_cm#harmlessness"
+    assert f"--reward.servers {servers}" in result.stdout
+    assert "CUDA_VISIBLE_DEVICES" not in result.stdout and "--port" not in result.stdout
+    for model, name, app in (("reward_model", "helpfulness", "safety_rm"), ("cost_model", "harmlessness", "safety_cm")):
+        assert f"Ray Serve application '{app}', placed by Ray" in result.stdout
+        assert (f"env RAY_ADDRESS=auto {sys.executable} -m reward_servers reward_model \\\n      --model {fake_paths / model} \\\n"
+                in result.stdout)
+        assert (f"      --dimension-name {name} \\\n      --ray-serve {app} \\\n      --num-gpus 0.5\n") in result.stdout
+    assert f"env RAY_ADDRESS=auto {sys.executable} {SCRIPTS / 'check_reward_direction.py'} \\\n      --reward-servers {servers}" in result.stdout
+    assert result.stdout.index("'safety_cm'") < result.stdout.index("Reward direction check") < result.stdout.index("Training job")
+    wrong = run_script("train_safety_gd2po.sh", safety_env(fake_paths, REWARD_SERVE="1", RM_GPUS="0"))
+    assert wrong.returncode != 0 and "RM_GPUS=0 with RM_DEVICE=cuda" in wrong.stderr
 
 
 @pytest.mark.parametrize(

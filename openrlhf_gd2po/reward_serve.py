@@ -11,7 +11,6 @@ whose replica died, one Serve refused (its queues are full) and one answered 5xx
 import asyncio
 import functools
 import json
-import os
 
 from openrlhf_gd2po.reward_http import RETRY_STATUSES, RewardServerError, describe
 
@@ -23,8 +22,14 @@ def connect_to_ray() -> None:
     $RAY_ADDRESS, or the one running on this machine; the trainer is connected already."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+    from reward_servers.serve import check_protobuf, driver_address
+
+    try:
+        check_protobuf()
+        if not ray.is_initialized():
+            ray.init(address=driver_address(), log_to_driver=False)
+    except (SystemExit, ConnectionError) as error:  # SystemExit: the --ray-serve CLI's messages
+        raise RewardServerError(f"serve: targets need this process on a Ray cluster: {error}") from None
 
 
 @functools.lru_cache(maxsize=None)

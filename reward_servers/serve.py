@@ -100,6 +100,19 @@ def check_protobuf() -> None:
         )
 
 
+def driver_address() -> str:
+    """$RAY_ADDRESS, else the cluster running on this machine. A dashboard URL (what `ray job submit` takes)
+    is no address for a driver: say so rather than fail inside ray.init."""
+    address = os.environ.get("RAY_ADDRESS") or "auto"
+    if address.startswith(("http://", "https://")):
+        raise SystemExit(
+            f"RAY_ADDRESS={address} is a dashboard's address (for `ray job submit`); a Serve deployment and a "
+            "serve: target join the cluster as a driver: run on a node of the cluster with RAY_ADDRESS=auto "
+            "(or unset), or give the head's GCS address (host:6379)"
+        )
+    return address
+
+
 def run_on_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     name = args.ray_serve
     if not APP_NAME.fullmatch(name):
@@ -108,7 +121,7 @@ def run_on_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     import ray
     from ray import serve
 
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False)
+    ray.init(address=driver_address(), log_to_driver=False)
     # Cluster-wide, taken only if Serve is not running yet. No proxy request timeout: each application
     # bounds its own requests (--request-timeout, --read-timeout), and a cluster-wide one shorter than a
     # reward model's batch would cut it off. Idle keep-alive connections close after 5 s, as the

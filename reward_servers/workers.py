@@ -38,6 +38,7 @@ STARTUP_SECONDS = 300  # a worker imports its scorer's libraries (or loads a rew
 # itself (a broken environment, no memory): `recoverable` turns False, so that a supervisor (Ray
 # Serve's health check) replaces the whole server instead of waiting on it.
 FAILED_STARTS_TO_GIVE_UP = 3
+RETRY_START_SECONDS = 5  # between failed starts of a replacement worker
 CLIENT_CHECK_SECONDS = 0.5  # how often a queued request checks that its client is still there
 
 
@@ -182,8 +183,8 @@ class WorkerPool:
                     worker = self._wait_ready(*self._start_process())
                 except RuntimeError:
                     self._failed_starts += 1
-                    logger.exception("a replacement worker failed to start; trying again in 5 s")
-                    time.sleep(5)
+                    logger.exception("a replacement worker failed to start; trying again in %g s", RETRY_START_SECONDS)
+                    time.sleep(RETRY_START_SECONDS)
                     continue
                 self._failed_starts = 0
                 self._call_in_loop(self._replaced, worker)

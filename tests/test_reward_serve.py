@@ -1,6 +1,7 @@
 """Reward servers as Ray Serve applications (`python -m reward_servers ... --ray-serve NAME`) on the session's
 local Ray: the trainer's DeploymentHandle path and the HTTP route, one Serve instance for the module."""
 
+import asyncio
 import contextlib
 import json
 import os
@@ -170,3 +171,47 @@ def test_serve_targets_are_parsed_and_bad_names_refused():
     for bad in ["c=serve:", "c=serve:a/b", "c=serve:a b"]:
         with pytest.raises(ValueError, match="Serve application name"):
             parse_reward_servers(bad)
+
+
+def test_the_dashboards_address_is_refused_as_a_driver_address(monkeypatch):
+    from reward_servers.serve import driver_address
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    with pytest.raises(SystemExit, match=r"RAY_ADDRESS=http://127.0.0.1:8265 is a dashboard's address"):
+        driver_address()
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert driver_address() == "head:6379"
+
+
+def test_a_pool_that_cannot_replace_its_worker_fails_the_replica_health_check(tmp_path, monkeypatch):
+    """The replica Serve runs, built in this process: its worker dies and every replacement fails to start
+    (the reward file is gone), so check_health raises, which makes Serve replace the replica."""
+    from reward_servers import workers
+    from reward_servers.__main__ import build_parser
+    from reward_servers.serve import RewardServer
+
+    monkeypatch.setattr(workers, "RETRY_START_SECONDS", 0.1)
+    reward_file = tmp_path / "reward.py"
+    reward_file.write_text(SPIN_REWARD.read_text())
+    replica = RewardServer(build_parser().parse_args(["file", "--path", str(reward_file), "--workers", "1"]))
+    pool = replica.scorer
+
+    async def lose_the_worker():
+        [worker] = [p for p in psutil.Process().children() if "spawn_main" in " ".join(p.cmdline())]
+        reward_file.unlink()  # a replacement worker cannot load it
+        worker.kill()
+        deadline = time.monotonic() + 60
+        while pool.ready and time.monotonic() < deadline:  # until the pool sees it dead and replaces it
+            await asyncio.sleep(0.05)
+        assert not pool.ready
+        deadline = time.monotonic() + 60
+        while pool.recoverable and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    try:
+        replica.check_health()
+        asyncio.run(lose_the_worker())
+        with pytest.raises(RuntimeError, match="failed to start a replacement worker repeatedly"):
+            replica.check_health()
+    finally:
+        pool.close()

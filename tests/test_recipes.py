@@ -87,7 +87,7 @@ def fake_paths(tmp_path):
 def toolcall_env(paths, **extra):
     return {"MODEL_PATH": str(paths / "policy"), "DATA": str(paths / "prompts.jsonl"), "PORT": str(free_port()),
             "SAVE_PATH": str(paths / "out"), "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}",
-            "PYTHON": sys.executable, "DRY_RUN": "1"} | extra  # fmt: skip
+            "PYTHON": sys.executable, "DRY_RUN": "1", "REWARD_SERVE": "0"} | extra  # fmt: skip
 
 
 def safety_env(paths, **extra):
@@ -143,6 +143,18 @@ def test_safety_dry_run_prints_the_launch(fake_paths, estimator):
             in result.stdout)
     assert "DATA: 1 prompts; 0 rollout steps of 512 prompts (the authors: 100)" in result.stdout
     assert "DRY_RUN=1: nothing was launched." in result.stdout
+
+
+def test_toolcall_dry_run_deploys_the_scorer_on_cpu_replicas(fake_paths):
+    env = toolcall_env(fake_paths, REWARD_SERVE="1", SCORER_REPLICAS="3", SCORER_WORKERS="2", REWARDS="3")
+    result = run_script("train_toolcall_gd2po.sh", env)
+    assert result.returncode == 0, result.stderr
+    servers = ",".join(f"{name}=serve:toolcall_rewards#{name}" for name in TOOLCALL_DIMENSIONS[3])
+    assert f"--reward.servers {servers}" in result.stdout
+    assert (f"env RAY_ADDRESS=auto {sys.executable} -m reward_servers toolcall \\\n      --workers 2 \\\n"
+            "      --ray-serve toolcall_rewards \\\n      --replicas 3\n") in result.stdout
+    assert "--port" not in result.stdout  # no local server
+    assert parse_with_real_cli(printed_train_args(result.stdout)).reward.servers == servers
 
 
 def test_safety_dry_run_deploys_both_models_on_ray_serve(fake_paths):

@@ -16,6 +16,7 @@ import httpx
 import psutil
 import pytest
 import torch
+from in_process import run_main
 from servers import free_port
 from test_reward_servers import ROWS, THINK, batch, sample
 
@@ -23,21 +24,28 @@ from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards, parse
 
 API_KEY = "serve-key-123"
 SPIN_REWARD = Path(__file__).parent / "data" / "spin_reward.py"
+PROBE_REWARD = Path(__file__).parent / "data" / "probe_answer_reward.py"
+CHECK_SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "scripts" / "check_reward_direction.py"
 DEPLOY_SECONDS = 120
 
 
 @contextlib.contextmanager
-def deployed(task_args: list[str], name: str, env: dict) -> tuple[str, subprocess.Popen]:
-    """Run the CLI until it prints the application's URL; yield (URL, process). A foreground CLI is
-    stopped with SIGTERM at the end of the block (unless a test did it already)."""
-    command = [sys.executable, "-m", "reward_servers", *task_args, "--ray-serve", name, "--port", str(free_port())]
-    with tempfile.TemporaryFile("w+") as log:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+def deployed(*applications: tuple[list[str], str], env: dict):
+    """Run the CLI once per (task args, name), side by side, until each prints its application's URL; yield
+    {name: (URL, process)}. A CLI still in the foreground is stopped with SIGTERM at the end of the block."""
+    with contextlib.ExitStack() as stack:
+        started = {}
+        for task_args, name in applications:
+            log = stack.enter_context(tempfile.TemporaryFile("w+"))
+            command = [sys.executable, "-m", "reward_servers", *task_args, "--ray-serve", name]
+            started[name] = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log, text=True), log
         try:
-            yield wait_for_url(process, log), process
+            yield {name: (wait_for_url(process, log), process) for name, (process, log) in started.items()}
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            for process, _ in started.values():
+                process.terminate()
+            for process, _ in started.values():
+                process.wait(timeout=60)
 
 
 def wait_for_url(process, log) -> str:
@@ -51,22 +59,26 @@ def wait_for_url(process, log) -> str:
 
 @pytest.fixture(scope="module")
 def serve_apps(local_ray):
-    """`tc`: toolcall in the foreground, with an API key and a 64 KiB body limit, one worker; `spin`: the spinning
-    reward file, detached, three workers. A quarter CPU each for Ray: the session's Ray has 2 CPUs."""
+    """`tc`: toolcall in the foreground, with an API key and a 64 KiB body limit, one worker; `probe`: the
+    direction probes' reward file; `spin`: the spinning reward file, detached, three workers. A quarter CPU
+    each for Ray: the session's Ray has 2 CPUs. Serve is started here first, so that the three CLIs, started
+    side by side, find it running."""
     import ray
     from ray import serve
 
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     env = {k: v for k, v in os.environ.items() if k != "GD2PO_REWARD_API_KEY"}
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-    tc_args = ["toolcall", "--workers", "1", "--num-cpus", "0.25", "--api-key", API_KEY, "--max-body-mb", str(64 / 1024)]
+    small = ["--workers", "1", "--num-cpus", "0.25"]
+    tc_args = ["toolcall", *small, "--api-key", API_KEY, "--max-body-mb", str(64 / 1024)]
+    probe_args = ["file", "--path", str(PROBE_REWARD), *small]
     spin_args = ["file", "--path", str(SPIN_REWARD), "--workers", "3", "--num-cpus", "0.25", "--detach"]
-    with deployed(tc_args, "tc", env) as (tc_url, tc_process):
-        with deployed(spin_args, "spin", env) as (spin_url, spin):
-            assert spin.wait(timeout=30) == 0  # --detach: the CLI is gone, the application stays
-            try:
-                yield {"tc": tc_url, "tc_process": tc_process, "spin": spin_url}
-            finally:
-                serve.delete("spin")
+    with deployed((tc_args, "tc"), (probe_args, "probe"), (spin_args, "spin"), env=env) as apps:
+        assert apps["spin"][1].wait(timeout=30) == 0  # --detach: the CLI is gone, the application stays
+        try:
+            yield {"tc": apps["tc"][0], "tc_process": apps["tc"][1], "spin": apps["spin"][0]}
+        finally:
+            serve.delete("spin")
 
 
 def fetch(spec, samples, **kwargs):
@@ -113,6 +125,20 @@ def test_the_route_keeps_the_servers_refusals(serve_apps):
         fetch("c=serve:tc", [(TOOLCALL_SAMPLES[0][0], TOOLCALL_SAMPLES[0][1], None)], retries=2)
     with pytest.raises(RewardServerError, match=r"serve:tc.*status 413.*MiB limit"):
         fetch("c=serve:tc", [("x" * 70_000, "", None)], retries=2)
+
+
+def test_reward_direction_check_through_serve_targets(serve_apps, tmp_path):
+    """examples/scripts/check_reward_direction.py as the safety recipe runs it, against serve: targets."""
+    from tiny_models import build_tiny_tokenizer
+
+    build_tiny_tokenizer().save_pretrained(tmp_path / "policy")
+    right = "helpfulness=serve:probe#helpfulness,harmlessness=serve:probe#harmlessness"
+    passed = run_main(CHECK_SCRIPT, "--tokenizer", tmp_path / "policy", "--reward-servers", right)
+    assert passed.returncode == 0 and "reward direction check passed" in passed.stdout, passed.stderr
+    wrong = right.replace("#harmlessness", "#harmlessness_flipped")
+    stopped = run_main(CHECK_SCRIPT, "--tokenizer", tmp_path / "policy", "--reward-servers", wrong)
+    assert stopped.returncode == 1
+    assert "dimension 'harmlessness' (serve:probe) prefers the compliance over the refusal" in stopped.stderr
 
 
 def replica_process(application: str) -> psutil.Process:

@@ -125,14 +125,14 @@ def create_app(
         DeploymentHandle calls it too (reward_servers.serve), so both paths validate alike."""
         try:
             scores, sample_count = await score(body, client_gone)
+        except ClientGone:
+            raise  # the route answers 499; a handle's caller never leaves this way
         except InvalidRequest as error:
             raise HTTPException(422, str(error)) from None
         except (PoolBusy, WorkerLost) as error:
             raise HTTPException(503, str(error), headers=RETRY_AFTER) from None
         except SampleError as error:
             raise HTTPException(500 if error.field is None else 422, str(error)) from None
-        except ClientGone:
-            raise
         except Exception as error:
             logger.exception("scoring failed")
             raise HTTPException(500, f"scoring failed: {type(error).__name__}: {error}") from None

@@ -73,12 +73,15 @@ def serve_apps(local_ray):
     tc_args = ["toolcall", *small, "--api-key", API_KEY, "--max-body-mb", str(64 / 1024)]
     probe_args = ["file", "--path", str(PROBE_REWARD), *small]
     spin_args = ["file", "--path", str(SPIN_REWARD), "--workers", "3", "--num-cpus", "0.25", "--detach"]
-    with deployed((tc_args, "tc"), (probe_args, "probe"), (spin_args, "spin"), env=env) as apps:
-        assert apps["spin"][1].wait(timeout=30) == 0  # --detach: the CLI is gone, the application stays
-        try:
-            yield {"tc": apps["tc"][0], "tc_process": apps["tc"][1], "spin": apps["spin"][0]}
-        finally:
-            serve.delete("spin")
+    try:
+        with deployed((tc_args, "tc"), (probe_args, "probe"), (spin_args, "spin"), env=env) as apps:
+            assert apps["spin"][1].wait(timeout=30) == 0  # --detach: the CLI is gone, the application stays
+            try:
+                yield {"tc": apps["tc"][0], "tc_process": apps["tc"][1], "spin": apps["spin"][0]}
+            finally:
+                serve.delete("spin")
+    finally:
+        serve.shutdown()  # the controller and proxy leave the session's Ray to the other modules
 
 
 def fetch(spec, samples, **kwargs):
@@ -107,6 +110,19 @@ def test_handle_and_route_score_as_the_standalone_server(serve_apps, toolcall_ur
     assert route.status_code == 200 and route.json() == direct.json()
     assert httpx.get(f"{serve_apps['tc']}/health").json() == {"status": "ok"}
     assert httpx.get(f"{serve_apps['tc']}/info", headers=key).json()["dimensions"] == list(dimensions)
+
+
+def test_the_reward_stream_scores_finished_groups_through_the_handle(serve_apps, toolcall_url):
+    from openrlhf_gd2po.reward_stream import RewardStream
+
+    groups = [TOOLCALL_SAMPLES[:2], TOOLCALL_SAMPLES[2:]]
+    expected = fetch(f"c={toolcall_url}#correctness,f={toolcall_url}#format", TOOLCALL_SAMPLES).rewards
+    dimensions = parse_reward_servers("c=serve:tc#correctness,f=serve:tc#format")
+    with RewardStream(dimensions, batch_size=2, flush_wait=0.05) as stream:  # one request per group
+        futures = [stream.submit(*map(list, zip(*group))) for group in groups]
+        batches = [future.result(timeout=60) for future in futures]
+    assert torch.equal(torch.cat([batch.rewards for batch in batches]), expected)
+    assert stream.requests == 2 and not any(batch.failed.any() for batch in batches)
 
 
 def test_the_route_keeps_the_servers_refusals(serve_apps):
@@ -143,7 +159,8 @@ def test_reward_direction_check_through_serve_targets(serve_apps, tmp_path):
 
 def replica_process(application: str) -> psutil.Process:
     """The Serve replica actor of `application` (Ray titles it `ray::ServeReplica:<app>:<deployment>`)."""
-    found = [p for p in psutil.process_iter(["cmdline"]) if f"ServeReplica:{application}:" in " ".join(p.info["cmdline"] or [])]
+    title = f"ServeReplica:{application}:"
+    found = [p for p in psutil.process_iter(["cmdline"]) if title in " ".join(p.info["cmdline"] or [])]
     assert len(found) == 1, found
     return found[0]
 

@@ -117,6 +117,8 @@ def run_on_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     name = args.ray_serve
     if not APP_NAME.fullmatch(name):
         parser.error(f"--ray-serve {name!r}: use letters, digits, '_' and '-' (it becomes the route /{name})")
+    if getattr(args, "device", None) == "cuda" and args.num_gpus == 0:  # Ray hides every GPU from the replica
+        parser.error("--device cuda needs --num-gpus (Ray gives a replica only the GPUs it reserves)")
     check_protobuf()
     import ray
     from ray import serve

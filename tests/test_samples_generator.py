@@ -266,3 +266,33 @@ def test_eval_with_a_failing_server_masks_and_counts_or_raises_as_on_failure_say
     made, _ = eval_generator(engine, tiny_model, tmp_path, f"up={down}", "--reward.retries", "0")
     with pytest.raises(RewardServerError, match=rf"reward server {down}/get_reward .*samples \d+\.\.\d+: failed"):
         made.generate_eval_samples(**EVAL_KWARGS)
+
+
+def test_a_generation_call_that_feeds_two_async_steps_counts_its_totals_once(engine, tiny_model, odd_length_server):
+    # Async over-sampling: one vLLM call of 4 prompts feeds two steps of 2 (OpenRLHF's sample buffer).
+    from openrlhf.models import Actor
+    from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
+    from test_openrlhf_integration import InProcessActorGroup
+
+    from openrlhf_gd2po.experience_maker import GD2POExperienceMaker
+
+    url, _ = odd_length_server
+    made = generator(engine, tiny_model, url, [3, 5, 7, 9], "--train.async_enable",
+                     "--rollout.vllm_generate_batch_size", "4")  # fmt: skip
+    steps = [made.generate_samples(max_new_tokens=8) for _ in range(2)]
+    assert [prompts_consumed for *_, prompts_consumed, _ in steps] == [4, 0]  # OpenRLHF's count: the call, then the buffer
+    call = {key: steps[0][0][0].info[key].item() for key in ("gd2po/prompts_consumed", "gd2po/reward_requests")}
+    assert call["gd2po/prompts_consumed"] == 4 and call["gd2po/reward_requests"] == 4  # a group each (4 > batch 3)
+
+    actor = InProcessActorGroup(Actor(str(tiny_model), attn_implementation="eager", param_dtype="bf16"))
+    maker = GD2POExperienceMaker(actor, None, None, None, FixedKLController(0.0), made.strategy, made.tokenizer)
+    logged = []
+    for samples, *_ in steps:
+        experiences = maker.make_experience_batch(samples)
+        # OpenRLHF's actor logs each info key as its mean over the step's samples
+        logged.append({key: torch.cat([e.info[key] for e in experiences]).mean().item()
+                       for key in [*call, "reward_seconds/odd_length", "gd2po/dynamic_sampling_pass_rate"]})  # fmt: skip
+    for key, total in call.items():  # the step that trains the call's first sample logs the call; the other 0
+        assert [row[key] for row in logged] == [total, 0.0], key
+    assert logged[0]["reward_seconds/odd_length"] > 0 == logged[1]["reward_seconds/odd_length"]
+    assert [row["gd2po/dynamic_sampling_pass_rate"] for row in logged] == [1.0, 1.0]  # a rate: the call's, per step

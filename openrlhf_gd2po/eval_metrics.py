@@ -46,7 +46,7 @@ def compute_eval_metrics(eval_dataloader, samples_list, n_samples_per_prompt):
     sources = [datasource.get(s.prompts[0], "unknown") for s in samples_list]
     dimensions, weights = reward_dimensions(args)
     for source in dict.fromkeys(sources):
-        for key in ("pass1", f"pass{n_samples_per_prompt}"):  # OpenRLHF's score a failed rollout 0: ours replace them
+        for key in ("pass1", f"pass{n_samples_per_prompt}"):  # OpenRLHF's count a failed rollout as 0; ours replace them
             logs.pop(f"eval_{source}_{key}", None)
         rows = [s for s, name in zip(samples_list, sources) if name == source]
         metrics = source_metrics(rows, [d.name for d in dimensions], weights, args, n_samples_per_prompt)
@@ -58,7 +58,7 @@ def source_metrics(samples, names, weights, args, n):
     """One data source's samples (whole groups of n, in order) → its metrics, keys without the prefix."""
     rewards = torch.stack([torch.cat([s.info[f"reward/{name}"] for s in samples]) for name in names], dim=1)
     fetched = torch.cat([s.info["reward_fetch_failed"] for s in samples]) == 0
-    metrics = {"reward_fetch_failed": 1.0 - fetched.double().mean().item()}
+    metrics = {"reward_fetch_failed": (~fetched).double().mean().item()}
     if not fetched.any():
         return metrics
     summed = rewards.double() @ weights.double()

@@ -81,9 +81,12 @@ class GD2POSamplesGenerator(SamplesGenerator):
         with self._reward_stream() as stream:
             self._score_while_generating(step, stream, dataloader_iter, prompts, labels, images,
                                          2 * len(prompts) if max_extra is None else max_extra, generate_kwargs)
-        warn_failed(step.failed, stream.submitted)
-        if self.evaluating:  # nothing dropped, so nothing to refill, cut or log per step
+        if self.evaluating:  # nothing dropped, so nothing to refill or log per step
+            if step.failed:
+                logger.warning(f"Reward fetch failed for {step.failed}/{stream.submitted} eval rollouts; they are "
+                               "left out of the eval means and counted in eval_<source>_reward_fetch_failed")
             return step.accepted, step.prompts_consumed, step.exhausted
+        warn_failed(step.failed, stream.submitted)
         n = self.args.rollout.n_samples_per_prompt
         groups_scored = len(step.accepted) // n + sum(step.drops.values())
         if step.drops and len(step.accepted) < len(prompts) * n:  # at the cap, or out of prompts

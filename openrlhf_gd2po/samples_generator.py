@@ -34,11 +34,23 @@ DROP_REASONS = ("no_signal", "estimator")
 POLL_SECONDS = 0.02  # ray.wait cannot also wait on the reward futures, so it polls while both are pending
 
 
+def seed_prompt_order(dataloader, seed):
+    """Seed the prompt loader's shuffle with --train.seed. OpenRLHF's trainer actor has no process group, so
+    its loader shuffles with a RandomSampler seeded from torch's unseeded global generator: every run drew
+    the prompts in another order, and a resumed run could not match an uninterrupted one. (In a process
+    group OpenRLHF's DistributedSampler is seeded already and has no generator to seed.) A resumed run
+    restores this generator's state from the checkpoint's data_loader_state_dict."""
+    generator = getattr(getattr(dataloader, "sampler", None), "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed)
+
+
 class GD2POSamplesGenerator(SamplesGenerator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reward_dimensions, self.reward_weights = reward_dimensions(self.args)
         self.evaluating = False
+        seed_prompt_order(self.prompts_dataloader, self.args.train.seed)
 
     @torch.no_grad()
     def generate_eval_samples(self, **generate_kwargs):

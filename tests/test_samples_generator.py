@@ -333,3 +333,47 @@ def test_a_generation_call_that_feeds_two_async_steps_counts_its_totals_once(eng
         assert [row[key] for row in logged] == [total, 0.0], key
     assert logged[0]["reward_seconds/odd_length"] > 0 == logged[1]["reward_seconds/odd_length"]
     assert [row["gd2po/dynamic_sampling_pass_rate"] for row in logged] == [1.0, 1.0]  # a rate: the call's, per step
+
+def trainer_prompt_loader(tiny_model, *flags):
+    """The prompt loader and generator OpenRLHF's PPOTrainer builds (its own prepare_datasets and strategy,
+    no process group, as in the trainer actor), over the first 16 arithmetic prompts."""
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+    from openrlhf.utils import get_strategy
+    from transformers import AutoTokenizer
+
+    import openrlhf_gd2po
+
+    openrlhf_gd2po.install()
+    args, _ = parse_cli(training_argv(
+        "gd2po_snr", "odd_length=http://127.0.0.1:1", "--data.prompt_dataset",
+        str(ROOT / "openrlhf_gd2po" / "data" / "arithmetic_prompts.jsonl"), "--data.input_key", "prompt",
+        "--data.label_key", "label", "--data.max_samples", "16", *flags))  # fmt: skip
+    strategy, tokenizer = get_strategy(args), AutoTokenizer.from_pretrained(tiny_model)
+    loader, _, _ = ppo_trainer.prepare_datasets(strategy, tokenizer)
+    ppo_trainer.SamplesGenerator(strategy=strategy, prompts_dataloader=loader, eval_dataloader=None,
+                                 tokenizer=tokenizer, vllm_engines=[])  # fmt: skip
+    return loader
+
+
+def drawn(batches) -> list[str]:
+    return [label for _, _, labels, _ in batches for label in labels]
+
+
+def test_the_prompt_order_follows_train_seed_and_a_restored_loader_goes_on_with_it(tiny_model):
+    # Two trainer processes (torch's global generator in another state in each) draw one order.
+    torch.manual_seed(1)
+    first = trainer_prompt_loader(tiny_model)
+    torch.manual_seed(2)
+    order = drawn(trainer_prompt_loader(tiny_model))
+    assert drawn(first) == order and sorted(order) != order  # shuffled, the same way
+    assert drawn(trainer_prompt_loader(tiny_model, "--train.seed", "7")) != order
+    # What OpenRLHF's resume does with the checkpoint's data_loader_state_dict: after 6 prompts drawn
+    # (a step's refills included), a new loader restored from it draws the other 10, in the same order.
+    interrupted = trainer_prompt_loader(tiny_model)
+    iterator = iter(interrupted)
+    assert drawn(next(iterator) for _ in range(6)) == order[:6]
+    state = interrupted.state_dict()
+    torch.manual_seed(3)
+    restored = trainer_prompt_loader(tiny_model)
+    restored.load_state_dict(state)
+    assert drawn(restored) == order[6:]

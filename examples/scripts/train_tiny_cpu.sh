@@ -27,6 +27,26 @@ PIDS=()
 
 cleanup() {
   set +e
+  if [ -n "${TINY_LEFTOVERS:-}" ]; then   # tests: what of the job outlives it (waits up to 30 s for Ray to stop it)
+    "$PY" - "${GD2PO_METRICS_LOG:-}" > "$TINY_LEFTOVERS" <<'EOF'
+import json, sys, time, psutil
+def job_processes():  # the job's actors and vLLM's engine: named by Ray and vLLM, started with our environment
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            name = " ".join(p.info["cmdline"] or [])
+            ours = p.environ().get("GD2PO_METRICS_LOG") == sys.argv[1]
+        except psutil.Error:
+            continue
+        if ours and name.startswith(("ray::", "VLLM::")) and not name.startswith(("ray::IDLE", "ray::RuntimeEnvAgent", "ray::DashboardAgent")):
+            found.append(name)
+    return found
+start = time.monotonic()
+while job_processes() and time.monotonic() - start < 30:
+    time.sleep(0.5)
+print(json.dumps({"waited_s": round(time.monotonic() - start, 1), "left": job_processes()}))
+EOF
+  fi
   for pid in "${PIDS[@]}"; do kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done
   # Ray workers and vLLM's engine processes name our temp dir or descend from the head's session.
   "$PY" - "$TMP" <<'EOF'

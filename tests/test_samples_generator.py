@@ -334,6 +334,7 @@ def test_a_generation_call_that_feeds_two_async_steps_counts_its_totals_once(eng
     assert logged[0]["reward_seconds/odd_length"] > 0 == logged[1]["reward_seconds/odd_length"]
     assert [row["gd2po/dynamic_sampling_pass_rate"] for row in logged] == [1.0, 1.0]  # a rate: the call's, per step
 
+
 def trainer_prompt_loader(tiny_model, *flags):
     """The prompt loader and generator OpenRLHF's PPOTrainer builds (its own prepare_datasets and strategy,
     no process group, as in the trainer actor), over the first 16 arithmetic prompts."""

@@ -183,10 +183,16 @@ def test_safety_dry_run_deploys_both_models_on_ray_serve(fake_paths):
     ],
 )
 def test_printed_training_flags_pass_the_real_cli(fake_paths, script, env_builder, expected_servers):
-    env = env_builder(fake_paths, ESTIMATOR="gd2po_hard", REWARDS="3")
+    eval_files = [fake_paths / "hh_test.parquet", fake_paths / "pku_test.parquet"]  # the flags only: not read
+    for path in eval_files:
+        path.touch()
+    env = env_builder(fake_paths, ESTIMATOR="gd2po_hard", REWARDS="3", EVAL_DATA=",".join(map(str, eval_files)))
     result = run_script(script, env)
     assert result.returncode == 0, result.stderr
     args = parse_with_real_cli(printed_train_args(result.stdout))
+    # Validation as the authors run it: every 10 steps, one greedy answer per prompt, no best checkpoint.
+    assert args.eval.dataset == ",".join(map(str, eval_files)) and args.eval.steps == 10
+    assert args.eval.temperature == 0 and args.eval.n_samples_per_prompt == 1 and args.ckpt.best_metric_key == "none"
     assert args.algo.advantage.estimator == "gd2po_hard"
     assert args.actor.model_name_or_path == str(fake_paths / "policy")
     assert args.data.prompt_dataset == str(fake_paths / "prompts.jsonl")
@@ -216,6 +222,7 @@ def test_printed_training_flags_pass_the_real_cli(fake_paths, script, env_builde
         ("train_toolcall_gd2po.sh", toolcall_env, {"DATA": "/nonexistent.jsonl"}, "DATA=/nonexistent.jsonl: no such file"),
         ("train_toolcall_gd2po.sh", toolcall_env, {"ESTIMATOR": "ppo"}, "ESTIMATOR=ppo: must be one of"),
         ("train_toolcall_gd2po.sh", toolcall_env, {"REWARDS": "4"}, "REWARDS=4: must be one of: 2 3"),
+        ("train_safety_gd2po.sh", safety_env, {"EVAL_DATA": "/nonexistent_test.parquet"}, "EVAL_DATA: /nonexistent_test.parquet: no such file"),
         ("train_safety_gd2po.sh", safety_env, {"COST_MODEL_PATH": "/nonexistent/cm"}, "COST_MODEL_PATH=/nonexistent/cm: no such directory"),
         ("train_safety_gd2po.sh", safety_env, {"REWARD_GPU": "8"}, "REWARD_GPU=8: must be a GPU index below NUM_GPUS=8"),
     ],

@@ -37,6 +37,24 @@ require_file() {
     [[ -f "${!1}" ]] || die "$1=${!1}: no such file"
 }
 
+# EVAL_DATA (comma-separated files, optional) → EVAL_ARGS: validation as the authors run it, every 10
+# steps (trainer.test_freq=10) with verl's validation defaults, one greedy answer per prompt, scored on
+# every reward dimension and logged per data source (`datasource`, else `data_source`). No best
+# checkpoint (OpenRLHF saves one by the first eval pass1 unless told not to; the authors save every N steps).
+eval_args() {
+    EVAL_ARGS=()
+    [[ -n "${EVAL_DATA:-}" ]] || return 0
+    local files file resolved=()
+    IFS=, read -ra files <<<"$EVAL_DATA"
+    for file in "${files[@]}"; do
+        [[ -f "$file" ]] || die "EVAL_DATA: $file: no such file"
+        resolved+=("$(realpath "$file")")
+    done
+    EVAL_DATA="$(IFS=,; echo "${resolved[*]}")"
+    EVAL_ARGS=(--eval.dataset "$EVAL_DATA" --eval.steps 10 --eval.temperature 0 --eval.n_samples_per_prompt 1
+               --ckpt.best_metric_key none)
+}
+
 require_one_of() {
     local name=$1 choice
     shift

@@ -13,13 +13,17 @@
 # Training prompts: the authors' safe-alignment/dataset/alpaca_prompt_only/train.parquet
 # (github Qwen-Applications/GD2PO, CC BY-NC 4.0: download it yourself). Their RM and CM:
 # Artessay/Qwen2.5-7B-SafeRLHF-RM and -CM on ModelScope (align-anything checkpoints).
-# Evaluation: examples/scripts/eval_safety.py on their three test sets.
+# Evaluation: during training with EVAL_DATA, or examples/scripts/eval_safety.py on their three test sets.
 #
 # Variables:
 #   MODEL_PATH         policy checkpoint directory (required)
 #   REWARD_MODEL_PATH  helpfulness reward model, align-anything format (required)
 #   COST_MODEL_PATH    cost model, align-anything format, higher = safer, served as is (required)
 #   DATA               prompt JSONL from prepare_safety_prompts.py (required)
+#   EVAL_DATA          validation sets, comma-separated: the authors' test parquet files as downloaded
+#                      (alpaca_prompt_only/test.parquet,anthropic_hh_rlhf/test.parquet,pku-saferlhf/test.parquet;
+#                      their data_source names each set in the logs), validated every 10 steps, one greedy
+#                      answer each, on both dimensions (unset: none)
 #   ESTIMATOR          gd2po_snr (default) | gd2po_hard | gdpo | grpo
 #   NUM_GPUS           the trainer's GPUs per node (default 8; with REWARD_SERVE=1 leave Ray 2 x RM_GPUS for
 #                      the reward models: 6 on one 8-GPU node; two nodes: NUM_GPUS=7 and append
@@ -55,6 +59,7 @@ MODEL_PATH="${MODEL_PATH:-}"
 REWARD_MODEL_PATH="${REWARD_MODEL_PATH:-}"
 COST_MODEL_PATH="${COST_MODEL_PATH:-}"
 DATA="${DATA:-}"
+EVAL_DATA="${EVAL_DATA:-}"
 ESTIMATOR="${ESTIMATOR:-gd2po_snr}"
 NUM_GPUS="${NUM_GPUS:-8}"
 REWARD_SERVE="${REWARD_SERVE:-1}"
@@ -94,6 +99,7 @@ MODEL_PATH="$(realpath "$MODEL_PATH")"
 REWARD_MODEL_PATH="$(realpath "$REWARD_MODEL_PATH")"
 COST_MODEL_PATH="$(realpath "$COST_MODEL_PATH")"
 DATA="$(realpath "$DATA")"
+eval_args
 SAVE_PATH="$(realpath -m "$SAVE_PATH")"
 # Reward servers and a local Ray head started here import this checkout.
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -126,7 +132,7 @@ TRAIN_ARGS=(
     --reward.servers "$REWARD_SERVERS"
     --ckpt.output_dir "$SAVE_PATH" --ckpt.path "$SAVE_PATH/ckpt" --ckpt.save_steps 20 --ckpt.save_hf
     --logger.logging_steps 1 --logger.tensorboard_dir "$SAVE_PATH/tensorboard"
-    "$@"
+    "${EVAL_ARGS[@]}" "$@"
 )
 # Checked before anything starts: the job's entrypoint goes through a shell.
 require_shell_safe "$PYTHON" "${TRAIN_ARGS[@]}"

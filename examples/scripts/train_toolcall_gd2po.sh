@@ -11,6 +11,8 @@
 # Variables:
 #   MODEL_PATH   policy checkpoint directory, e.g. Qwen2.5-{3B,7B}-Instruct or Llama-3.2-3B-Instruct (required)
 #   DATA         prompt JSONL from prepare_toolrl_data.py with this MODEL_PATH's tokenizer (required)
+#   EVAL_DATA    validation prompts: the ToolRL test split (rlla_4k/test.parquet) through prepare_toolrl_data.py,
+#                validated every 10 steps, one greedy answer each, on every reward dimension (unset: none)
 #   ESTIMATOR    gd2po_snr (default) | gd2po_hard | gdpo | grpo
 #   REWARDS      2 (default): correctness + length; 3: correctness + length + format. All dimensions come
 #                from one `python -m reward_servers toolcall` server, picked with `url#dimension`.
@@ -39,6 +41,7 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 MODEL_PATH="${MODEL_PATH:-}"
 DATA="${DATA:-}"
+EVAL_DATA="${EVAL_DATA:-}"
 ESTIMATOR="${ESTIMATOR:-gd2po_snr}"
 REWARDS="${REWARDS:-2}"
 NUM_GPUS="${NUM_GPUS:-8}"
@@ -68,6 +71,7 @@ fi
 require_command "$PYTHON" "set PYTHON to the interpreter with this project installed"
 MODEL_PATH="$(realpath "$MODEL_PATH")"
 DATA="$(realpath "$DATA")"
+eval_args
 SAVE_PATH="$(realpath -m "$SAVE_PATH")"
 # Reward servers and a local Ray head started here import this checkout.
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -96,7 +100,7 @@ TRAIN_ARGS=(
     --reward.servers "$REWARD_SERVERS"
     --ckpt.output_dir "$SAVE_PATH" --ckpt.path "$SAVE_PATH/ckpt" --ckpt.save_steps 5 --ckpt.save_hf
     --logger.logging_steps 1 --logger.tensorboard_dir "$SAVE_PATH/tensorboard"
-    "$@"
+    "${EVAL_ARGS[@]}" "$@"
 )
 # Checked before anything starts: the job's entrypoint goes through a shell.
 require_shell_safe "$PYTHON" "${TRAIN_ARGS[@]}"

@@ -78,7 +78,8 @@ def deployment_options(args: argparse.Namespace) -> dict:
         max_ongoing_requests=pool_size + args.max_queue,
         # When every replica is full, up to --max-queue more wait in Serve's router, then Serve refuses
         # them (HTTP 503; BackPressureError on a handle), which the client retries as the server's 503.
-        max_queued_requests=args.max_queue,
+        # Serve takes no 0 here: --max-queue 0 queues one.
+        max_queued_requests=max(args.max_queue, 1),
         # A dead or broken replica is found within 2 s instead of Serve's 10; the check reads a flag. The
         # timeout stays Serve's 30 s: a replica parsing a large batch in its event loop is not unhealthy.
         health_check_period_s=2.0,

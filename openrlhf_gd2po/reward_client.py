@@ -83,6 +83,13 @@ def parse_reward_servers(spec: str) -> list[RewardDimension]:
     return dimensions
 
 
+def with_absolute_reward_files(spec: str) -> str:
+    """`spec` with each reward file's path made absolute here. The driver checks the files in the
+    directory it was launched from; the trainer actor opens them in its own (its raylet's, perhaps on
+    another node, where the path must hold the file too, as the model's path must)."""
+    return ",".join(f"{d.name}={d.url}" + (f"#{d.field}" if d.field else "") for d in parse_reward_servers(spec))
+
+
 def _endpoint(item: str, url: str) -> str:
     parsed = urlsplit(url)
     try:

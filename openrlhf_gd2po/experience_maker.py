@@ -140,12 +140,15 @@ def attach_rewards(samples, batch, dimensions, weights):
     # Failed rollouts never reach an advantage (they are masked); 0 only keeps the logs finite.
     rewards = torch.nan_to_num(batch.rewards, nan=0.0)
     combined = rewards @ weights
+    # Each value is a tensor of its own, stride (1,): the async trainer sends samples through a Ray
+    # queue, whose zero-copy serializer (OpenRLHF sets RAY_ENABLE_ZERO_COPY_TORCH_TENSORS) refuses a
+    # column slice (stride (K,)), and plain pickling of a slice would carry the whole batch's storage.
     for i, sample in enumerate(samples):
-        sample.rewards = combined[i : i + 1]
-        sample.info["reward"] = combined[i : i + 1]
+        sample.rewards = combined[i : i + 1].clone()
+        sample.info["reward"] = combined[i : i + 1].clone()
         sample.info["reward_fetch_failed"] = batch.failed[i : i + 1].float()
         for k, dim in enumerate(dimensions):
-            sample.info[f"reward/{dim.name}"] = rewards[i : i + 1, k]
+            sample.info[f"reward/{dim.name}"] = rewards[i, k : k + 1].clone()
 
 
 def warn_failed(num_failed, num_samples):

@@ -36,6 +36,25 @@ class GD2POSamplesGenerator(SamplesGenerator):
         super().__init__(*args, **kwargs)
         self.reward_dimensions, self.reward_weights = reward_dimensions(self.args)
 
+    @torch.no_grad()
+    def generate_samples(self, **generate_kwargs):
+        """OpenRLHF's batch, with a short one (the episode's last prompts, or dynamic sampling at its cap)
+        cut to whole optimizer steps: see _short_batch_unit. OpenRLHF's trainers skip an empty batch."""
+        samples, pass_rate, prompts_consumed, exhausted = super().generate_samples(**generate_kwargs)
+        full = self.args.rollout.batch_size * self.args.rollout.n_samples_per_prompt
+        if 0 < len(samples) < full:
+            unit = self._short_batch_unit()
+            trained = len(samples) // unit * unit
+            if trained < len(samples):
+                logger.warning(
+                    f"Short batch of {len(samples)} samples (a full one has {full}): this step trains on {trained} "
+                    f"of them and leaves out {len(samples) - trained} (whole optimizer steps on every rank: a "
+                    f"multiple of {unit} samples = lcm(--rollout.n_samples_per_prompt, --train.batch_size, "
+                    f"--rollout.micro_batch_size x data-parallel ranks))"
+                )
+            samples = samples[:trained]
+        return samples, pass_rate, prompts_consumed, exhausted
+
     def _generate_vllm(self, dataloader_iter, num_prompts, dynamic_filtering, **generate_kwargs):
         if not self.reward_dimensions:
             return super()._generate_vllm(dataloader_iter, num_prompts, dynamic_filtering, **generate_kwargs)
@@ -52,13 +71,10 @@ class GD2POSamplesGenerator(SamplesGenerator):
         n = self.args.rollout.n_samples_per_prompt
         groups_scored = len(step.accepted) // n + sum(step.drops.values())
         if step.drops and len(step.accepted) < len(prompts) * n:  # at the cap, or out of prompts
-            kept, unit = len(step.accepted), self._short_batch_unit()
-            step.accepted = step.accepted[: kept // unit * unit]
             logger.warning(
-                f"Dynamic sampling kept {kept // n}/{len(prompts)} groups after drawing {step.prompts_consumed} "
-                f"prompts (dropped: {dict(step.drops)}; --gd2po.dynamic_sampling_max_extra_prompts {max_extra}); "
-                f"this step trains on {len(step.accepted) // n} of them (whole optimizer steps: a multiple of "
-                f"{unit} samples)"
+                f"Dynamic sampling kept {len(step.accepted) // n}/{len(prompts)} groups after drawing "
+                f"{step.prompts_consumed} prompts (dropped: {dict(step.drops)}; "
+                f"--gd2po.dynamic_sampling_max_extra_prompts {max_extra})"
             )
         metrics = {
             "gd2po/dynamic_sampling_pass_rate": 1 - sum(step.drops.values()) / groups_scored,

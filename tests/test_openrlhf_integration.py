@@ -113,6 +113,28 @@ def rollout_samples(tokenizer):
     return samples
 
 
+def zero_copy_refusals(experiences):
+    """(sample, field, error) for each tensor of these Experiences, fields and info, that Ray's zero-copy
+    tensor serializer refuses. OpenRLHF turns it on (RAY_ENABLE_ZERO_COPY_TORCH_TENSORS), and the
+    async trainer sends samples through a Ray queue with it; this calls the serializer's own reducer."""
+    import warnings
+
+    from ray._private.tensor_serialization_utils import zero_copy_tensors_reducer
+
+    refused = []
+    for i, experience in enumerate(experiences):
+        named = {**vars(experience), **{f"info[{k}]": v for k, v in experience.info.items()}}
+        for name, value in named.items():
+            if isinstance(value, torch.Tensor):
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        zero_copy_tensors_reducer(value)
+                except RuntimeError as error:
+                    refused.append((i, name, str(error)))
+    return refused
+
+
 def make_experiences(tiny_model, args, reference=False):
     """GD2POExperienceMaker's experiences; `reference`: a second random tiny model as the KL reference."""
     from openrlhf.models import Actor
@@ -148,6 +170,7 @@ def test_experience_maker_end_to_end(tiny_model, toolcall_url, local_ray, estima
     assert rewards[[1, 5], 0].tolist() == [3.0, 3.0] and rewards[[1, 5], 1].tolist() == [0.0, 0.0]
 
     assert len(experiences) == 4  # micro batches of 2, so the batch is gathered across experiences
+    assert zero_copy_refusals(samples) == [] and zero_copy_refusals(experiences) == []  # Ray can send them
     row = 0
     for experience in experiences:
         for advantages, action_mask in zip(experience.advantages, experience.action_mask):

@@ -14,13 +14,14 @@ import torch
 
 from openrlhf_gd2po.reward_client import RewardServerError
 from servers import running_server
-from test_openrlhf_integration import N_SAMPLES, parse_cli, real_package_missing, training_argv
+from test_openrlhf_integration import N_SAMPLES, parse_cli, real_package_missing, training_argv, zero_copy_refusals
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from scheduled_engine import ScheduledEngine  # noqa: E402
 
 ODD_LENGTH = ROOT / "tests" / "data" / "odd_label_length_reward.py"  # signal only on odd labels
+ANSWER_REWARD = ROOT / "examples" / "rewards" / "answer_reward.py"
 BATCH = 2  # training_argv: --rollout.batch_size 2, 4 samples per prompt
 
 pytestmark = pytest.mark.skipif(real_package_missing("vllm"), reason="OpenRLHF's samples generator imports vllm")
@@ -40,7 +41,7 @@ def engine(local_ray):
     return made
 
 
-def generator(engine, tiny_model, url, labels, *flags, seconds=None, estimator="gd2po_snr"):
+def generator(engine, tiny_model, url, labels, *flags, seconds=None, estimator="gd2po_snr", servers=None):
     """OpenRLHF's generator as train_gd2po_ray builds it (install() swaps the class), over prompts
     "prompt i" with the given labels, one engine answering with responses of distinct lengths."""
     import openrlhf.trainer.ppo_trainer as ppo_trainer
@@ -49,7 +50,7 @@ def generator(engine, tiny_model, url, labels, *flags, seconds=None, estimator="
     import openrlhf_gd2po
 
     openrlhf_gd2po.install()
-    args, _ = parse_cli(training_argv(estimator, f"odd_length={url}", "--reward.flush_wait", "0.05", *flags))
+    args, _ = parse_cli(training_argv(estimator, servers or f"odd_length={url}", "--reward.flush_wait", "0.05", *flags))
     prompts = [f"prompt {i}" for i in range(len(labels))]
     responses = {p: ["x" * (i + 1) for i in range(N_SAMPLES)] for p in prompts}
     ray.get(engine.reset.remote(seconds={p: s for p, s in zip(prompts, seconds or [])}, responses=responses))
@@ -102,7 +103,7 @@ def test_at_the_cap_the_step_keeps_what_it_has_and_the_next_step_goes_on(engine,
                      "--gd2po.dynamic_sampling_max_extra_prompts", "2", "--train.batch_size", "4")  # fmt: skip
     samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
     assert prompts_consumed == 4 and [s.labels[0] for s in samples] == ["3"] * N_SAMPLES
-    assert "kept 1/2 groups after drawing 4 prompts" in caplog.text and "trains on 1 of them" in caplog.text
+    assert "kept 1/2 groups after drawing 4 prompts" in caplog.text and "trains on 4 of them and leaves out 0" not in caplog.text
     samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
     # Prompts 4 and 5 (labels 8 and 5); 8 is dropped and refilled with prompt 6 (label 7): a full batch.
     assert prompts_consumed == 3 and sorted({s.labels[0] for s in samples}) == ["5", "7"]
@@ -122,6 +123,16 @@ def test_groups_are_scored_while_later_groups_generate(engine, tiny_model, odd_l
     assert info(samples, "gd2po/reward_requests")[0] == 1
     want = [i / 100 + 120 * i % 1000 / 1e6 for i in range(1, 5)]  # responses "x" * i; ord("x") = 120
     assert info(samples, "reward/odd_length").tolist() == pytest.approx(want * 2)
+
+
+def test_every_sample_tensor_crosses_the_async_trainers_ray_queue(engine, tiny_model, odd_length_server):
+    # The async trainer puts the generator's samples on a Ray queue, whose zero-copy serializer refused
+    # reward/<dimension> when it was a column of the batch's rewards (stride K; two dimensions here).
+    url, _ = odd_length_server
+    made = generator(engine, tiny_model, url, [3, 5], servers=f"odd_length={url},brevity={ANSWER_REWARD}#brevity")
+    samples, *_ = made.generate_samples(max_new_tokens=8)
+    assert len(samples) == 2 * N_SAMPLES and "reward/brevity" in samples[0].info
+    assert zero_copy_refusals(samples) == []
 
 
 def test_a_server_that_is_down_raises_or_masks_as_on_failure_says(engine, tiny_model):
@@ -147,7 +158,21 @@ def test_a_short_batch_trains_whole_optimizer_steps_only(engine, tiny_model, odd
                      "--actor.num_gpus_per_node", "2")  # fmt: skip
     samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
     assert samples == [] and prompts_consumed == 4  # OpenRLHF's trainer then draws the next batch
-    assert "trains on 0 of them (whole optimizer steps: a multiple of 8 samples)" in caplog.text
+    assert "Short batch of 4 samples (a full one has 8): this step trains on 0 of them and leaves out 4" in caplog.text
+    assert "a multiple of 8 samples" in caplog.text
+
+
+def test_a_short_last_batch_is_cut_to_whole_optimizer_steps_without_dynamic_sampling(engine, tiny_model,
+                                                                                      odd_length_server, caplog):
+    # Three prompts left for a batch of four, two ranks, an optimizer step of 8 samples: 12 samples would
+    # give the ranks 2 and 1 rollout micro-batches (ZeRO-3 hangs) and leave half a step's gradient behind.
+    url, _ = odd_length_server
+    made = generator(engine, tiny_model, url, [3, 5, 7], "--rollout.batch_size", "4", "--train.batch_size", "8",
+                     "--actor.num_gpus_per_node", "2")  # fmt: skip
+    samples, _, prompts_consumed, exhausted = made.generate_samples(max_new_tokens=8)
+    assert prompts_consumed == 3 and exhausted
+    assert [s.labels[0] for s in samples] == ["3"] * N_SAMPLES + ["5"] * N_SAMPLES  # whole groups, in order
+    assert "Short batch of 12 samples (a full one has 16): this step trains on 8 of them and leaves out 4" in caplog.text
 
 
 def test_install_swaps_the_generator_of_the_sync_and_the_async_trainer():

@@ -23,6 +23,8 @@
 #   NUM_GPUS           GPUs of this node (default 8)
 #   REWARD_GPU, COST_GPU  GPU index of each reward-model server (default 0 and 1)
 #   REWARD_PORT, COST_PORT  server ports (default 5101 and 5102)
+#   REWARD_HOST        the servers' address (default 127.0.0.1: the whole job on this node). On a cluster,
+#                      this node's address that the others reach; then GD2PO_REWARD_API_KEY must be set
 #   RM_DEVICE          device of both reward-model servers (default cuda; cpu runs them without a GPU, slowly)
 #   SAVE_PATH          checkpoints, logs, tensorboard (default ./ckpt/safety_<ESTIMATOR>)
 #   RAY_ADDRESS        Ray dashboard (default http://127.0.0.1:8265); if nothing answers there, a local head is started
@@ -40,7 +42,7 @@
 # GPU layout: one node, NUM_GPUS 80 GB GPUs; actor and vLLM engines (one per GPU) colocated on all
 # of them with sleep mode, vLLM capped at 50% of memory so that the two reward-model servers (about
 # 15 GB each in bf16) fit beside it on REWARD_GPU and COST_GPU.
-# Single node: the servers listen on 127.0.0.1, where the trainer (a Ray actor) must reach them.
+# The servers listen on REWARD_HOST, where the trainer (a Ray actor, on any node) must reach them.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -72,6 +74,7 @@ for gpu in REWARD_GPU COST_GPU; do
     [[ "${!gpu}" =~ ^[0-9]+$ ]] && ((${!gpu} < NUM_GPUS)) || die "$gpu=${!gpu}: must be a GPU index below NUM_GPUS=$NUM_GPUS"
 done
 [[ "$REWARD_PORT" != "$COST_PORT" ]] || die "REWARD_PORT and COST_PORT are both $REWARD_PORT; give two ports"
+require_reward_key_off_loopback
 require_free_port REWARD_PORT
 require_free_port COST_PORT
 require_command "$PYTHON" "set PYTHON to the interpreter with this project installed"
@@ -83,7 +86,7 @@ SAVE_PATH="$(realpath -m "$SAVE_PATH")"
 # Reward servers and a local Ray head started here import this checkout.
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-REWARD_SERVERS="helpfulness=http://127.0.0.1:$REWARD_PORT#helpfulness,harmlessness=http://127.0.0.1:$COST_PORT#harmlessness"
+REWARD_SERVERS="helpfulness=http://$REWARD_HOST:$REWARD_PORT#helpfulness,harmlessness=http://$REWARD_HOST:$COST_PORT#harmlessness"
 
 echo "GD²PO helpfulness-safety: estimator $ESTIMATOR, model $MODEL_PATH, data $DATA, output $SAVE_PATH"
 # The authors stop after 100 rollout steps of 512 prompts (total_training_steps=100).
@@ -118,10 +121,10 @@ ensure_ray
 RM_FLAGS=(--model-format align-anything --rm-chat-template --dtype auto --max-length 2048 --device "$RM_DEVICE")
 start_reward_server helpfulness "$REWARD_PORT" env CUDA_VISIBLE_DEVICES="$REWARD_GPU" \
     "$PYTHON" -m reward_servers reward_model --model "$REWARD_MODEL_PATH" "${RM_FLAGS[@]}" \
-    --dimension-name helpfulness --port "$REWARD_PORT"
+    --dimension-name helpfulness --port "$REWARD_PORT" --host "$REWARD_HOST"
 start_reward_server harmlessness "$COST_PORT" env CUDA_VISIBLE_DEVICES="$COST_GPU" \
     "$PYTHON" -m reward_servers reward_model --model "$COST_MODEL_PATH" "${RM_FLAGS[@]}" \
-    --dimension-name harmlessness --port "$COST_PORT"
+    --dimension-name harmlessness --port "$COST_PORT" --host "$REWARD_HOST"
 check_reward_direction "$REWARD_SERVERS" "$MODEL_PATH"
 
 submit_job "safety_${ESTIMATOR}" "${TRAIN_ARGS[@]}"

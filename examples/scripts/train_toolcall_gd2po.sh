@@ -15,6 +15,8 @@
 #                from one `python -m reward_servers toolcall` server, picked with `url#dimension`.
 #   NUM_GPUS     GPUs of this node (default 8)
 #   PORT         toolcall reward server port (default 5001)
+#   REWARD_HOST  the server's address (default 127.0.0.1: the whole job on this node). On a cluster, this
+#                node's address that the others reach; then GD2PO_REWARD_API_KEY must be set (README "Training")
 #   SAVE_PATH    checkpoints, logs, tensorboard (default ./ckpt/toolcall_<ESTIMATOR>_r<REWARDS>)
 #   RAY_ADDRESS  Ray dashboard (default http://127.0.0.1:8265); if nothing answers there, a local head is started
 #   PYTHON       interpreter with this project and OpenRLHF installed (default python3)
@@ -29,7 +31,7 @@
 # lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay 0.01, clip 0.2, dual clip 3, no KL (hence
 # no reference model), no entropy bonus, prompts up to 2048 tokens (longer ones dropped at
 # preparation) and answers up to 1024.
-# Single node: the server listens on 127.0.0.1, where the trainer (a Ray actor) must reach it.
+# The server listens on REWARD_HOST, where the trainer (a Ray actor, on any node) must reach it.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -51,6 +53,7 @@ require_file DATA
 require_one_of ESTIMATOR gd2po_snr gd2po_hard gdpo grpo
 require_one_of REWARDS 2 3
 require_positive_int NUM_GPUS
+require_reward_key_off_loopback
 require_free_port PORT
 require_command "$PYTHON" "set PYTHON to the interpreter with this project installed"
 MODEL_PATH="$(realpath "$MODEL_PATH")"
@@ -59,7 +62,7 @@ SAVE_PATH="$(realpath -m "$SAVE_PATH")"
 # Reward servers and a local Ray head started here import this checkout.
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-SERVER="http://127.0.0.1:$PORT"
+SERVER="http://$REWARD_HOST:$PORT"
 REWARD_SERVERS="correctness=$SERVER#correctness,length=$SERVER#length"
 if [[ "$REWARDS" == 3 ]]; then
     REWARD_SERVERS+=",format=$SERVER#format"
@@ -88,6 +91,6 @@ TRAIN_ARGS=(
 require_shell_safe "$PYTHON" "${TRAIN_ARGS[@]}"
 
 ensure_ray
-start_reward_server toolcall "$PORT" "$PYTHON" -m reward_servers toolcall --port "$PORT"
+start_reward_server toolcall "$PORT" "$PYTHON" -m reward_servers toolcall --port "$PORT" --host "$REWARD_HOST"
 
 submit_job "toolcall_${ESTIMATOR}_r${REWARDS}" "${TRAIN_ARGS[@]}"

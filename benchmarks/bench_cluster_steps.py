@@ -56,14 +56,15 @@ def main():
                 results[name].append(one_run(name, flags, Path(work) / f"r{round_}"))
                 print(f"round {round_ + 1}: {name} done ({results[name][-1]['wall']:.0f} s)", flush=True)
     print(f"\n{cpu_name()}; {args.rounds} round(s) of the three runs, alternated; 2 steps per run")
-    print("| run | " + " | ".join(t.removeprefix("timing/") for t in TIMINGS) + " | whole run (s) | load avg (1 min) at start–end |")
-    print("|---" * (len(TIMINGS) + 3) + "|")
+    print("| run | " + " | ".join(t.removeprefix("timing/") for t in TIMINGS) + " | whole run (s) | load avg (1 min) at start–end | policy_loss |")
+    print("|---" * (len(TIMINGS) + 4) + "|")
     for name, runs in results.items():
         steps = [row for run in runs for row in run["rows"]]
         cells = [f"{statistics.mean(row[t] for row in steps):.1f}" if all(t in row for row in steps) else "–" for t in TIMINGS]
         loads = ", ".join(f"{a:.1f}–{b:.1f}" for a, b in (run["load"] for run in runs))
         walls = ", ".join(f"{run['wall']:.0f}" for run in runs)
-        print(f"| {name} | " + " | ".join(cells) + f" | {walls} | {loads} |")
+        losses = ", ".join(f"{row['policy_loss']:.3g}" for row in steps)
+        print(f"| {name} | " + " | ".join(cells) + f" | {walls} | {loads} | {losses} |")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,9 @@ def base_environment(out: Path) -> dict:
         GD2PO_REPLAY_DUMP=str(out / "replay"), GD2PO_VLLM_PROBE=str(out / "vllm_probe.jsonl"),
         DS_ACCELERATOR="cpu", TORCHDYNAMO_DISABLE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
         TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+        # gloo (ZeRO-3's ranks, the weight sync to vLLM) binds to the address of the hostname, which all
+        # hosts here share and which names 127.0.0.1; a cluster's nodes each have their own
+        GLOO_SOCKET_IFNAME="eth0",
     )  # fmt: skip
     return env
 

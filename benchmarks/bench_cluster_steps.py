@@ -1,6 +1,6 @@
 """Per-step time of the real train_gd2po_ray job on the rehearsal cluster (TINY_NODES=2 TINY_GPUS=2
 examples/scripts/train_tiny_cpu.sh: a GPU-less head, two nodes of 2 logical GPUs, a reward host; two vLLM
-engines on one node, the actor's ranks on the other). Three runs, alternated, --rounds times: DP=1 and
+engines and the actor, not colocated). Three runs, alternated, --rounds times: DP=1 and
 DP=2 (ZeRO-3 actor ranks) with gd2po_snr, and OpenRLHF's group_norm at DP=2 on the same four reward
 dimensions. 8 prompts: two full steps of 4 prompts x 4 samples. Prints the trainer's own timing/* per
 step (mean over the runs' steps), naming the CPU and the load. Root only (network namespaces).

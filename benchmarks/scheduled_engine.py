@@ -39,6 +39,7 @@ class ScheduledEngine:
         self.seconds, self.responses, self.reward_urls = seconds or {}, responses or {}, reward_urls or {}
         self.scoring = asyncio.Semaphore(128)  # samples scored at once: vLLM's default max_num_seqs per engine
         self.prompts = []  # every prompt dispatched since, in order
+        self.sampling = []  # (temperature, num_samples) of each, in the same order
         self.unfinished = 0
 
     def get_num_unfinished_requests(self):
@@ -47,9 +48,13 @@ class ScheduledEngine:
     def dispatched(self):
         return list(self.prompts)
 
+    def sampled_with(self):
+        return list(self.sampling)
+
     async def generate_responses(self, prompt, label, sampling_params, max_length, hf_tokenizer, num_samples=1,
                                  images=None):
         self.prompts.append(prompt)
+        self.sampling.append((sampling_params.temperature, num_samples))
         self.unfinished += num_samples
         await asyncio.sleep(self.seconds.get(prompt, 0.0))
         self.unfinished -= num_samples

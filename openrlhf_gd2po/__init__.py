@@ -16,14 +16,15 @@ ACTOR_MODULE = "openrlhf.trainer.ray.ppo_actor"
 
 
 def install():
-    """Make every OpenRLHF PPO trainer built in this process use GD2POExperienceMaker and
-    GD2POSamplesGenerator, and every actor's training step safe for micro-batches without action
-    tokens (actor_training_step).
+    """Make every OpenRLHF PPO trainer built in this process use GD2POExperienceMaker,
+    GD2POSamplesGenerator and our eval metrics and data sources (eval_metrics), and every actor's
+    training step safe for micro-batches without action tokens (actor_training_step).
 
     `BasePPOTrainer.__init__` (sync and async trainers alike) looks `RemoteExperienceMaker` up in
-    TRAINER_MODULE's globals, and each trainer module looks up its own `SamplesGenerator`, so we swap
-    those names. Importing these modules here would drag DeepSpeed
-    into vLLM workers, so a module not imported yet is patched right after its import.
+    TRAINER_MODULE's globals, `prepare_datasets` its `PromptDataset`, and each trainer module looks up
+    its own `SamplesGenerator` and `compute_eval_metrics`, so we swap those names. Importing these
+    modules here would drag DeepSpeed into vLLM workers, so a module not imported yet is patched right
+    after its import.
     """
     run_extra_setups()
     for module_name, patch in PATCHES.items():
@@ -79,9 +80,24 @@ def _swap_samples_generator(trainer_module):
     trainer_module.SamplesGenerator = GD2POSamplesGenerator
 
 
+def _swap_eval_metrics(trainer_module):
+    from openrlhf_gd2po import eval_metrics
+
+    trainer_module.compute_eval_metrics = eval_metrics.compute_eval_metrics
+
+
 def _patch_trainer(trainer_module):
+    from openrlhf_gd2po.eval_metrics import PromptDataset
+
     _swap_experience_maker(trainer_module)
     _swap_samples_generator(trainer_module)
+    _swap_eval_metrics(trainer_module)
+    trainer_module.PromptDataset = PromptDataset  # prepare_datasets' (the async trainer's too)
+
+
+def _patch_async_trainer(trainer_module):
+    _swap_samples_generator(trainer_module)
+    _swap_eval_metrics(trainer_module)
 
 
 def _guard_actor_training_step(actor_module):
@@ -94,7 +110,7 @@ def _guard_actor_training_step(actor_module):
 
 PATCHES = {
     TRAINER_MODULE: _patch_trainer,
-    ASYNC_TRAINER_MODULE: _swap_samples_generator,
+    ASYNC_TRAINER_MODULE: _patch_async_trainer,
     ACTOR_MODULE: _guard_actor_training_step,
 }
 

@@ -27,6 +27,9 @@ from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
 
 logger = init_logger(__name__)
 
+# GD2POSamplesGenerator's totals of one generation call (counts and seconds, not rates): key prefixes.
+CALL_TOTALS = ("gd2po/prompts_consumed", "gd2po/reward_requests", "reward_seconds/")
+
 
 class GD2POExperienceMaker(RemoteExperienceMaker):
     def __init__(self, *args, **kwargs):
@@ -39,6 +42,8 @@ class GD2POExperienceMaker(RemoteExperienceMaker):
         # (another generator, a test) is scored here, the same way, in one fetch.
         if self.reward_dimensions and "reward_fetch_failed" not in rollout_samples[0].info:
             self.fetch_multi_rewards(rollout_samples)
+        elif "gd2po/prompts_consumed" in rollout_samples[0].info:
+            sum_call_totals(rollout_samples)
         return super().make_experience_batch(rollout_samples)
 
     @torch.no_grad()
@@ -149,6 +154,18 @@ def attach_rewards(samples, batch, dimensions, weights):
         sample.info["reward_fetch_failed"] = batch.failed[i : i + 1].float()
         for k, dim in enumerate(dimensions):
             sample.info[f"reward/{dim.name}"] = rewards[i, k : k + 1].clone()
+
+
+def sum_call_totals(samples):
+    """Every sample of this step gets the step's sum of each generation-call total, so OpenRLHF's mean over
+    samples logs the step's own share. A call's first sample carries the call's totals and its other samples
+    0, so a call that feeds several steps (async, --rollout.vllm_generate_batch_size > --rollout.batch_size)
+    counts once, in the step that trains its first sample, as OpenRLHF's own prompts_consumed and
+    timing/generation count it; rates (pass rate, drop shares) stay per sample, a mean over the step's calls."""
+    for key in [k for k in samples[0].info if k.startswith(CALL_TOTALS)]:
+        total = float(sum(sample.info[key].sum() for sample in samples))
+        for sample in samples:
+            sample.info[key] = torch.tensor([total])
 
 
 def warn_failed(num_failed, num_samples):

@@ -2,8 +2,9 @@
 
 A dimension's target is a reward server speaking OpenRLHF's remote reward protocol
 (`POST {"query", "prompts", "labels"}` → `{"rewards": [...], "extra_logs": {name: [...]}}`), several
-replicas of one (`http://a:5001|http://b:5001`), or a local `.py` reward file in OpenRLHF's
-convention (reward_servers/reward_file.py), scored in this process without HTTP.
+replicas of one (`http://a:5001|http://b:5001`), a reward server deployed on this Ray cluster with Ray
+Serve (`serve:NAME`, called through a DeploymentHandle: reward_serve.py), or a local `.py` reward file in
+OpenRLHF's convention (reward_servers/reward_file.py), scored in this process without HTTP.
 
 Each distinct target gets the whole batch cut into `batch_size` requests; all targets run at the same
 time. A replica list gets one aiohttp session, at most `max_in_flight` requests per replica, each
@@ -20,6 +21,7 @@ import asyncio
 import functools
 import math
 import os
+import re
 import threading
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -31,20 +33,26 @@ import torch
 from openrlhf_gd2po.reward_http import (  # noqa: F401  (API_KEY_ENV, RewardServerError: part of this API)
     API_KEY_ENV, Replicas, RewardServerError, open_session, post_with_failover, read_dimensions,
 )
+from openrlhf_gd2po.reward_serve import SERVE_PREFIX, call_with_retries, connect_to_ray
 from reward_servers.reward_file import load_reward_file, score_reward_file
 
-SPEC_FORMAT = "name=http://host:port[/path][|http://replica...][#dimension] or name=path/to/reward.py[#dimension]"
+SPEC_FORMAT = ("name=http://host:port[/path][|http://replica...][#dimension], name=serve:APPLICATION[#dimension] "
+               "or name=path/to/reward.py[#dimension]")
 
 
 @dataclass(frozen=True)
 class RewardDimension:
     name: str  # the dimension's name in logs, e.g. "correctness"
-    url: str  # a /get_reward URL, replica URLs joined by "|", or the absolute path of a .py reward file
+    url: str  # a /get_reward URL, replica URLs joined by "|", "serve:NAME", or a .py reward file's absolute path
     field: str | None  # extra_logs key (a reward file's dimension) to read; None: "rewards" (a file's first)
 
     @property
     def is_file(self) -> bool:
-        return not self.url.startswith(("http://", "https://"))
+        return not self.url.startswith(("http://", "https://", SERVE_PREFIX))
+
+    @property
+    def is_serve(self) -> bool:
+        return self.url.startswith(SERVE_PREFIX)
 
 
 @dataclass
@@ -72,6 +80,9 @@ def parse_reward_servers(spec: str) -> list[RewardDimension]:
             raise ValueError(f"--reward.servers entry {item!r} must look like {SPEC_FORMAT}")
         if target.endswith(".py") and "://" not in target:
             dimensions.append(_file_dimension(item, name.strip(), target, field or None))
+            continue
+        if target.startswith(SERVE_PREFIX):
+            dimensions.append(_serve_dimension(item, name.strip(), target, field or None))
             continue
         urls = [_endpoint(item, url.strip()) for url in target.split("|")]
         if len(set(urls)) != len(urls):
@@ -106,6 +117,14 @@ def _endpoint(item: str, url: str) -> str:
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ValueError(f"--reward.servers entry {item!r} must look like {SPEC_FORMAT}")
     return url.rstrip("/") + "/get_reward" if parsed.path in ("", "/") else url
+
+
+def _serve_dimension(item: str, name: str, target: str, field: str | None) -> RewardDimension:
+    application = target[len(SERVE_PREFIX):]
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", application):  # as `--ray-serve NAME` accepts them
+        raise ValueError(f"--reward.servers entry {item!r}: Serve application name {application!r} must be "
+                         "letters, digits, '_' and '-'")
+    return RewardDimension(name, target, field)
 
 
 def _file_dimension(item: str, name: str, path: str, field: str | None) -> RewardDimension:
@@ -217,9 +236,15 @@ async def open_targets(dimensions, timeout, retries, max_in_flight):
         targets = []
         for url, dims in by_target.items():
             names = ",".join(d.name for d in dims)
-            where = f"{'reward file' if dims[0].is_file else 'reward server'} {url} (dimensions {names})"
+            kind = "reward file" if dims[0].is_file else "Serve application" if dims[0].is_serve else "reward server"
+            where = f"{kind} {url} (dimensions {names})"
             if dims[0].is_file:
                 targets.append(Target(dims, where, _file_scorer(dims, timeout)))
+                continue
+            if dims[0].is_serve:
+                connect_to_ray()
+                targets.append(Target(dims, where, _serve_scorer(dims, where, url[len(SERVE_PREFIX):], timeout,
+                                                                 retries)))
                 continue
             urls = url.split("|")
             session = await stack.enter_async_context(open_session(urls, timeout, max_in_flight))
@@ -234,6 +259,14 @@ def _file_scorer(dims, timeout):
     async def score(samples, start, payload):
         async with one_at_a_time:
             return await _score_file_batch(dims, samples, start, payload, timeout)
+
+    return score
+
+
+def _serve_scorer(dims, where, application, timeout, retries):
+    async def score(samples, start, payload):
+        body = await call_with_retries(application, samples, payload, timeout, retries)
+        return read_dimensions(body, where, dims, start, len(payload["query"]))
 
     return score
 

@@ -7,6 +7,9 @@ it, refill a dropped group with the next prompt) and changes two things when `--
   see reward_stream), so rewards are fetched while the other groups still generate;
 - a group is kept or dropped when its rewards are back, by `group_drop_reason` on all its dimensions,
   not on the mean of one score; at most `--gd2po.dynamic_sampling_max_extra_prompts` refills per call.
+Evaluation (`generate_eval_samples`, OpenRLHF's `--eval.*`) goes through the same loop and the same
+RewardStream, with --eval.n_samples_per_prompt and --eval.temperature, but never drops, refills or cuts
+a group: every eval prompt is measured (eval_metrics turns the samples into the logged keys).
 The GD²PO batch step (normalise, mask, reweight, whiten) stays in GD2POExperienceMaker.
 """
 
@@ -22,7 +25,7 @@ import torch
 from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator, _collect_prompt_batch
 from openrlhf.utils.logging_utils import init_logger
 from openrlhf_gd2po.advantages import group_drop_reason
-from openrlhf_gd2po.experience_maker import attach_rewards, reward_dimensions, warn_failed
+from openrlhf_gd2po.experience_maker import CALL_TOTALS, attach_rewards, reward_dimensions, warn_failed
 from openrlhf_gd2po.reward_stream import RewardStream
 
 logger = init_logger(__name__)
@@ -31,10 +34,33 @@ DROP_REASONS = ("no_signal", "estimator")
 POLL_SECONDS = 0.02  # ray.wait cannot also wait on the reward futures, so it polls while both are pending
 
 
+def seed_prompt_order(dataloader, seed):
+    """Seed the prompt loader's shuffle with --train.seed. OpenRLHF's trainer actor has no process group, so
+    its loader shuffles with a RandomSampler seeded from torch's unseeded global generator: every run drew
+    the prompts in another order, and a resumed run could not match an uninterrupted one. (In a process
+    group OpenRLHF's DistributedSampler is seeded already and has no generator to seed.) A resumed run
+    restores this generator's state from the checkpoint's data_loader_state_dict."""
+    generator = getattr(getattr(dataloader, "sampler", None), "generator", None)
+    if generator is not None:
+        generator.manual_seed(seed)
+
+
 class GD2POSamplesGenerator(SamplesGenerator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reward_dimensions, self.reward_weights = reward_dimensions(self.args)
+        self.evaluating = False
+        seed_prompt_order(self.prompts_dataloader, self.args.train.seed)
+
+    @torch.no_grad()
+    def generate_eval_samples(self, **generate_kwargs):
+        """OpenRLHF's pass over the whole eval set; `_generate_vllm` scores each group as in training (same
+        servers, stream, timeouts, deadline and on_failure) and, while `evaluating`, keeps every group."""
+        self.evaluating = True
+        try:
+            return super().generate_eval_samples(**generate_kwargs)
+        finally:
+            self.evaluating = False
 
     @torch.no_grad()
     def generate_samples(self, **generate_kwargs):
@@ -67,6 +93,11 @@ class GD2POSamplesGenerator(SamplesGenerator):
         with self._reward_stream() as stream:
             self._score_while_generating(step, stream, dataloader_iter, prompts, labels, images,
                                          2 * len(prompts) if max_extra is None else max_extra, generate_kwargs)
+        if self.evaluating:  # nothing dropped, so nothing to refill or log per step
+            if step.failed:
+                logger.warning(f"Reward fetch failed for {step.failed}/{stream.submitted} eval rollouts; they are "
+                               "left out of the eval means and counted in eval_<source>_reward_fetch_failed")
+            return step.accepted, step.prompts_consumed, step.exhausted
         warn_failed(step.failed, stream.submitted)
         n = self.args.rollout.n_samples_per_prompt
         groups_scored = len(step.accepted) // n + sum(step.drops.values())
@@ -85,8 +116,11 @@ class GD2POSamplesGenerator(SamplesGenerator):
             **{f"reward_seconds/{name}": seconds for name, seconds in stream.seconds.items()},
             "gd2po/reward_requests": stream.requests,
         }
-        for sample in step.accepted:
-            sample.info.update({key: torch.tensor([float(value)]) for key, value in metrics.items()})
+        # One call can feed several steps (async over-sampling): its first sample carries the call's totals
+        # (CALL_TOTALS), the others 0, and the experience maker gives each step the sum over its samples.
+        for i, sample in enumerate(step.accepted):
+            sample.info.update({key: torch.tensor([0.0 if i and key.startswith(CALL_TOTALS) else float(value)])
+                                for key, value in metrics.items()})
         return step.accepted, step.prompts_consumed, step.exhausted
 
     def _score_while_generating(self, step, stream, dataloader_iter, prompts, labels, images, max_extra,
@@ -112,7 +146,7 @@ class GD2POSamplesGenerator(SamplesGenerator):
                 group, batch = scoring.pop(future), future.result()  # on_failure raise: raises here
                 attach_rewards(group, batch, self.reward_dimensions, self.reward_weights)
                 step.failed += int(batch.failed.sum())
-                reason = None if batch.failed.any() else self._drop_reason(batch.rewards)
+                reason = None if batch.failed.any() or self.evaluating else self._drop_reason(batch.rewards)
                 if reason is None:
                     step.accepted.extend(group)
                     continue

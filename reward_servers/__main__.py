@@ -1,4 +1,5 @@
-"""`python -m reward_servers <task> --port P [--host H] [--api-key K] [--workers N] [limits] [task options]`."""
+"""`python -m reward_servers <task> --port P [--host H] [--api-key K] [--workers N] [limits] [task options]`,
+or with `--ray-serve NAME` the same app as a Ray Serve application (reward_servers.serve)."""
 
 import argparse
 import ipaddress
@@ -28,6 +29,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -37,7 +45,9 @@ def positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     server_options = argparse.ArgumentParser(add_help=False)
-    server_options.add_argument("--port", type=int, required=True)
+    server_options.add_argument(
+        "--port", type=int, help="port to serve on; with --ray-serve, Serve's HTTP port if Serve is not running yet"
+    )
     server_options.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)"
     )
@@ -77,6 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds a connection may take to send a request's head, and then its body (default: %(default)g)",
     )
+    serve_options = server_options.add_argument_group("Ray Serve (reward_servers.serve)")
+    serve_options.add_argument(
+        "--ray-serve",
+        metavar="NAME",
+        help="deploy as Serve application NAME (route /NAME) on the Ray cluster at $RAY_ADDRESS, until SIGTERM",
+    )
+    serve_options.add_argument("--replicas", type=positive_int, default=1, help="Serve replicas (default: 1)")
+    serve_options.add_argument(
+        "--num-gpus", type=non_negative_float, default=0.0, help="GPUs Ray reserves per replica, 0.5 shares one"
+    )
+    serve_options.add_argument(
+        "--num-cpus",
+        type=non_negative_float,
+        help="CPUs Ray reserves per replica (default: --workers for the CPU tasks, 1 for reward_model)",
+    )
+    serve_options.add_argument("--detach", action="store_true", help="leave the application running and exit")
     # The CPU tasks score in a pool of worker processes (reward_servers.workers).
     pool_options = argparse.ArgumentParser(add_help=False)
     pool_options.add_argument(
@@ -275,10 +301,8 @@ class H11WithHeadTimeout(H11Protocol):
             self.transport.close()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_exposure(parser, args)
+def build_app(args: argparse.Namespace):
+    """The task's FastAPI app and its scorer, in the process that serves them."""
     dimensions, scorer = build_scorer(args)
     if isinstance(scorer, ScorerSpec):
         scorer = WorkerPool(scorer, args.workers, args.request_timeout, args.max_queue)
@@ -293,6 +317,21 @@ def main(argv: list[str] | None = None) -> None:
         read_timeout=args.read_timeout,
         request_log=args.request_log,
     )
+    return app, scorer
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_exposure(parser, args)
+    if args.ray_serve is not None:
+        from reward_servers.serve import run_on_serve
+
+        run_on_serve(parser, args)
+        return
+    if args.port is None:
+        parser.error("--port is required (or --ray-serve NAME)")
+    app, _ = build_app(args)
     H11WithHeadTimeout.read_timeout = args.read_timeout
     uvicorn.run(
         app,
@@ -304,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         h11_max_incomplete_event_size=64 << 10,  # a request head over 64 KiB is refused
         timeout_graceful_shutdown=1,  # SIGTERM: requests still running after 1 s are cancelled
     )
+
 
 if __name__ == "__main__":
     main()

@@ -116,11 +116,19 @@ def create_app(
             raise HTTPException(415, f"the body must be application/json, got content-type {media_type or 'none'!r}")
         body = await read_body(request, max_body_bytes, read_timeout)
         try:
-            scores, sample_count = await score(body, request.is_disconnected)
-        except InvalidRequest as error:
-            raise HTTPException(422, str(error)) from None
+            return await score_body(body, request.is_disconnected)
         except ClientGone:
             return Response(status_code=499)  # nobody reads it; the client left before its batch started
+
+    async def score_body(body: bytes, client_gone) -> RewardResponse:
+        """A /get_reward body's answer, or the HTTPException the route answers. Ray Serve's
+        DeploymentHandle calls it too (reward_servers.serve), so both paths validate alike."""
+        try:
+            scores, sample_count = await score(body, client_gone)
+        except ClientGone:
+            raise  # the route answers 499; a handle's caller never leaves this way
+        except InvalidRequest as error:
+            raise HTTPException(422, str(error)) from None
         except (PoolBusy, WorkerLost) as error:
             raise HTTPException(503, str(error), headers=RETRY_AFTER) from None
         except SampleError as error:
@@ -134,6 +142,7 @@ def create_app(
         primary = scores[dimensions[0]]
         return RewardResponse(rewards=primary, scores=primary, extra_logs=scores)
 
+    app.state.score_body = score_body
     return app
 
 

@@ -34,6 +34,11 @@ from reward_servers.scoring import InvalidRequest, SampleError, score_request
 logger = logging.getLogger("reward_servers")
 
 STARTUP_SECONDS = 300  # a worker imports its scorer's libraries (or loads a reward file) in this time
+# A pool whose replacement workers failed to start this many times in a row is not coming back by
+# itself (a broken environment, no memory): `recoverable` turns False, so that a supervisor (Ray
+# Serve's health check) replaces the whole server instead of waiting on it.
+FAILED_STARTS_TO_GIVE_UP = 3
+RETRY_START_SECONDS = 5  # between failed starts of a replacement worker
 CLIENT_CHECK_SECONDS = 0.5  # how often a queued request checks that its client is still there
 
 
@@ -81,6 +86,7 @@ class WorkerPool:
         self._idle = []
         self._waiters = collections.deque()  # futures of queued requests, first come first served
         self._replacing = 0
+        self._failed_starts = 0  # replacement starts that failed since the last one that worked
         self._loop = None
         self._closed = False
         starting = [self._start_process() for _ in range(workers)]
@@ -90,6 +96,10 @@ class WorkerPool:
     def ready(self) -> bool:
         self._replace_dead_idle_workers()
         return self._replacing == 0 and not self._closed
+
+    @property
+    def recoverable(self) -> bool:
+        return self._failed_starts < FAILED_STARTS_TO_GIVE_UP and not self._closed
 
     async def score(self, body: bytes, client_gone) -> tuple[dict[str, list[float]], int]:
         """Parse and score one /get_reward body on the next free worker: (scores, sample count).
@@ -172,9 +182,11 @@ class WorkerPool:
                 try:
                     worker = self._wait_ready(*self._start_process())
                 except RuntimeError:
-                    logger.exception("a replacement worker failed to start; trying again in 5 s")
-                    time.sleep(5)
+                    self._failed_starts += 1
+                    logger.exception("a replacement worker failed to start; trying again in %g s", RETRY_START_SECONDS)
+                    time.sleep(RETRY_START_SECONDS)
                     continue
+                self._failed_starts = 0
                 self._call_in_loop(self._replaced, worker)
                 return
 

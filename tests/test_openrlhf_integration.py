@@ -71,8 +71,9 @@ class InProcessActorGroup:
     def __init__(self, actor):
         self.actor = actor
 
-    def async_run_method_batch(self, method_name, sequences, action_mask, attention_mask):
-        assert method_name == "forward"
+    def async_run_method_batch(self, method_name, sequences, action_mask, attention_mask, mm_train_inputs_list=None):
+        # OpenRLHF passes mm_train_inputs_list for the samples generator's Experiences: None per text sample
+        assert method_name == "forward" and all(x is None for batch in mm_train_inputs_list or [] for x in batch)
         return [ray.put([self.actor(s, a, m).float() for s, a, m in zip(sequences, action_mask, attention_mask)])]
 
 
@@ -293,6 +294,8 @@ def test_cli_passes_the_reward_key_to_every_ray_worker_unless_the_job_sets_it(mo
         (training_argv("gdpo", "c=http://h:1", "--gd2po.dynamic_sampling_max_extra_prompts", "-1"),
          "max_extra_prompts must be >= 0, got -1"),
         (training_argv("gdpo", "c=http://h:1", "--reward.flush_wait", "nan"), "--reward.flush_wait must be >= 0.0"),
+        (training_argv("gdpo", "c=http://h:1", "--eval.dataset", "e.jsonl", "--eval.n_samples_per_prompt", "0"),
+         "--eval.n_samples_per_prompt must be >= 1, got 0"),
     ],
 )
 def test_bad_flag_combinations_exit_before_ray(argv, message, capsys):

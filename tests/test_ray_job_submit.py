@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from servers import free_port
+from ray_ports import ray_port_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -65,17 +65,11 @@ def dashboard_url():
     if not RAY.exists():
         pytest.skip(f"the `ray` CLI is not installed beside {sys.executable}")
     temp_dir = f"/tmp/ray_rayjob_{os.getpid()}"  # short: Ray's socket paths must fit in 107 characters
-    dashboard_port = free_port()
-    ports = ["--port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
-             "--runtime-env-agent-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-             "--metrics-export-port"]  # fmt: skip
+    port_flags, _ = ray_port_flags()
+    dashboard_port = port_flags[port_flags.index("--dashboard-port") + 1]
     command = [str(RAY), "start", "--head", "--block", "--disable-usage-stats", "--node-ip-address", "127.0.0.1",
                "--temp-dir", temp_dir, "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(200 << 20),
-               "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port)]  # fmt: skip
-    for flag in ports:
-        command += [flag, str(free_port())]
-    low = free_port()
-    command += ["--min-worker-port", str(low), "--max-worker-port", str(low + 50)]
+               "--include-dashboard=true", "--dashboard-host", "127.0.0.1", *port_flags]  # fmt: skip
     log = open(Path(temp_dir + ".log"), "w")
     head = psutil.Popen(command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{dashboard_port}"
@@ -154,3 +148,17 @@ def test_job_env_vars_that_openrlhf_also_sets_need_ray_override(job_output):
     output = job_output["nccl_debug_override"]
     assert "PROBE experience_maker=openrlhf_gd2po.experience_maker.GD2POExperienceMaker" in output, output[-5000:]
     assert "'NCCL_DEBUG': 'INFO'" in output
+
+
+def test_ray_port_flags_are_distinct_and_outside_the_worker_range():
+    # Two of three tiny runs once failed at `ray start` when a worker range drawn from a free port's
+    # neighbourhood overlapped another component's free port.
+    from ray_ports import ephemeral_low
+
+    for _ in range(20):
+        flags, servers = ray_port_flags(3)
+        values = dict(zip(flags[::2], map(int, flags[1::2])))
+        low, high = values.pop("--min-worker-port"), values.pop("--max-worker-port")
+        ports = [*values.values(), *servers]
+        assert len(set(ports)) == len(ports) == 12 and high - low == 60
+        assert high < ephemeral_low() and not any(low <= port <= high for port in ports)

@@ -87,14 +87,15 @@ def fake_paths(tmp_path):
 def toolcall_env(paths, **extra):
     return {"MODEL_PATH": str(paths / "policy"), "DATA": str(paths / "prompts.jsonl"), "PORT": str(free_port()),
             "SAVE_PATH": str(paths / "out"), "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}",
-            "PYTHON": sys.executable, "DRY_RUN": "1"} | extra  # fmt: skip
+            "PYTHON": sys.executable, "DRY_RUN": "1", "REWARD_SERVE": "0"} | extra  # fmt: skip
 
 
 def safety_env(paths, **extra):
     return {"MODEL_PATH": str(paths / "policy"), "REWARD_MODEL_PATH": str(paths / "reward_model"),
             "COST_MODEL_PATH": str(paths / "cost_model"), "DATA": str(paths / "prompts.jsonl"),
             "REWARD_PORT": str(free_port()), "COST_PORT": str(free_port()), "SAVE_PATH": str(paths / "out"),
-            "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}", "PYTHON": sys.executable, "DRY_RUN": "1"} | extra  # fmt: skip
+            "RAY_ADDRESS": f"http://127.0.0.1:{free_port()}", "PYTHON": sys.executable, "DRY_RUN": "1",
+            "REWARD_SERVE": "0"} | extra  # fmt: skip
 
 
 def test_every_shell_script_parses():
@@ -144,6 +145,36 @@ def test_safety_dry_run_prints_the_launch(fake_paths, estimator):
     assert "DRY_RUN=1: nothing was launched." in result.stdout
 
 
+def test_toolcall_dry_run_deploys_the_scorer_on_cpu_replicas(fake_paths):
+    env = toolcall_env(fake_paths, REWARD_SERVE="1", SCORER_REPLICAS="3", SCORER_WORKERS="2", REWARDS="3")
+    result = run_script("train_toolcall_gd2po.sh", env)
+    assert result.returncode == 0, result.stderr
+    servers = ",".join(f"{name}=serve:toolcall_rewards#{name}" for name in TOOLCALL_DIMENSIONS[3])
+    assert f"--reward.servers {servers}" in result.stdout
+    assert (f"env RAY_ADDRESS=auto {sys.executable} -m reward_servers toolcall \\\n      --workers 2 \\\n"
+            "      --ray-serve toolcall_rewards \\\n      --replicas 3\n") in result.stdout
+    assert "--port" not in result.stdout  # no local server
+    assert parse_with_real_cli(printed_train_args(result.stdout)).reward.servers == servers
+
+
+def test_safety_dry_run_deploys_both_models_on_ray_serve(fake_paths):
+    env = safety_env(fake_paths, REWARD_SERVE="1", RM_GPUS="0.5")
+    result = run_script("train_safety_gd2po.sh", env)
+    assert result.returncode == 0, result.stderr
+    servers = "helpfulness=serve:safety_rm#helpfulness,harmlessness=serve:safety_cm#harmlessness"
+    assert f"--reward.servers {servers}" in result.stdout
+    assert "CUDA_VISIBLE_DEVICES" not in result.stdout and "--port" not in result.stdout
+    for model, name, app in (("reward_model", "helpfulness", "safety_rm"), ("cost_model", "harmlessness", "safety_cm")):
+        assert f"Ray Serve application '{app}', placed by Ray" in result.stdout
+        assert (f"env RAY_ADDRESS=auto {sys.executable} -m reward_servers reward_model \\\n      --model {fake_paths / model} \\\n"
+                in result.stdout)
+        assert (f"      --dimension-name {name} \\\n      --ray-serve {app} \\\n      --num-gpus 0.5\n") in result.stdout
+    assert f"env RAY_ADDRESS=auto {sys.executable} {SCRIPTS / 'check_reward_direction.py'} \\\n      --reward-servers {servers}" in result.stdout
+    assert result.stdout.index("'safety_cm'") < result.stdout.index("Reward direction check") < result.stdout.index("Training job")
+    wrong = run_script("train_safety_gd2po.sh", safety_env(fake_paths, REWARD_SERVE="1", RM_GPUS="0"))
+    assert wrong.returncode != 0 and "RM_GPUS=0 with RM_DEVICE=cuda" in wrong.stderr
+
+
 @pytest.mark.parametrize(
     "script, env_builder, expected_servers",
     [
@@ -152,10 +183,16 @@ def test_safety_dry_run_prints_the_launch(fake_paths, estimator):
     ],
 )
 def test_printed_training_flags_pass_the_real_cli(fake_paths, script, env_builder, expected_servers):
-    env = env_builder(fake_paths, ESTIMATOR="gd2po_hard", REWARDS="3")
+    eval_files = [fake_paths / "hh_test.parquet", fake_paths / "pku_test.parquet"]  # the flags only: not read
+    for path in eval_files:
+        path.touch()
+    env = env_builder(fake_paths, ESTIMATOR="gd2po_hard", REWARDS="3", EVAL_DATA=",".join(map(str, eval_files)))
     result = run_script(script, env)
     assert result.returncode == 0, result.stderr
     args = parse_with_real_cli(printed_train_args(result.stdout))
+    # Validation as the authors run it: every 10 steps, one greedy answer per prompt, no best checkpoint.
+    assert args.eval.dataset == ",".join(map(str, eval_files)) and args.eval.steps == 10
+    assert args.eval.temperature == 0 and args.eval.n_samples_per_prompt == 1 and args.ckpt.best_metric_key == "none"
     assert args.algo.advantage.estimator == "gd2po_hard"
     assert args.actor.model_name_or_path == str(fake_paths / "policy")
     assert args.data.prompt_dataset == str(fake_paths / "prompts.jsonl")
@@ -205,6 +242,7 @@ def test_reward_servers_on_an_address_other_nodes_reach_with_the_key(fake_paths,
         ("train_toolcall_gd2po.sh", toolcall_env, {"DATA": "/nonexistent.jsonl"}, "DATA=/nonexistent.jsonl: no such file"),
         ("train_toolcall_gd2po.sh", toolcall_env, {"ESTIMATOR": "ppo"}, "ESTIMATOR=ppo: must be one of"),
         ("train_toolcall_gd2po.sh", toolcall_env, {"REWARDS": "4"}, "REWARDS=4: must be one of: 2 3"),
+        ("train_safety_gd2po.sh", safety_env, {"EVAL_DATA": "/nonexistent_test.parquet"}, "EVAL_DATA: /nonexistent_test.parquet: no such file"),
         ("train_safety_gd2po.sh", safety_env, {"COST_MODEL_PATH": "/nonexistent/cm"}, "COST_MODEL_PATH=/nonexistent/cm: no such directory"),
         ("train_safety_gd2po.sh", safety_env, {"REWARD_GPU": "8"}, "REWARD_GPU=8: must be a GPU index below NUM_GPUS=8"),
     ],

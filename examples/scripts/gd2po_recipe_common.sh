@@ -42,6 +42,24 @@ require_file() {
     [[ -f "${!1}" ]] || die "$1=${!1}: no such file"
 }
 
+# EVAL_DATA (comma-separated files, optional) → EVAL_ARGS: validation as the authors run it, every 10
+# steps (trainer.test_freq=10) with verl's validation defaults, one greedy answer per prompt, scored on
+# every reward dimension and logged per data source (`datasource`, else `data_source`). No best
+# checkpoint (OpenRLHF saves one by the first eval pass1 unless told not to; the authors save every N steps).
+eval_args() {
+    EVAL_ARGS=()
+    [[ -n "${EVAL_DATA:-}" ]] || return 0
+    local files file resolved=()
+    IFS=, read -ra files <<<"$EVAL_DATA"
+    for file in "${files[@]}"; do
+        [[ -f "$file" ]] || die "EVAL_DATA: $file: no such file"
+        resolved+=("$(realpath "$file")")
+    done
+    EVAL_DATA="$(IFS=,; echo "${resolved[*]}")"
+    EVAL_ARGS=(--eval.dataset "$EVAL_DATA" --eval.steps 10 --eval.temperature 0 --eval.n_samples_per_prompt 1
+               --ckpt.best_metric_key none)
+}
+
 require_one_of() {
     local name=$1 choice
     shift
@@ -157,10 +175,40 @@ wait_until_healthy() {
     die "reward server '$name' did not answer http://$REWARD_HOST:$port/health within $SERVER_STARTUP_SECONDS s (log: $log)"
 }
 
+# start_serve_application NAME COMMAND...: deploy a reward server as Ray Serve application NAME (COMMAND
+# ends in `--ray-serve NAME ...`) on the cluster of this machine, in the background, logging to
+# $SAVE_PATH/logs; the CLI stays in the foreground until cleanup's SIGTERM, which deletes the application.
+start_serve_application() {
+    local name=$1
+    shift
+    local log="$SAVE_PATH/logs/serve_$name.log"
+    echo "Ray Serve application '$name', placed by Ray (log: $log):"
+    show_command "$@"
+    [[ "$DRY_RUN" == 1 ]] && return
+    mkdir -p "$SAVE_PATH/logs"
+    "$@" >"$log" 2>&1 &
+    SERVER_PIDS+=("$!")
+    local pid=$! waited
+    for ((waited = 0; waited < SERVER_STARTUP_SECONDS; waited += 2)); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            tail -n 30 "$log" >&2
+            die "Ray Serve application '$name' failed to deploy (log above: $log)"
+        fi
+        if grep -q '"serve_application"' "$log"; then
+            echo "Ray Serve application '$name' is running: $(grep '"serve_application"' "$log")"
+            return
+        fi
+        sleep 2
+    done
+    die "Ray Serve application '$name' was not running after $SERVER_STARTUP_SECONDS s (log: $log)"
+}
+
 # check_reward_direction SERVERS TOKENIZER: stop unless each dimension prefers the right side of
 # the fixed probe pairs (examples/data/reward_direction_probes.json).
 check_reward_direction() {
     local command=("$PYTHON" "$REPO_ROOT/examples/scripts/check_reward_direction.py" --reward-servers "$1" --tokenizer "$2")
+    # Serve targets are reached through the cluster of this machine (RAY_ADDRESS here is the dashboard's).
+    [[ "$1" == *=serve:* ]] && command=(env RAY_ADDRESS=auto "${command[@]}")
     echo "Reward direction check on fixed probes:"
     show_command "${command[@]}"
     [[ "$DRY_RUN" == 1 ]] && return

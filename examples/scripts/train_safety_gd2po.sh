@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GD²PO helpfulness–safety, as the GD²PO authors' safe-alignment runs: two reward-model servers
-# (helpfulness = the reward model, harmlessness = the cost model's score as is, higher = safer),
+# (helpfulness = the reward model, harmlessness = the cost model's score as is, higher = safer), deployed
+# on the Ray cluster with Ray Serve (placed by Ray, any node; REWARD_SERVE=0: two local servers instead),
 # a direction check of both on fixed probes, then train_gd2po_ray as a Ray job.
 #
 # Usage:
@@ -12,20 +13,29 @@
 # Training prompts: the authors' safe-alignment/dataset/alpaca_prompt_only/train.parquet
 # (github Qwen-Applications/GD2PO, CC BY-NC 4.0: download it yourself). Their RM and CM:
 # Artessay/Qwen2.5-7B-SafeRLHF-RM and -CM on ModelScope (align-anything checkpoints).
-# Evaluation: examples/scripts/eval_safety.py on their three test sets.
+# Evaluation: during training with EVAL_DATA, or examples/scripts/eval_safety.py on their three test sets.
 #
 # Variables:
 #   MODEL_PATH         policy checkpoint directory (required)
 #   REWARD_MODEL_PATH  helpfulness reward model, align-anything format (required)
 #   COST_MODEL_PATH    cost model, align-anything format, higher = safer, served as is (required)
 #   DATA               prompt JSONL from prepare_safety_prompts.py (required)
+#   EVAL_DATA          validation sets, comma-separated: the authors' test parquet files as downloaded
+#                      (alpaca_prompt_only/test.parquet,anthropic_hh_rlhf/test.parquet,pku-saferlhf/test.parquet;
+#                      their data_source names each set in the logs), validated every 10 steps, one greedy
+#                      answer each, on both dimensions (unset: none)
 #   ESTIMATOR          gd2po_snr (default) | gd2po_hard | gdpo | grpo
-#   NUM_GPUS           GPUs of this node (default 8)
-#   REWARD_GPU, COST_GPU  GPU index of each reward-model server (default 0 and 1)
-#   REWARD_PORT, COST_PORT  server ports (default 5101 and 5102)
-#   REWARD_HOST        the servers' address (default 127.0.0.1: the whole job on this node). On a cluster,
-#                      this node's address that the others reach; then GD2PO_REWARD_API_KEY must be set
-#   RM_DEVICE          device of both reward-model servers (default cuda; cpu runs them without a GPU, slowly)
+#   NUM_GPUS           the trainer's GPUs per node (default 8; with REWARD_SERVE=1 leave Ray 2 x RM_GPUS for
+#                      the reward models: 6 on one 8-GPU node; two nodes: NUM_GPUS=7 and append
+#                      `--actor.num_nodes 2 --vllm.num_engines 14`)
+#   REWARD_SERVE       1 (default): Ray Serve applications safety_rm and safety_cm, RM_GPUS GPUs each (default
+#                      1), targets serve:safety_rm and serve:safety_cm; 0: local servers on this node:
+#   REWARD_GPU, COST_GPU  REWARD_SERVE=0: GPU index of each reward-model server (default 0 and 1)
+#   REWARD_PORT, COST_PORT  REWARD_SERVE=0: server ports (default 5101 and 5102)
+#   REWARD_HOST        REWARD_SERVE=0: the servers' address (default 127.0.0.1: the trainer on this node).
+#                      Another node's trainer needs this node's address; then GD2PO_REWARD_API_KEY must be set
+#   RM_DEVICE          device of both reward-model servers (default cuda; cpu runs them without a GPU, slowly,
+#                      and with REWARD_SERVE=1 needs RM_GPUS=0)
 #   SAVE_PATH          checkpoints, logs, tensorboard (default ./ckpt/safety_<ESTIMATOR>)
 #   RAY_ADDRESS        Ray dashboard (default http://127.0.0.1:8265); if nothing answers there, a local head is started
 #   PYTHON             interpreter with this project and OpenRLHF installed (default python3)
@@ -39,10 +49,11 @@
 # 0.01, clip 0.2, dual clip 3, no KL (no reference model), no entropy bonus, prompts up to 512 tokens
 # and answers up to 1024, reward models reading up to 2048 tokens of the chat they re-render.
 #
-# GPU layout: one node, NUM_GPUS 80 GB GPUs; actor and vLLM engines (one per GPU) colocated on all
-# of them with sleep mode, vLLM capped at 50% of memory so that the two reward-model servers (about
-# 15 GB each in bf16) fit beside it on REWARD_GPU and COST_GPU.
-# The servers listen on REWARD_HOST, where the trainer (a Ray actor, on any node) must reach them.
+# GPU layout: NUM_GPUS 80 GB GPUs per node; actor and vLLM engines (one per GPU) colocated on all of them
+# with sleep mode, vLLM capped at 50% of memory. REWARD_SERVE=1: Ray places the reward models (about 15 GB
+# each in bf16) on GPUs of their own, counted, so the trainer's placement groups cannot take them.
+# REWARD_SERVE=0 (single node): the servers share REWARD_GPU and COST_GPU with the trainer (hence the 50%)
+# and listen on REWARD_HOST, where the trainer (a Ray actor) must reach them.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -50,8 +61,11 @@ MODEL_PATH="${MODEL_PATH:-}"
 REWARD_MODEL_PATH="${REWARD_MODEL_PATH:-}"
 COST_MODEL_PATH="${COST_MODEL_PATH:-}"
 DATA="${DATA:-}"
+EVAL_DATA="${EVAL_DATA:-}"
 ESTIMATOR="${ESTIMATOR:-gd2po_snr}"
 NUM_GPUS="${NUM_GPUS:-8}"
+REWARD_SERVE="${REWARD_SERVE:-1}"
+RM_GPUS="${RM_GPUS:-1}"
 REWARD_GPU="${REWARD_GPU:-0}"
 COST_GPU="${COST_GPU:-1}"
 REWARD_PORT="${REWARD_PORT:-5101}"
@@ -70,23 +84,34 @@ require_dir COST_MODEL_PATH
 require_file DATA
 require_one_of ESTIMATOR gd2po_snr gd2po_hard gdpo grpo
 require_positive_int NUM_GPUS
-for gpu in REWARD_GPU COST_GPU; do
-    [[ "${!gpu}" =~ ^[0-9]+$ ]] && ((${!gpu} < NUM_GPUS)) || die "$gpu=${!gpu}: must be a GPU index below NUM_GPUS=$NUM_GPUS"
-done
-[[ "$REWARD_PORT" != "$COST_PORT" ]] || die "REWARD_PORT and COST_PORT are both $REWARD_PORT; give two ports"
-require_reward_key_off_loopback
-require_free_port REWARD_PORT
-require_free_port COST_PORT
+require_one_of REWARD_SERVE 0 1
+if [[ "$REWARD_SERVE" == 1 ]]; then
+    [[ "$RM_GPUS" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "RM_GPUS=$RM_GPUS: must be a number of GPUs (0.5 shares one)"
+    [[ "$RM_DEVICE" == cpu || "$RM_GPUS" != 0 ]] || die "RM_GPUS=0 with RM_DEVICE=$RM_DEVICE: give the models GPUs, or RM_DEVICE=cpu"
+else
+    for gpu in REWARD_GPU COST_GPU; do
+        [[ "${!gpu}" =~ ^[0-9]+$ ]] && ((${!gpu} < NUM_GPUS)) || die "$gpu=${!gpu}: must be a GPU index below NUM_GPUS=$NUM_GPUS"
+    done
+    [[ "$REWARD_PORT" != "$COST_PORT" ]] || die "REWARD_PORT and COST_PORT are both $REWARD_PORT; give two ports"
+    require_reward_key_off_loopback
+    require_free_port REWARD_PORT
+    require_free_port COST_PORT
+fi
 require_command "$PYTHON" "set PYTHON to the interpreter with this project installed"
 MODEL_PATH="$(realpath "$MODEL_PATH")"
 REWARD_MODEL_PATH="$(realpath "$REWARD_MODEL_PATH")"
 COST_MODEL_PATH="$(realpath "$COST_MODEL_PATH")"
 DATA="$(realpath "$DATA")"
+eval_args
 SAVE_PATH="$(realpath -m "$SAVE_PATH")"
 # Reward servers and a local Ray head started here import this checkout.
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-REWARD_SERVERS="helpfulness=http://$REWARD_HOST:$REWARD_PORT#helpfulness,harmlessness=http://$REWARD_HOST:$COST_PORT#harmlessness"
+if [[ "$REWARD_SERVE" == 1 ]]; then
+    REWARD_SERVERS="helpfulness=serve:safety_rm#helpfulness,harmlessness=serve:safety_cm#harmlessness"
+else
+    REWARD_SERVERS="helpfulness=http://$REWARD_HOST:$REWARD_PORT#helpfulness,harmlessness=http://$REWARD_HOST:$COST_PORT#harmlessness"
+fi
 
 echo "GD²PO helpfulness-safety: estimator $ESTIMATOR, model $MODEL_PATH, data $DATA, output $SAVE_PATH"
 # The authors stop after 100 rollout steps of 512 prompts (total_training_steps=100).
@@ -110,7 +135,7 @@ TRAIN_ARGS=(
     --reward.servers "$REWARD_SERVERS"
     --ckpt.output_dir "$SAVE_PATH" --ckpt.path "$SAVE_PATH/ckpt" --ckpt.save_steps 20 --ckpt.save_hf
     --logger.logging_steps 1 --logger.tensorboard_dir "$SAVE_PATH/tensorboard"
-    "$@"
+    "${EVAL_ARGS[@]}" "$@"
 )
 # Checked before anything starts: the job's entrypoint goes through a shell.
 require_shell_safe "$PYTHON" "${TRAIN_ARGS[@]}"
@@ -119,12 +144,22 @@ ensure_ray
 # The authors' scoring: each model re-renders the chat with its own template and reads up to 2048
 # tokens of it; the cost model's score is used as is (higher = safer), checked below, not assumed.
 RM_FLAGS=(--model-format align-anything --rm-chat-template --dtype auto --max-length 2048 --device "$RM_DEVICE")
-start_reward_server helpfulness "$REWARD_PORT" env CUDA_VISIBLE_DEVICES="$REWARD_GPU" \
-    "$PYTHON" -m reward_servers reward_model --model "$REWARD_MODEL_PATH" "${RM_FLAGS[@]}" \
-    --dimension-name helpfulness --port "$REWARD_PORT" --host "$REWARD_HOST"
-start_reward_server harmlessness "$COST_PORT" env CUDA_VISIBLE_DEVICES="$COST_GPU" \
-    "$PYTHON" -m reward_servers reward_model --model "$COST_MODEL_PATH" "${RM_FLAGS[@]}" \
-    --dimension-name harmlessness --port "$COST_PORT" --host "$REWARD_HOST"
+if [[ "$REWARD_SERVE" == 1 ]]; then
+    # On the cluster of this machine (RAY_ADDRESS above is the dashboard's, for the job).
+    start_serve_application safety_rm env RAY_ADDRESS=auto \
+        "$PYTHON" -m reward_servers reward_model --model "$REWARD_MODEL_PATH" "${RM_FLAGS[@]}" \
+        --dimension-name helpfulness --ray-serve safety_rm --num-gpus "$RM_GPUS"
+    start_serve_application safety_cm env RAY_ADDRESS=auto \
+        "$PYTHON" -m reward_servers reward_model --model "$COST_MODEL_PATH" "${RM_FLAGS[@]}" \
+        --dimension-name harmlessness --ray-serve safety_cm --num-gpus "$RM_GPUS"
+else
+    start_reward_server helpfulness "$REWARD_PORT" env CUDA_VISIBLE_DEVICES="$REWARD_GPU" \
+        "$PYTHON" -m reward_servers reward_model --model "$REWARD_MODEL_PATH" "${RM_FLAGS[@]}" \
+        --dimension-name helpfulness --port "$REWARD_PORT" --host "$REWARD_HOST"
+    start_reward_server harmlessness "$COST_PORT" env CUDA_VISIBLE_DEVICES="$COST_GPU" \
+        "$PYTHON" -m reward_servers reward_model --model "$COST_MODEL_PATH" "${RM_FLAGS[@]}" \
+        --dimension-name harmlessness --port "$COST_PORT" --host "$REWARD_HOST"
+fi
 check_reward_direction "$REWARD_SERVERS" "$MODEL_PATH"
 
 submit_job "safety_${ESTIMATOR}" "${TRAIN_ARGS[@]}"

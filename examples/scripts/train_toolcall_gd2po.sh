@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GD²PO tool calling (ToolRL RLLA-4k): one toolcall reward server, then train_gd2po_ray as a Ray job.
+# GD²PO tool calling (ToolRL RLLA-4k): the toolcall reward server on CPU replicas of a Ray Serve application
+# (REWARD_SERVE=0: one local server), then train_gd2po_ray as a Ray job.
 #
 # Usage:
 #   python examples/scripts/prepare_toolrl_data.py --parquet /path/to/ToolRL/dataset/rlla_4k/train.parquet \
@@ -10,13 +11,18 @@
 # Variables:
 #   MODEL_PATH   policy checkpoint directory, e.g. Qwen2.5-{3B,7B}-Instruct or Llama-3.2-3B-Instruct (required)
 #   DATA         prompt JSONL from prepare_toolrl_data.py with this MODEL_PATH's tokenizer (required)
+#   EVAL_DATA    validation prompts: the ToolRL test split (rlla_4k/test.parquet) through prepare_toolrl_data.py,
+#                validated every 10 steps, one greedy answer each, on every reward dimension (unset: none)
 #   ESTIMATOR    gd2po_snr (default) | gd2po_hard | gdpo | grpo
 #   REWARDS      2 (default): correctness + length; 3: correctness + length + format. All dimensions come
 #                from one `python -m reward_servers toolcall` server, picked with `url#dimension`.
 #   NUM_GPUS     GPUs of this node (default 8)
-#   PORT         toolcall reward server port (default 5001)
-#   REWARD_HOST  the server's address (default 127.0.0.1: the whole job on this node). On a cluster, this
-#                node's address that the others reach; then GD2PO_REWARD_API_KEY must be set (README "Training")
+#   REWARD_SERVE 1 (default): Ray Serve application toolcall_rewards, SCORER_REPLICAS replicas (default 2) of
+#                SCORER_WORKERS scoring processes each (default 4, each a CPU counted by Ray), target
+#                serve:toolcall_rewards; 0: one local server on PORT
+#   PORT         REWARD_SERVE=0: toolcall reward server port (default 5001)
+#   REWARD_HOST  REWARD_SERVE=0: the server's address (default 127.0.0.1: the trainer on this node). Another
+#                node's trainer needs this node's address; then GD2PO_REWARD_API_KEY must be set
 #   SAVE_PATH    checkpoints, logs, tensorboard (default ./ckpt/toolcall_<ESTIMATOR>_r<REWARDS>)
 #   RAY_ADDRESS  Ray dashboard (default http://127.0.0.1:8265); if nothing answers there, a local head is started
 #   PYTHON       interpreter with this project and OpenRLHF installed (default python3)
@@ -31,15 +37,19 @@
 # lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay 0.01, clip 0.2, dual clip 3, no KL (hence
 # no reference model), no entropy bonus, prompts up to 2048 tokens (longer ones dropped at
 # preparation) and answers up to 1024.
-# The server listens on REWARD_HOST, where the trainer (a Ray actor, on any node) must reach it.
+# REWARD_SERVE=0: the server listens on REWARD_HOST, where the trainer (a Ray actor) must reach it.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 MODEL_PATH="${MODEL_PATH:-}"
 DATA="${DATA:-}"
+EVAL_DATA="${EVAL_DATA:-}"
 ESTIMATOR="${ESTIMATOR:-gd2po_snr}"
 REWARDS="${REWARDS:-2}"
 NUM_GPUS="${NUM_GPUS:-8}"
+REWARD_SERVE="${REWARD_SERVE:-1}"
+SCORER_REPLICAS="${SCORER_REPLICAS:-2}"
+SCORER_WORKERS="${SCORER_WORKERS:-4}"
 PORT="${PORT:-5001}"
 SAVE_PATH="${SAVE_PATH:-$PWD/ckpt/toolcall_${ESTIMATOR}_r${REWARDS}}"
 RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
@@ -53,16 +63,24 @@ require_file DATA
 require_one_of ESTIMATOR gd2po_snr gd2po_hard gdpo grpo
 require_one_of REWARDS 2 3
 require_positive_int NUM_GPUS
-require_reward_key_off_loopback
-require_free_port PORT
+require_one_of REWARD_SERVE 0 1
+if [[ "$REWARD_SERVE" == 1 ]]; then
+    require_positive_int SCORER_REPLICAS
+    require_positive_int SCORER_WORKERS
+else
+    require_reward_key_off_loopback
+    require_free_port PORT
+fi
 require_command "$PYTHON" "set PYTHON to the interpreter with this project installed"
 MODEL_PATH="$(realpath "$MODEL_PATH")"
 DATA="$(realpath "$DATA")"
+eval_args
 SAVE_PATH="$(realpath -m "$SAVE_PATH")"
 # Reward servers and a local Ray head started here import this checkout.
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 SERVER="http://$REWARD_HOST:$PORT"
+[[ "$REWARD_SERVE" == 1 ]] && SERVER="serve:toolcall_rewards"
 REWARD_SERVERS="correctness=$SERVER#correctness,length=$SERVER#length"
 if [[ "$REWARDS" == 3 ]]; then
     REWARD_SERVERS+=",format=$SERVER#format"
@@ -85,12 +103,18 @@ TRAIN_ARGS=(
     --reward.servers "$REWARD_SERVERS"
     --ckpt.output_dir "$SAVE_PATH" --ckpt.path "$SAVE_PATH/ckpt" --ckpt.save_steps 5 --ckpt.save_hf
     --logger.logging_steps 1 --logger.tensorboard_dir "$SAVE_PATH/tensorboard"
-    "$@"
+    "${EVAL_ARGS[@]}" "$@"
 )
 # Checked before anything starts: the job's entrypoint goes through a shell.
 require_shell_safe "$PYTHON" "${TRAIN_ARGS[@]}"
 
 ensure_ray
-start_reward_server toolcall "$PORT" "$PYTHON" -m reward_servers toolcall --port "$PORT" --host "$REWARD_HOST"
+if [[ "$REWARD_SERVE" == 1 ]]; then
+    # On the cluster of this machine (RAY_ADDRESS above is the dashboard's, for the job).
+    start_serve_application toolcall_rewards env RAY_ADDRESS=auto "$PYTHON" -m reward_servers toolcall \
+        --workers "$SCORER_WORKERS" --ray-serve toolcall_rewards --replicas "$SCORER_REPLICAS"
+else
+    start_reward_server toolcall "$PORT" "$PYTHON" -m reward_servers toolcall --port "$PORT" --host "$REWARD_HOST"
+fi
 
 submit_job "toolcall_${ESTIMATOR}_r${REWARDS}" "${TRAIN_ARGS[@]}"

@@ -101,8 +101,8 @@ def validate_gd2po_arguments(args):
     if get("algo.dynamic_filtering_enable"):
         return ("--algo.dynamic_filtering_enable filters on one score per sample; with --reward.servers use "
                 "--gd2po.dynamic_sampling no_signal|estimator, which filters on every reward dimension")
-    if get("eval.dataset"):
-        return "--eval.dataset needs per-sample rewards from vLLM's workers, which --reward.servers does not provide"
+    if get("eval.dataset") and get("eval.n_samples_per_prompt") < 1:
+        return f"--eval.n_samples_per_prompt must be >= 1, got {get('eval.n_samples_per_prompt')}"
     if get("gd2po.dynamic_sampling") == "estimator" and estimator not in ESTIMATORS:
         return f"--gd2po.dynamic_sampling estimator needs a GD²PO-family estimator ({', '.join(ESTIMATORS)}), got {estimator}"
     max_extra = get("gd2po.dynamic_sampling_max_extra_prompts")

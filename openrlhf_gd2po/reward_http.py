@@ -27,6 +27,12 @@ class RewardServerError(RuntimeError):
     pass
 
 
+def key_hint() -> str:
+    state = "set" if os.environ.get(API_KEY_ENV) else "not set"
+    return (f"this process sends ${API_KEY_ENV} ({state} here): set it where you launch train_gd2po_ray, "
+            "which passes it to every Ray worker")
+
+
 def open_session(urls: list[str], timeout: float, max_in_flight: int) -> aiohttp.ClientSession:
     headers = {"Authorization": f"Bearer {os.environ[API_KEY_ENV]}"} if os.environ.get(API_KEY_ENV) else {}
     return aiohttp.ClientSession(
@@ -81,6 +87,8 @@ async def post_with_failover(session, replicas, samples, payload, timeout, retri
                 if response.status == 200:
                     return await read_json(response, f"{samples}: replica {url}")
                 text = (await response.content.read(500)).decode(errors="replace")  # enough to say why
+                if response.status == 401:
+                    raise RewardServerError(f"{samples}: replica {url} answered HTTP 401: {text}; {key_hint()}")
                 if response.status not in RETRY_STATUSES:
                     raise RewardServerError(f"{samples}: replica {url} answered HTTP {response.status}: {text}")
                 errors.append(f"{url}: HTTP {response.status}: {text}")

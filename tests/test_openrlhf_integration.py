@@ -16,7 +16,7 @@ import ray
 import torch
 
 from openrlhf_gd2po.advantages import compute_advantages
-from openrlhf_gd2po.cli.train_gd2po_ray import WORKER_SETUP_HOOK, main
+from openrlhf_gd2po.cli.train_gd2po_ray import SCORED_BY_REWARD_SERVERS, WORKER_SETUP_HOOK, engines_score_nothing, main
 from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
 from servers import free_port
 from tiny_models import build_tiny_chat_model
@@ -228,11 +228,51 @@ def test_ray_actor_builds_the_patched_experience_maker(local_ray):
     assert [d.name for d in dimensions] == ["c"]
 
 
-def test_cli_passes_openrlhf_flags_through_and_points_remote_url_at_batch_scoring():
+def test_cli_passes_openrlhf_flags_through_and_gives_the_vllm_engines_no_reward_endpoint():
     args, _ = parse_cli(training_argv("gd2po_hard", "c=http://h:1", "--ds.zero_stage", "3", "--algo.kl.use_loss"))
     assert args.ds.zero_stage == 3 and args.algo.kl.use_loss and args.critic.model_name_or_path is None
     assert args.algo.advantage.estimator == "gd2po_hard" and args.gd2po.snr_threshold == 0.8
-    assert args.reward.remote_url[0].endswith("openrlhf_gd2po/deferred_reward.py")
+    # remote_url only keeps OpenRLHF's driver from building a reward-model group. The engines, each on its
+    # own node, get no endpoint: no path of the driver's to exec there, no per-sample reward call.
+    assert args.reward.remote_url == [SCORED_BY_REWARD_SERVERS]
+    import openrlhf.trainer.ray as ray_package  # what train_ppo_ray's `from ... import create_vllm_engines` got
+
+    assert ray_package.create_vllm_engines.gd2po_wrapped
+    calls = []
+    package = SimpleNamespace(create_vllm_engines=lambda *args, **kwargs: calls.append(kwargs))
+    engines_score_nothing(package)
+    package.create_vllm_engines(2, remote_rm_url=args.reward.remote_url)
+    package.create_vllm_engines(2, remote_rm_url=["http://rm:1/get_reward"])  # OpenRLHF's own use is untouched
+    assert [call["remote_rm_url"] for call in calls] == [None, ["http://rm:1/get_reward"]]
+
+
+def test_cli_resolves_a_relative_reward_file_in_the_drivers_directory(tmp_path, monkeypatch):
+    # The trainer actor opens the file in its raylet's directory (perhaps on another node), not the driver's.
+    (tmp_path / "mine.py").write_text("def reward_func(queries, prompts, labels):\n    return {'rewards': [0.0]}\n")
+    monkeypatch.chdir(tmp_path)
+    args, _ = parse_cli(training_argv("gdpo", "c=http://h:1#x,mine=mine.py"))
+    assert args.reward.servers == f"c=http://h:1#x,mine={tmp_path / 'mine.py'}"
+    assert parse_reward_servers(args.reward.servers) == parse_reward_servers("c=http://h:1#x,mine=mine.py")
+
+
+def test_cli_passes_the_reward_key_to_every_ray_worker_unless_the_job_sets_it(monkeypatch):
+    from ray.runtime_env.runtime_env import _merge_runtime_env  # what ray.init does under `ray job submit`
+
+    monkeypatch.setenv("GD2PO_REWARD_API_KEY", "k1")
+    _, calls = parse_cli(training_argv("gdpo", "c=http://h:1"))
+    env_vars = calls[0]["runtime_env"]["env_vars"]
+    assert env_vars["GD2PO_REWARD_API_KEY"] == "k1" and env_vars["NCCL_DEBUG"]  # OpenRLHF's own kept
+    # Under `ray job submit --runtime-env-json` with the key, the job's env already has it: adding it
+    # again would be Ray's "Failed to merge the Job's runtime env".
+    job_env = {"env_vars": {"GD2PO_REWARD_API_KEY": "k1"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env}))
+    _, calls = parse_cli(training_argv("gdpo", "c=http://h:1"))
+    assert "GD2PO_REWARD_API_KEY" not in calls[0]["runtime_env"]["env_vars"]
+    assert _merge_runtime_env(job_env, calls[0]["runtime_env"]) is not None
+    monkeypatch.delenv("GD2PO_REWARD_API_KEY")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    _, calls = parse_cli(training_argv("gdpo", "c=http://h:1"))
+    assert "GD2PO_REWARD_API_KEY" not in calls[0]["runtime_env"]["env_vars"]
 
 
 @pytest.mark.parametrize(

@@ -214,6 +214,26 @@ def test_printed_training_flags_pass_the_real_cli(fake_paths, script, env_builde
         assert args.data.max_len - args.rollout.max_new_tokens == 2048
 
 
+@pytest.mark.parametrize("script, env_builder", [("train_toolcall_gd2po.sh", toolcall_env), ("train_safety_gd2po.sh", safety_env)])
+def test_reward_servers_on_an_address_other_nodes_reach_with_the_key(fake_paths, script, env_builder):
+    # The trainer is a Ray actor that may run on any node: 127.0.0.1 reaches it only on this one.
+    env = env_builder(fake_paths, REWARD_HOST="10.9.8.7")
+    result = run_script(script, env)
+    assert result.returncode != 0 and "Training job" not in result.stdout
+    assert "REWARD_HOST=10.9.8.7 is not loopback, so the reward servers require a key: set GD2PO_REWARD_API_KEY" in result.stderr
+    result = run_script(script, env | {"GD2PO_REWARD_API_KEY": "s3cret-key"})
+    assert result.returncode == 0, result.stderr
+    ports = [env[name] for name in ("PORT", "REWARD_PORT", "COST_PORT") if name in env]
+    args = parse_with_real_cli(printed_train_args(result.stdout))
+    assert all(f"=http://10.9.8.7:{port}#" in args.reward.servers for port in ports), args.reward.servers
+    for port in ports:  # each server bound there (it reads the key from the environment)
+        assert f"--port {port} \\\n      --host 10.9.8.7" in result.stdout
+    # The job's entrypoint runs on the Ray head: the key goes in the job's env, printed by name only.
+    runtime_env = shlex.split(result.stdout.split("--runtime-env-json ", 1)[1].split(" \\\n", 1)[0])[0]
+    assert json.loads(runtime_env)["env_vars"]["GD2PO_REWARD_API_KEY"] == "$GD2PO_REWARD_API_KEY"
+    assert "s3cret-key" not in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize(
     "script, env_builder, change, message",
     [

@@ -13,6 +13,11 @@ AUTHORS_OPTIMIZER_ARGS=(
     --actor.max_norm 1.0 --actor.eps_clip 0.2 --actor.dual_clip 3.0
 )
 
+# Where the reward servers listen and the trainer reaches them. 127.0.0.1 (default) only when the trainer,
+# a Ray actor, runs on this node; on a cluster, an address of this node that every node reaches. The
+# servers then require a key, GD2PO_REWARD_API_KEY: they read it, and the job gets it in its runtime env.
+REWARD_HOST="${REWARD_HOST:-127.0.0.1}"
+
 SERVER_STARTUP_SECONDS=900  # a 7B reward model can take minutes to load from a slow disk
 SERVER_PIDS=()
 JOB_ID=""
@@ -72,9 +77,15 @@ require_free_port() {
     local name=$1 port=${!1}
     [[ "$port" =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || die "$name=$port: not a port number"
     # Connecting succeeds only if something listens there already.
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        die "$name=$port: something already listens on 127.0.0.1:$port; stop it or pick another port"
+    if (exec 3<>"/dev/tcp/$REWARD_HOST/$port") 2>/dev/null; then
+        die "$name=$port: something already listens on $REWARD_HOST:$port; stop it or pick another port"
     fi
+}
+
+# A reward server bound to an address other nodes reach refuses to start without a key.
+require_reward_key_off_loopback() {
+    [[ "$REWARD_HOST" =~ ^(127\.0\.0\.1|localhost|::1)$ || -n "${GD2PO_REWARD_API_KEY:-}" ]] ||
+        die "REWARD_HOST=$REWARD_HOST is not loopback, so the reward servers require a key: set GD2PO_REWARD_API_KEY (the servers and the training job both get it)"
 }
 
 require_command() {
@@ -138,7 +149,7 @@ start_reward_server() {
     local name=$1 port=$2
     shift 2
     local log="$SAVE_PATH/logs/reward_server_$name.log"
-    echo "Reward server '$name' on http://127.0.0.1:$port (log: $log):"
+    echo "Reward server '$name' on http://$REWARD_HOST:$port (log: $log):"
     show_command "$@"
     [[ "$DRY_RUN" == 1 ]] && return
     mkdir -p "$SAVE_PATH/logs"
@@ -155,13 +166,13 @@ wait_until_healthy() {
             die "reward server '$name' exited during startup (log above: $log)"
         fi
         if "$PYTHON" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
-            "http://127.0.0.1:$port/health" >/dev/null 2>&1; then
+            "http://$REWARD_HOST:$port/health" >/dev/null 2>&1; then
             echo "Reward server '$name' is up."
             return
         fi
         sleep 2
     done
-    die "reward server '$name' did not answer http://127.0.0.1:$port/health within $SERVER_STARTUP_SECONDS s (log: $log)"
+    die "reward server '$name' did not answer http://$REWARD_HOST:$port/health within $SERVER_STARTUP_SECONDS s (log: $log)"
 }
 
 # start_serve_application NAME COMMAND...: deploy a reward server as Ray Serve application NAME (COMMAND
@@ -211,12 +222,18 @@ submit_job() {
     shift
     local entrypoint=("$PYTHON" -m openrlhf_gd2po.cli.train_gd2po_ray "$@")
     JOB_ID="gd2po_${name}_$(date +%Y%m%d_%H%M%S)"
-    # Ray workers import openrlhf_gd2po from this checkout; Ray expands ${PYTHONPATH} on the worker.
-    local runtime_env
-    runtime_env=$("$PYTHON" -c 'import json, sys; print(json.dumps({"env_vars": {"PYTHONPATH": sys.argv[1] + ":${PYTHONPATH}"}}))' "$REPO_ROOT")
+    # Ray workers import openrlhf_gd2po from this checkout (on other nodes: the same path, or the package
+    # installed); Ray expands ${PYTHONPATH} on the worker. The job's entrypoint runs on the Ray head, so the
+    # reward key goes in the job's env; the CLI passes it on to every worker. Printed as the variable's name.
+    local env_json='import json, os, sys; key = os.environ.get("GD2PO_REWARD_API_KEY")
+env = {"PYTHONPATH": sys.argv[1] + ":${PYTHONPATH}"} | ({"GD2PO_REWARD_API_KEY": sys.argv[2] or key} if key else {})
+print(json.dumps({"env_vars": env}))'
+    local runtime_env shown_env
+    runtime_env=$("$PYTHON" -c "$env_json" "$REPO_ROOT" "")
+    shown_env=$("$PYTHON" -c "$env_json" "$REPO_ROOT" '$GD2PO_REWARD_API_KEY')
     local command=(ray job submit --address "$RAY_ADDRESS" --submission-id "$JOB_ID" --runtime-env-json "$runtime_env" -- "${entrypoint[@]}")
     echo "Training job $JOB_ID:"
-    show_command "${command[@]}"
+    show_command "${command[@]:0:8}" "$shown_env" "${command[@]:9}"
     if [[ "$DRY_RUN" == 1 ]]; then
         echo "DRY_RUN=1: nothing was launched."
         return

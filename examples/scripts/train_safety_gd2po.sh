@@ -32,6 +32,8 @@
 #                      1), targets serve:safety_rm and serve:safety_cm; 0: local servers on this node:
 #   REWARD_GPU, COST_GPU  REWARD_SERVE=0: GPU index of each reward-model server (default 0 and 1)
 #   REWARD_PORT, COST_PORT  REWARD_SERVE=0: server ports (default 5101 and 5102)
+#   REWARD_HOST        REWARD_SERVE=0: the servers' address (default 127.0.0.1: the trainer on this node).
+#                      Another node's trainer needs this node's address; then GD2PO_REWARD_API_KEY must be set
 #   RM_DEVICE          device of both reward-model servers (default cuda; cpu runs them without a GPU, slowly,
 #                      and with REWARD_SERVE=1 needs RM_GPUS=0)
 #   SAVE_PATH          checkpoints, logs, tensorboard (default ./ckpt/safety_<ESTIMATOR>)
@@ -51,7 +53,7 @@
 # with sleep mode, vLLM capped at 50% of memory. REWARD_SERVE=1: Ray places the reward models (about 15 GB
 # each in bf16) on GPUs of their own, counted, so the trainer's placement groups cannot take them.
 # REWARD_SERVE=0 (single node): the servers share REWARD_GPU and COST_GPU with the trainer (hence the 50%)
-# and listen on 127.0.0.1, where the trainer (a Ray actor) must reach them.
+# and listen on REWARD_HOST, where the trainer (a Ray actor) must reach them.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -91,6 +93,7 @@ else
         [[ "${!gpu}" =~ ^[0-9]+$ ]] && ((${!gpu} < NUM_GPUS)) || die "$gpu=${!gpu}: must be a GPU index below NUM_GPUS=$NUM_GPUS"
     done
     [[ "$REWARD_PORT" != "$COST_PORT" ]] || die "REWARD_PORT and COST_PORT are both $REWARD_PORT; give two ports"
+    require_reward_key_off_loopback
     require_free_port REWARD_PORT
     require_free_port COST_PORT
 fi
@@ -107,7 +110,7 @@ export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "$REWARD_SERVE" == 1 ]]; then
     REWARD_SERVERS="helpfulness=serve:safety_rm#helpfulness,harmlessness=serve:safety_cm#harmlessness"
 else
-    REWARD_SERVERS="helpfulness=http://127.0.0.1:$REWARD_PORT#helpfulness,harmlessness=http://127.0.0.1:$COST_PORT#harmlessness"
+    REWARD_SERVERS="helpfulness=http://$REWARD_HOST:$REWARD_PORT#helpfulness,harmlessness=http://$REWARD_HOST:$COST_PORT#harmlessness"
 fi
 
 echo "GD²PO helpfulness-safety: estimator $ESTIMATOR, model $MODEL_PATH, data $DATA, output $SAVE_PATH"
@@ -152,10 +155,10 @@ if [[ "$REWARD_SERVE" == 1 ]]; then
 else
     start_reward_server helpfulness "$REWARD_PORT" env CUDA_VISIBLE_DEVICES="$REWARD_GPU" \
         "$PYTHON" -m reward_servers reward_model --model "$REWARD_MODEL_PATH" "${RM_FLAGS[@]}" \
-        --dimension-name helpfulness --port "$REWARD_PORT"
+        --dimension-name helpfulness --port "$REWARD_PORT" --host "$REWARD_HOST"
     start_reward_server harmlessness "$COST_PORT" env CUDA_VISIBLE_DEVICES="$COST_GPU" \
         "$PYTHON" -m reward_servers reward_model --model "$COST_MODEL_PATH" "${RM_FLAGS[@]}" \
-        --dimension-name harmlessness --port "$COST_PORT"
+        --dimension-name harmlessness --port "$COST_PORT" --host "$REWARD_HOST"
 fi
 check_reward_direction "$REWARD_SERVERS" "$MODEL_PATH"
 

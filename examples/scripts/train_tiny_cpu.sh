@@ -17,6 +17,9 @@ TINY_DIMENSIONS="${TINY_DIMENSIONS:-correctness,format,length,brevity}"
 TINY_PROMPTS="${TINY_PROMPTS:-8}"   # the first N arithmetic prompts
 TINY_EVAL="${TINY_EVAL:-0}"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+# TINY_NODES=N: the same job on a rehearsal cluster of hosts in network namespaces (root only; TINY_GPUS
+# logical GPUs per node): tiny_cluster.py, whose docstring says what goes where.
+[[ "${TINY_NODES:-1}" == 1 ]] || exec "$ROOT/.venv/bin/python" "$ROOT/examples/scripts/tiny_cluster.py" "$@"
 OUT="$(mkdir -p "${1:?usage: train_tiny_cpu.sh OUT [extra flags]}" && cd "$1" && pwd)"
 shift
 PY="$ROOT/.venv/bin/python"

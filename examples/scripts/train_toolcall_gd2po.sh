@@ -21,6 +21,8 @@
 #                SCORER_WORKERS scoring processes each (default 4, each a CPU counted by Ray), target
 #                serve:toolcall_rewards; 0: one local server on PORT
 #   PORT         REWARD_SERVE=0: toolcall reward server port (default 5001)
+#   REWARD_HOST  REWARD_SERVE=0: the server's address (default 127.0.0.1: the trainer on this node). Another
+#                node's trainer needs this node's address; then GD2PO_REWARD_API_KEY must be set
 #   SAVE_PATH    checkpoints, logs, tensorboard (default ./ckpt/toolcall_<ESTIMATOR>_r<REWARDS>)
 #   RAY_ADDRESS  Ray dashboard (default http://127.0.0.1:8265); if nothing answers there, a local head is started
 #   PYTHON       interpreter with this project and OpenRLHF installed (default python3)
@@ -35,7 +37,7 @@
 # lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay 0.01, clip 0.2, dual clip 3, no KL (hence
 # no reference model), no entropy bonus, prompts up to 2048 tokens (longer ones dropped at
 # preparation) and answers up to 1024.
-# REWARD_SERVE=0 is single-node: the server listens on 127.0.0.1, where the trainer (a Ray actor) must reach it.
+# REWARD_SERVE=0: the server listens on REWARD_HOST, where the trainer (a Ray actor) must reach it.
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -66,6 +68,7 @@ if [[ "$REWARD_SERVE" == 1 ]]; then
     require_positive_int SCORER_REPLICAS
     require_positive_int SCORER_WORKERS
 else
+    require_reward_key_off_loopback
     require_free_port PORT
 fi
 require_command "$PYTHON" "set PYTHON to the interpreter with this project installed"
@@ -76,7 +79,7 @@ SAVE_PATH="$(realpath -m "$SAVE_PATH")"
 # Reward servers and a local Ray head started here import this checkout.
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-SERVER="http://127.0.0.1:$PORT"
+SERVER="http://$REWARD_HOST:$PORT"
 [[ "$REWARD_SERVE" == 1 ]] && SERVER="serve:toolcall_rewards"
 REWARD_SERVERS="correctness=$SERVER#correctness,length=$SERVER#length"
 if [[ "$REWARDS" == 3 ]]; then
@@ -111,7 +114,7 @@ if [[ "$REWARD_SERVE" == 1 ]]; then
     start_serve_application toolcall_rewards env RAY_ADDRESS=auto "$PYTHON" -m reward_servers toolcall \
         --workers "$SCORER_WORKERS" --ray-serve toolcall_rewards --replicas "$SCORER_REPLICAS"
 else
-    start_reward_server toolcall "$PORT" "$PYTHON" -m reward_servers toolcall --port "$PORT"
+    start_reward_server toolcall "$PORT" "$PYTHON" -m reward_servers toolcall --port "$PORT" --host "$REWARD_HOST"
 fi
 
 submit_job "toolcall_${ESTIMATOR}_r${REWARDS}" "${TRAIN_ARGS[@]}"

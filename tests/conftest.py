@@ -1,6 +1,6 @@
 """Test-wide setup: CPU-only import stand-ins for flash_attn and vllm, each when its real package is missing, and
-the expensive things several test modules share, built once per session: the tiny chat model, a
-toolcall reward server and a local Ray instance."""
+the expensive things several test modules share, built once per session: the tiny chat models, a
+toolcall reward server and a local Ray instance; and the order in which modules start (real runs first)."""
 
 import importlib.util
 import os
@@ -33,6 +33,17 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_vllm_model(tmp_path_factory):
+    """train_tiny_cpu.sh's model (heads vLLM's CPU build serves, seed 0), built once per session: the real
+    runs copy it ($TINY_MODEL) instead of building their own."""
+    import torch
+    from tiny_models import VLLM_CPU_HEADS, build_tiny_chat_model
+
+    torch.manual_seed(0)
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny_vllm") / "model", **VLLM_CPU_HEADS)
+
+
+@pytest.fixture(scope="session")
 def toolcall_url():
     """`python -m reward_servers toolcall` with its default limits; tests that need other limits start their own."""
     from servers import running_server
@@ -59,3 +70,18 @@ def local_ray():
     )
     yield
     ray.shutdown()
+
+
+# The modules that start real training runs. README's test command runs modules side by side (`-n 2
+# --dist loadscope --no-loadscope-reorder`: whole modules, handed out in collection order, alternately to the
+# two workers), so these start first, the two slowest one on each worker, and the many short modules fill in
+# behind them instead of leaving one long run alone at the end.
+REAL_RUN_MODULES = ["test_train_resume.py", "test_train_tiny_cpu.py", "test_ray_job_submit.py", "test_tiny_cluster.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return REAL_RUN_MODULES.index(name) if name in REAL_RUN_MODULES else len(REAL_RUN_MODULES)
+
+    items.sort(key=rank)  # stable: each module's own order is kept

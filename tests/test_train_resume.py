@@ -1,15 +1,15 @@
 """Resuming, and a reward server that dies mid-step, in the real train_gd2po_ray job on CPU
 (examples/scripts/train_tiny_cpu.sh). Every run scores one dimension, odd_length (signal on odd-label
 prompts only, tests/data/odd_label_length_reward.py), with --gd2po.dynamic_sampling no_signal, so steps
-draw refills. The first three runs train with OpenRLHF's own group_norm (our layer's control: its rewards
-and dynamic sampling, OpenRLHF's advantages) and evaluate after each step (TINY_EVAL=1). Four runs, each
-once per module:
+draw refills. The first two runs train with OpenRLHF's own group_norm (our layer's control: its rewards
+and dynamic sampling, OpenRLHF's advantages) and evaluate after each step (TINY_EVAL=1). Three runs, each
+once per module (a run costs about a minute of start-up, so each serves several checks):
 
 - uninterrupted: 33 prompts (16 odd), 4 steps; it also serves the group_norm and dynamic-sampling checks;
-- interrupted: the same job; its reward server is killed (SIGKILL) once step 2 is logged, so step 2's
-  evaluation (or step 3, if the kill comes late) gets no rewards and, with --reward.on_failure raise, the
-  job stops. Its last checkpoint is step 2's, saved before the evaluation;
-- resumed: the same job again, from that checkpoint, with OpenRLHF's --ckpt.load_enable: steps 3 and 4;
+- resumed: the same job, with OpenRLHF's --ckpt.load_enable, from the uninterrupted run's step-2 checkpoint
+  (its ckpt folder as a job stopped after step 2 leaves it: global_step2 and `latest` naming it): steps 3
+  and 4. It is also the raise case: its reward server is killed (SIGKILL) once step 4 is logged, so step
+  4's evaluation (after its checkpoint) gets no rewards and, with --reward.on_failure raise, the job stops;
 - masked: gd2po_snr (masking needs a GD²PO-family estimator), 14 prompts, no evaluation,
   --reward.on_failure mask; the server is killed while step 1 generates (after its first
   request, so the refills fail) and restarted once step 1 is logged.
@@ -37,7 +37,7 @@ from test_train_tiny_cpu import (EVAL_SAMPLES, EVAL_SOURCES, SAMPLES_PER_PROMPT,
 STEPS, PROMPTS, ODD_PROMPTS, DEADLINE = 4, 33, 16, 30
 ODD_LENGTH = {"TINY_DIMENSIONS": "odd_length"}
 FLAGS = ["--gd2po.dynamic_sampling", "no_signal"]
-# the resume trio: no best checkpoint (its `latest` would take over from global_step2's), evaluated
+# the resume pair: no best checkpoint (its `latest` would take over from the regular step's), evaluated
 RESUME_FLAGS = [*FLAGS, "--algo.advantage.estimator", "group_norm", "--ckpt.best_metric_key", "none"]
 RESUME_ENV = dict(ODD_LENGTH, TINY_PROMPTS=str(PROMPTS), TINY_EVAL="1")
 
@@ -77,9 +77,10 @@ def kill(server: psutil.Process):
     psutil.wait_procs([server], timeout=10)
 
 
-def launch(out: Path, *flags: str, env: dict, during=None) -> subprocess.CompletedProcess:
-    """train_tiny_cpu.sh into `out`; `during(out)` runs beside it in a thread (the fault it injects)."""
-    environment = dict(os.environ, **env)
+def launch(out: Path, model: Path, *flags: str, env: dict, during=None) -> subprocess.CompletedProcess:
+    """train_tiny_cpu.sh into `out`, starting from `model`; `during(out)` runs beside it in a thread (the
+    fault it injects)."""
+    environment = dict(os.environ, TINY_MODEL=str(model), **env)
     errors = []
 
     def watch():
@@ -101,9 +102,9 @@ def launch(out: Path, *flags: str, env: dict, during=None) -> subprocess.Complet
     return subprocess.CompletedProcess(script.args, returncode)
 
 
-def stop_at_step_3(out: Path, seen: dict):
-    """Kill the reward server once step 2 is logged (its checkpoint comes next, then step 3's generation),
-    then time the driver until it exits."""
+def stop_at_the_last_eval(out: Path, seen: dict):
+    """Kill the reward server once the resumed run's second step (step 4) is logged: its checkpoint comes
+    next, then its evaluation. Then time the driver until it exits."""
     wait_for(lambda: line_count(out / "metrics.jsonl") >= 2)
     driver, server = process(out, "openrlhf_gd2po.cli.train_gd2po_ray"), odd_length_server(out)
     seen["port"] = server.cmdline()[server.cmdline().index("--port") + 1]
@@ -138,38 +139,32 @@ def kill_in_step_1_and_restart(out: Path, seen: dict):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, tiny_vllm_model):
     out = tmp_path_factory.mktemp("uninterrupted")
-    result = launch(out, *RESUME_FLAGS, env=RESUME_ENV)
+    result = launch(out, tiny_vllm_model, *RESUME_FLAGS, env=RESUME_ENV)
     assert result.returncode == 0, (out / "script.log").read_text()[-5000:]
     return Run(out, out)
 
 
 @pytest.fixture(scope="module")
-def interrupted(tmp_path_factory):
-    out, seen = tmp_path_factory.mktemp("interrupted"), {}
+def resumed(tmp_path_factory, tiny_vllm_model, uninterrupted):
+    out, seen = tmp_path_factory.mktemp("resumed"), {}
+    checkpoints = out / "ckpt" / "_actor"
+    shutil.copytree(uninterrupted.out / "ckpt" / "_actor" / "global_step2", checkpoints / "global_step2")
+    (checkpoints / "latest").write_text("global_step2")  # as DeepSpeed wrote it after step 2
     env = dict(RESUME_ENV, TINY_LEFTOVERS=str(out / "leftovers.json"))
-    result = launch(out, *RESUME_FLAGS, "--reward.deadline", str(DEADLINE), env=env,
-                    during=lambda o: stop_at_step_3(o, seen))
+    result = launch(out, tiny_vllm_model, *RESUME_FLAGS, "--ckpt.load_enable", "--reward.deadline", str(DEADLINE),
+                    env=env, during=lambda o: stop_at_the_last_eval(o, seen))  # fmt: skip
     run = Run(out, out)
     run.returncode, run.seen = result.returncode, seen
     return run
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory, interrupted):
-    out = tmp_path_factory.mktemp("resumed")
-    shutil.copytree(interrupted.out / "ckpt", out / "ckpt")  # the interrupted run's, left as it was
-    result = launch(out, *RESUME_FLAGS, "--ckpt.load_enable", env=RESUME_ENV)
-    assert result.returncode == 0, (out / "script.log").read_text()[-5000:]
-    return Run(out, out)
-
-
-@pytest.fixture(scope="module")
-def masked(tmp_path_factory):
+def masked(tmp_path_factory, tiny_vllm_model):
     out, seen = tmp_path_factory.mktemp("masked"), {}
     try:
-        result = launch(out, *FLAGS, "--reward.on_failure", "mask", "--reward.retries", "5",
+        result = launch(out, tiny_vllm_model, *FLAGS, "--reward.on_failure", "mask", "--reward.retries", "5",
                         env=dict(ODD_LENGTH, TINY_PROMPTS="14"),
                         during=lambda o: kill_in_step_1_and_restart(o, seen))  # fmt: skip
     finally:
@@ -201,15 +196,14 @@ def checkpoint(run: Run, step: int) -> tuple[dict, dict]:
     return model, optimizer
 
 
-def test_the_resumed_run_draws_the_uninterrupted_runs_prompts_step_by_step(uninterrupted, interrupted, resumed):
+def test_the_resumed_run_draws_the_uninterrupted_runs_prompts_step_by_step(uninterrupted, resumed):
     assert [row["global_step"] for row in uninterrupted.metrics] == [1, 2, 3, 4]
-    assert [row["global_step"] for row in interrupted.metrics] == [1, 2]
     assert [row["global_step"] for row in resumed.metrics] == [3, 4]  # the same step count, from step 2 on
     whole = prompts_by_step(uninterrupted)
-    assert prompts_by_step(interrupted) == whole[:2] and prompts_by_step(resumed) == whole[2:]
+    assert prompts_by_step(resumed) == whole[2:]
     # Dynamic sampling's refills are in the checkpoint's loader state: no prompt lost or drawn twice.
     consumed = [row["gd2po/prompts_consumed"] for row in uninterrupted.metrics]
-    assert [row["gd2po/prompts_consumed"] for row in interrupted.metrics + resumed.metrics] == consumed
+    assert [row["gd2po/prompts_consumed"] for row in resumed.metrics] == consumed[2:]
     assert sum(consumed) == PROMPTS and max(consumed) > 4  # every prompt drawn, refills in steps
     drawn = [prompt for step in whole for prompt in step]
     assert len(set(drawn)) == len(drawn) == PROMPTS
@@ -218,8 +212,7 @@ def test_the_resumed_run_draws_the_uninterrupted_runs_prompts_step_by_step(unint
         assert len({line["query"] for line in lines}) == len(lines)
 
 
-def test_resume_restores_deepspeeds_step_the_optimizer_and_the_schedule(uninterrupted, interrupted, resumed):
-    assert (interrupted.out / "ckpt" / "_actor" / "latest").read_text().strip() == "global_step2"
+def test_resume_restores_deepspeeds_step_the_optimizer_and_the_schedule(uninterrupted, resumed):
     for step in (3, 4):
         (model, optimizer), (want_model, want_optimizer) = checkpoint(resumed, step), checkpoint(uninterrupted, step)
         assert model["global_steps"] == want_model["global_steps"] == step
@@ -236,17 +229,20 @@ def test_resume_restores_deepspeeds_step_the_optimizer_and_the_schedule(uninterr
     def gap(a, b):
         return max(abs(x - y) for x, y in zip(a["logprobs"][1:], b["logprobs"][1:]))
 
-    assert gap(resumed.probes[0], interrupted.probes[1]) < noise
-    assert gap(interrupted.probes[1], interrupted.probes[0]) > 10 * noise  # step 2 moved the weights
+    assert gap(resumed.probes[0], uninterrupted.probes[1]) < noise
+    assert gap(uninterrupted.probes[1], uninterrupted.probes[0]) > 10 * noise  # step 2 moved the weights
 
 
-def test_a_dead_server_with_on_failure_raise_stops_the_job_and_leaves_nothing_behind(interrupted):
-    assert interrupted.returncode != 0
-    assert interrupted.seen["driver_exited"] - interrupted.seen["killed"] < DEADLINE
-    port = interrupted.seen["port"]
-    log = (interrupted.out / "train.log").read_text()
+def test_a_dead_server_with_on_failure_raise_stops_the_job_and_leaves_nothing_behind(resumed):
+    assert resumed.returncode != 0
+    assert resumed.seen["driver_exited"] - resumed.seen["killed"] < DEADLINE
+    port = resumed.seen["port"]
+    log = (resumed.out / "train.log").read_text()
     assert f"reward server http://127.0.0.1:{port}/get_reward" in log and "odd_length" in log, log[-3000:]
-    left = json.loads((interrupted.out / "leftovers.json").read_text())
+    # It stopped in step 4's evaluation, after step 4's checkpoint: a relaunch would resume from there.
+    assert [row["global_step"] for row in resumed.evals] == [3]
+    assert (resumed.out / "ckpt" / "_actor" / "latest").read_text().strip() == f"global_step{STEPS}"
+    left = json.loads((resumed.out / "leftovers.json").read_text())
     assert left["left"] == [], left
 
 

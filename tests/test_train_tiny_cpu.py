@@ -67,10 +67,10 @@ class Run:
         return steps
 
 
-def train(tmp_path_factory, name: str, *flags: str, env: dict | None = None) -> Run:
+def train(tmp_path_factory, model: Path, name: str, *flags: str, env: dict | None = None) -> Run:
     out = tmp_path_factory.mktemp(name)
     extensions = tmp_path_factory.mktemp(f"{name}_torch_extensions")  # empty: any C++ op build lands here
-    environment = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions), **(env or {}))
+    environment = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions), TINY_MODEL=str(model), **(env or {}))
     with open(out / "script.log", "w") as log:
         result = subprocess.run(["bash", str(SCRIPT), str(out), *flags], env=environment, stdout=log,
                                 stderr=subprocess.STDOUT, timeout=400)  # fmt: skip
@@ -79,16 +79,16 @@ def train(tmp_path_factory, name: str, *flags: str, env: dict | None = None) -> 
 
 
 @pytest.fixture(scope="module")
-def snr_run(tmp_path_factory):
-    return train(tmp_path_factory, "gd2po_snr", "--ckpt.best_metric_key", BEST_KEY, env={"TINY_EVAL": "1"})
+def snr_run(tmp_path_factory, tiny_vllm_model):
+    return train(tmp_path_factory, tiny_vllm_model, "gd2po_snr", "--ckpt.best_metric_key", BEST_KEY, env={"TINY_EVAL": "1"})
 
 
 @pytest.fixture(scope="module")
-def async_run(tmp_path_factory):
+def async_run(tmp_path_factory, tiny_vllm_model):
     """OpenRLHF's async trainer: a generator actor hands each batch to the training actor through a Ray queue.
     The length dimension comes from Ray Serve (TINY_SERVE=1): the same app, deployed by `--ray-serve`, writes
     the same request log, so every check below reads it as it reads the standalone server's."""
-    return train(tmp_path_factory, "gd2po_snr_async", "--train.async_enable", env={"TINY_SERVE": "1"})
+    return train(tmp_path_factory, tiny_vllm_model, "gd2po_snr_async", "--train.async_enable", env={"TINY_SERVE": "1"})
 
 
 def test_the_async_runs_length_dimension_came_through_serve(async_run):

@@ -6,6 +6,8 @@
 #   TINY_EVAL=1 ...: also evaluate after every step on eval.jsonl, 4 later prompts in two data sources
 #   TINY_SERVE=1 ...: the length server is a Ray Serve application on the run's Ray head (--ray-serve
 #     tiny_length), which the trainer calls as serve:tiny_length through a DeploymentHandle
+#   TINY_MODEL=DIR ...: copy the model in DIR (an earlier run's OUT/model) instead of building one: the
+#     build imports transformers in a process of its own, about 7 CPU-seconds, which the tests' runs share
 # Starts what it needs and stops all of it at the end: a local Ray head on free ports with its own
 # temp dir (2 fake GPUs: OpenRLHF's actors ask for GPUs), two reward servers on 127.0.0.1 (math:
 # correctness + format; length) and one reward file scored in the trainer (brevity), one vLLM engine
@@ -101,13 +103,17 @@ wait_up() {
 # (the last one for Serve's HTTP proxy under TINY_SERVE=1)
 { read -ra RAY_PORT_FLAGS; read -r MATH_PORT LENGTH_PORT ODD_PORT SERVE_PORT; } < <("$PY" "$ROOT/tests/ray_ports.py" 4)
 
-# 1. the tiny model (2 heads of 32: vLLM's CPU attention has no head size 16) and 8 prompts, built in the
-#    background while the servers and the Ray head start (step 5 waits for it)
-"$PY" - "$ROOT" "$OUT" "$TINY_PROMPTS" <<'EOF' &
-import json, sys
+# 1. the tiny model (2 heads of 32: vLLM's CPU attention has no head size 16; or $TINY_MODEL's) and 8
+#    prompts, built in the background while the servers and the Ray head start (step 5 waits for it)
+rm -rf "$OUT/model"
+"$PY" - "$ROOT" "$OUT" "$TINY_PROMPTS" "${TINY_MODEL:-}" <<'EOF' &
+import json, shutil, sys
 sys.path.insert(0, f"{sys.argv[1]}/tests")
-from tiny_models import VLLM_CPU_HEADS, build_tiny_chat_model
-build_tiny_chat_model(f"{sys.argv[2]}/model", **VLLM_CPU_HEADS)
+if sys.argv[4]:
+    shutil.copytree(sys.argv[4], f"{sys.argv[2]}/model")
+else:
+    from tiny_models import VLLM_CPU_HEADS, build_tiny_chat_model
+    build_tiny_chat_model(f"{sys.argv[2]}/model", **VLLM_CPU_HEADS)
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/openrlhf_gd2po/data/arithmetic_prompts.jsonl")][: int(sys.argv[3])]
 with open(f"{sys.argv[2]}/prompts.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -74,8 +74,8 @@ def local_ray():
 
 # The modules that start real training runs. README's test command runs modules side by side (`-n 2
 # --dist loadscope --no-loadscope-reorder`: whole modules, handed out in collection order, alternately to the
-# two workers), so these start first, the two slowest one on each worker, and the many short modules fill in
-# behind them instead of leaving one long run alone at the end.
+# two workers), so these start first, the two slowest on different workers, and the many short modules fill
+# in behind them instead of leaving one long run alone at the end.
 REAL_RUN_MODULES = ["test_train_resume.py", "test_train_tiny_cpu.py", "test_ray_job_submit.py", "test_tiny_cluster.py"]
 
 

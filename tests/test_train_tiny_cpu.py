@@ -80,7 +80,8 @@ def train(tmp_path_factory, model: Path, name: str, *flags: str, env: dict | Non
 
 @pytest.fixture(scope="module")
 def snr_run(tmp_path_factory, tiny_vllm_model):
-    return train(tmp_path_factory, tiny_vllm_model, "gd2po_snr", "--ckpt.best_metric_key", BEST_KEY, env={"TINY_EVAL": "1"})
+    return train(tmp_path_factory, tiny_vllm_model, "gd2po_snr", "--ckpt.best_metric_key", BEST_KEY,
+                 env={"TINY_EVAL": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,8 @@ def async_run(tmp_path_factory, tiny_vllm_model):
     """OpenRLHF's async trainer: a generator actor hands each batch to the training actor through a Ray queue.
     The length dimension comes from Ray Serve (TINY_SERVE=1): the same app, deployed by `--ray-serve`, writes
     the same request log, so every check below reads it as it reads the standalone server's."""
-    return train(tmp_path_factory, tiny_vllm_model, "gd2po_snr_async", "--train.async_enable", env={"TINY_SERVE": "1"})
+    return train(tmp_path_factory, tiny_vllm_model, "gd2po_snr_async", "--train.async_enable",
+                 env={"TINY_SERVE": "1"})
 
 
 def test_the_async_runs_length_dimension_came_through_serve(async_run):

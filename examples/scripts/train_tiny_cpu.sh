@@ -105,15 +105,17 @@ wait_up() {
 
 # 1. the tiny model (2 heads of 32: vLLM's CPU attention has no head size 16; or $TINY_MODEL's) and 8
 #    prompts, built in the background while the servers and the Ray head start (step 5 waits for it)
-rm -rf "$OUT/model"
 "$PY" - "$ROOT" "$OUT" "$TINY_PROMPTS" "${TINY_MODEL:-}" <<'EOF' &
-import json, shutil, sys
+import json, os, shutil, sys
 sys.path.insert(0, f"{sys.argv[1]}/tests")
+model = f"{sys.argv[2]}/model"
 if sys.argv[4]:
-    shutil.copytree(sys.argv[4], f"{sys.argv[2]}/model")
+    if os.path.realpath(sys.argv[4]) != os.path.realpath(model):  # TINY_MODEL=OUT/model: already in place
+        shutil.rmtree(model, ignore_errors=True)
+        shutil.copytree(sys.argv[4], model)
 else:
     from tiny_models import VLLM_CPU_HEADS, build_tiny_chat_model
-    build_tiny_chat_model(f"{sys.argv[2]}/model", **VLLM_CPU_HEADS)
+    build_tiny_chat_model(model, **VLLM_CPU_HEADS)
 rows = [json.loads(line) for line in open(f"{sys.argv[1]}/openrlhf_gd2po/data/arithmetic_prompts.jsonl")][: int(sys.argv[3])]
 with open(f"{sys.argv[2]}/prompts.jsonl", "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)

@@ -23,6 +23,7 @@ from openrlhf.models.utils import compute_reward
 from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 from openrlhf.utils.logging_utils import init_logger
 from openrlhf_gd2po.advantages import ESTIMATORS, compute_advantages
+from openrlhf_gd2po.agent_rewards import request_columns
 from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
 
 logger = init_logger(__name__)
@@ -62,6 +63,7 @@ class GD2POExperienceMaker(RemoteExperienceMaker):
             max_in_flight=args.max_in_flight,
             on_failure=args.on_failure,
             deadline=args.deadline,
+            **request_columns(self.args, rollout_samples, self.reward_dimensions, self.tokenizer),
         )
         attach_rewards(rollout_samples, batch, self.reward_dimensions, self.reward_weights)
         warn_failed(int(batch.failed.sum()), len(rollout_samples))
@@ -115,7 +117,9 @@ class GD2POExperienceMaker(RemoteExperienceMaker):
                 advantages[rows], self.kl_ctl.value, experience.kl, action_mask=experience.action_mask
             )
             returns = self.get_cumulative_returns(token_rewards, experience.action_mask, 1.0)
-            experience.returns = returns * kept[:, None]
+            # Only the model's tokens carry an advantage: the cumulative return also runs through the prompt and,
+            # in an agent rollout, the environment's text between turns, which action_mask leaves out.
+            experience.returns = returns * (kept[:, None] & experience.action_mask.bool())
             experience.advantages = experience.returns.clone()
             if args.gd2po.masked_rollouts == "exclude":
                 # OpenRLHF's policy, KL and entropy losses are sums over action_mask divided by the

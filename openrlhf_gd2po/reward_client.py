@@ -3,8 +3,10 @@
 A dimension's target is a reward server speaking OpenRLHF's remote reward protocol
 (`POST {"query", "prompts", "labels"}` → `{"rewards": [...], "extra_logs": {name: [...]}}`), several
 replicas of one (`http://a:5001|http://b:5001`), a reward server deployed on this Ray cluster with Ray
-Serve (`serve:NAME`, called through a DeploymentHandle: reward_serve.py), or a local `.py` reward file in
-OpenRLHF's convention (reward_servers/reward_file.py), scored in this process without HTTP.
+Serve (`serve:NAME`, called through a DeploymentHandle: reward_serve.py), a local `.py` reward file in
+OpenRLHF's convention (reward_servers/reward_file.py), scored in this process without HTTP, or `agent`:
+the results of OpenRLHF's `--train.agent_func_path` agent itself (its summed reward, or `agent#key`: a key
+of its last step's extra_logs), which the caller hands over with each sample (`agent_values`).
 
 Each distinct target gets the whole batch cut into `batch_size` requests; all targets run at the same
 time. A replica list gets one aiohttp session, at most `max_in_flight` requests per replica, each
@@ -35,20 +37,26 @@ from openrlhf_gd2po.reward_http import (  # noqa: F401  (API_KEY_ENV, RewardServ
 )
 from openrlhf_gd2po.reward_serve import SERVE_PREFIX, call_with_retries, connect_to_ray
 from reward_servers.reward_file import load_reward_file, score_reward_file
+from reward_servers.scoring import scored_queries
 
-SPEC_FORMAT = ("name=http://host:port[/path][|http://replica...][#dimension], name=serve:APPLICATION[#dimension] "
-               "or name=path/to/reward.py[#dimension]")
+SPEC_FORMAT = ("name=http://host:port[/path][|http://replica...][#dimension], name=serve:APPLICATION[#dimension], "
+               "name=path/to/reward.py[#dimension] or name=agent[#extra_logs_key]")
+AGENT_TARGET = "agent"
 
 
 @dataclass(frozen=True)
 class RewardDimension:
     name: str  # the dimension's name in logs, e.g. "correctness"
-    url: str  # a /get_reward URL, replica URLs joined by "|", "serve:NAME", or a .py reward file's absolute path
+    url: str  # a /get_reward URL, replica URLs joined by "|", "serve:NAME", a .py reward file's absolute path or "agent"
     field: str | None  # extra_logs key (a reward file's dimension) to read; None: "rewards" (a file's first)
 
     @property
+    def is_agent(self) -> bool:
+        return self.url == AGENT_TARGET
+
+    @property
     def is_file(self) -> bool:
-        return not self.url.startswith(("http://", "https://", SERVE_PREFIX))
+        return not self.is_agent and not self.url.startswith(("http://", "https://", SERVE_PREFIX))
 
     @property
     def is_serve(self) -> bool:
@@ -80,6 +88,9 @@ def parse_reward_servers(spec: str) -> list[RewardDimension]:
             raise ValueError(f"--reward.servers entry {item!r} must look like {SPEC_FORMAT}")
         if target.endswith(".py") and "://" not in target:
             dimensions.append(_file_dimension(item, name.strip(), target, field or None))
+            continue
+        if target == AGENT_TARGET:
+            dimensions.append(RewardDimension(name.strip(), AGENT_TARGET, field or None))
             continue
         if target.startswith(SERVE_PREFIX):
             dimensions.append(_serve_dimension(item, name.strip(), target, field or None))
@@ -163,8 +174,14 @@ def fetch_rewards(
     max_in_flight: int = 8,
     on_failure: str = "raise",
     deadline: float = 600.0,
+    model_turns: list | None = None,
+    agent_values: list | None = None,
 ) -> RewardBatch:
     """Blocking entry point (OpenRLHF's trainer is synchronous); see the module docstring.
+
+    Agent rollouts: `model_turns` (each sample's list of the model's own turns) goes to every server in the
+    request's `model_turns`; `agent_values` (each sample's {agent dimension name: value, None if missing})
+    fills the `agent` dimensions.
 
     `timeout` bounds one request (or one reward-file call), `deadline` the whole fetch: a batch not
     scored by then fails, naming its server. The default, 10 minutes, is one timed-out request and
@@ -172,20 +189,23 @@ def fetch_rewards(
     """
     return asyncio.run(
         fetch_rewards_async(
-            dimensions, queries, prompts, labels, batch_size, timeout, retries, max_in_flight, on_failure, deadline
+            dimensions, queries, prompts, labels, batch_size, timeout, retries, max_in_flight, on_failure, deadline,
+            model_turns, agent_values,
         )
     )
 
 
 async def fetch_rewards_async(
     dimensions, queries, prompts, labels, batch_size=256, timeout=300.0, retries=3, max_in_flight=8,
-    on_failure="raise", deadline=600.0,
+    on_failure="raise", deadline=600.0, model_turns=None, agent_values=None,
 ) -> RewardBatch:
     check_arguments(dimensions, queries, prompts, labels, batch_size, timeout, retries, max_in_flight, on_failure,
                     deadline)
+    check_agent_columns(dimensions, queries, model_turns, agent_values)
     load_reward_files(dimensions)
     async with open_targets(dimensions, timeout, retries, max_in_flight) as targets:
-        return await score_samples(targets, dimensions, queries, prompts, labels, batch_size, deadline, on_failure)
+        return await score_samples(targets, dimensions, queries, prompts, labels, batch_size, deadline, on_failure,
+                                   model_turns=model_turns, agent_values=agent_values)
 
 
 def check_arguments(dimensions, queries, prompts, labels, batch_size, timeout, retries, max_in_flight, on_failure,
@@ -215,6 +235,14 @@ def check_samples(queries, prompts, labels):
             raise ValueError(f"{column}[{bad}] must be a string, got {type(values[bad]).__name__}")
 
 
+def check_agent_columns(dimensions, queries, model_turns, agent_values):
+    if any(d.is_agent for d in dimensions) and agent_values is None:
+        raise ValueError("an `agent` reward dimension reads the agent's results: run with --train.agent_func_path")
+    for column, values in (("model_turns", model_turns), ("agent_values", agent_values)):
+        if values is not None and len(values) != len(queries):
+            raise ValueError(f"{column} has {len(values)} entries for {len(queries)} queries")
+
+
 @dataclass
 class Target:
     """One distinct target (a replica list or a reward file) and the dimensions read from its answers."""
@@ -230,7 +258,7 @@ async def open_targets(dimensions, timeout, retries, max_in_flight):
     list keeps one aiohttp session and one Replicas, so max_in_flight and a replica found down hold across
     calls; a reward file is called one batch at a time (reward functions need not be thread-safe)."""
     by_target = {}
-    for dim in dimensions:
+    for dim in [d for d in dimensions if not d.is_agent]:  # read from the samples, in score_samples
         by_target.setdefault(dim.url, []).append(dim)
     async with AsyncExitStack() as stack:
         targets = []
@@ -280,16 +308,19 @@ def _server_scorer(dims, where, session, replicas, timeout, retries):
 
 
 async def score_samples(targets, dimensions, queries, prompts, labels, batch_size, deadline, on_failure,
-                        first_sample=0) -> RewardBatch:
+                        first_sample=0, model_turns=None, agent_values=None) -> RewardBatch:
     """Every sample on every target, cut into `batch_size` requests, all at once; `deadline` seconds from now
-    bound the whole call. Sample numbers in errors start at `first_sample` (a stream's running count)."""
+    bound the whole call. Sample numbers in errors start at `first_sample` (a stream's running count).
+    `agent` dimensions are read from `agent_values` first, one sample at a time."""
     deadline_at = asyncio.get_running_loop().time() + deadline
     n = len(queries)
     rewards = torch.full((n, len(dimensions)), float("nan"))
-    failed = torch.zeros(n, dtype=torch.bool)
+    failed = read_agent_dimensions(rewards, dimensions, agent_values, on_failure, first_sample)
+    columns = {"query": queries, "prompts": prompts, "labels": labels}
+    if model_turns is not None:
+        columns["model_turns"] = model_turns
     payloads = [
-        (start, {"query": list(queries[start : start + batch_size]), "prompts": list(prompts[start : start + batch_size]),
-                 "labels": list(labels[start : start + batch_size])})
+        (start, {key: list(values[start : start + batch_size]) for key, values in columns.items()})
         for start in range(0, n, batch_size)
     ]
 
@@ -307,7 +338,7 @@ async def score_samples(targets, dimensions, queries, prompts, labels, batch_siz
         results = await asyncio.gather(*(bounded(target, s, p) for s, p in payloads), return_exceptions=True)
         return results, time.perf_counter() - started
 
-    seconds = {}
+    seconds = {d.name: 0.0 for d in dimensions if d.is_agent}  # read here, no wait
     for target, (batch_results, elapsed) in zip(targets, await asyncio.gather(*map(score_target, targets))):
         columns = [dimensions.index(d) for d in target.dims]
         for (start, payload), result in zip(payloads, batch_results):
@@ -323,11 +354,33 @@ async def score_samples(targets, dimensions, queries, prompts, labels, batch_siz
     return RewardBatch(rewards, failed, seconds)
 
 
+def read_agent_dimensions(rewards, dimensions, agent_values, on_failure, first_sample) -> torch.Tensor:
+    """Fill the `agent` columns of `rewards` from each sample's agent values; the [N] failed mask. A value that
+    is missing or not finite is a failed fetch of that sample, as a server's error is, never a 0."""
+    failed = torch.zeros(len(rewards), dtype=torch.bool)
+    for k, dim in enumerate(dimensions):
+        if not dim.is_agent:
+            continue
+        source = "the agent's reward" if dim.field is None else f"extra_logs[{dim.field!r}] of the agent's last step"
+        for i, values in enumerate(agent_values):
+            value = values.get(dim.name)
+            if value is not None and math.isfinite(value):
+                rewards[i, k] = value
+                continue
+            if on_failure == "raise":
+                raise RewardServerError(f"agent dimension {dim.name!r}, sample {first_sample + i}: {source} is "
+                                        f"{'missing' if value is None else value}")
+            failed[i] = True
+    return failed
+
+
 async def _score_file_batch(dims, samples, start, payload, timeout) -> torch.Tensor:
     """One batch through a reward file's reward_func, in a thread, bounded by `timeout`."""
     reward_file = cached_reward_file(dims[0].url)
+    # An agent rollout's query is its prompt and the model's last turn, as our servers read it.
+    queries = scored_queries(payload["query"], payload["prompts"], payload.get("model_turns"))
     call = functools.partial(
-        score_reward_file, reward_file, payload["query"], payload["prompts"], payload["labels"], first_sample=start
+        score_reward_file, reward_file, queries, payload["prompts"], payload["labels"], first_sample=start
     )
     try:
         scores = await asyncio.wait_for(_in_daemon_thread(call), timeout)

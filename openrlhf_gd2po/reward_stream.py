@@ -18,7 +18,7 @@ import math
 import threading
 
 from openrlhf_gd2po.reward_client import (
-    RewardBatch, check_arguments, check_samples, load_reward_files, open_targets, score_samples,
+    RewardBatch, check_agent_columns, check_arguments, check_samples, load_reward_files, open_targets, score_samples,
 )
 
 
@@ -30,7 +30,7 @@ class RewardStream:
             raise ValueError(f"flush_wait must be a finite number of seconds >= 0, got {flush_wait!r}")
         self.dimensions, self.batch_size, self.deadline = dimensions, batch_size, deadline
         self.on_failure, self.flush_wait = on_failure, flush_wait
-        self.buffer = []  # groups not sent yet: (first sample number, queries, prompts, labels, future)
+        self.buffer = []  # groups not sent yet: (first sample number, columns, future); columns as score_samples takes them
         self.submitted = 0  # samples submitted so far: sample numbers in error messages count from here
         self.requests = 0  # requests sent to each target
         self.seconds = dict.fromkeys((d.name for d in dimensions), 0.0)  # per dimension, summed over requests
@@ -43,11 +43,15 @@ class RewardStream:
         self.targets_context = open_targets(dimensions, timeout, retries, max_in_flight)
         self.targets = self._call(self.targets_context.__aenter__())
 
-    def submit(self, queries, prompts, labels) -> concurrent.futures.Future:
-        """One group's samples; the future's result is their RewardBatch, rows in the order given."""
+    def submit(self, queries, prompts, labels, model_turns=None, agent_values=None) -> concurrent.futures.Future:
+        """One group's samples; the future's result is their RewardBatch, rows in the order given.
+        Agent rollouts add `model_turns` and `agent_values`, as fetch_rewards takes them."""
         check_samples(queries, prompts, labels)
+        check_agent_columns(self.dimensions, queries, model_turns, agent_values)
         future = concurrent.futures.Future()
-        group = (self.submitted, list(queries), list(prompts), list(labels), future)
+        columns = {"queries": queries, "prompts": prompts, "labels": labels, "model_turns": model_turns,
+                   "agent_values": agent_values}
+        group = (self.submitted, {key: None if value is None else list(value) for key, value in columns.items()}, future)
         self.submitted += len(queries)
         self.loop.call_soon_threadsafe(self._add, group)
         return future
@@ -87,10 +91,10 @@ class RewardStream:
     # The rest runs on the stream's loop.
 
     def _add(self, group):
-        if sum(len(g[1]) for g in self.buffer) + len(group[1]) > self.batch_size:
+        if sum(len(g[1]["queries"]) for g in self.buffer) + len(group[1]["queries"]) > self.batch_size:
             self._send()
         self.buffer.append(group)
-        if sum(len(g[1]) for g in self.buffer) >= self.batch_size:
+        if sum(len(g[1]["queries"]) for g in self.buffer) >= self.batch_size:
             self._send()
         elif self.flush_timer is None:
             self.flush_timer = self.loop.call_later(self.flush_wait, self._send)
@@ -108,10 +112,13 @@ class RewardStream:
         task.add_done_callback(self.in_flight.discard)
 
     async def _score(self, groups):
-        queries, prompts, labels = ([x for group in groups for x in group[column]] for column in (1, 2, 3))
+        # One stream scores one kind of rollout: a column is None in every group or in none.
+        columns = {key: None if value is None else [x for group in groups for x in group[1][key]]
+                   for key, value in groups[0][1].items()}
         try:
-            batch = await score_samples(self.targets, self.dimensions, queries, prompts, labels, self.batch_size,
-                                        self.deadline, self.on_failure, first_sample=groups[0][0])
+            batch = await score_samples(self.targets, self.dimensions, batch_size=self.batch_size,
+                                        deadline=self.deadline, on_failure=self.on_failure,
+                                        first_sample=groups[0][0], **columns)
         except asyncio.CancelledError:  # close()
             for *_, future in groups:
                 future.cancel()
@@ -123,7 +130,7 @@ class RewardStream:
         for name, seconds in batch.seconds.items():
             self.seconds[name] += seconds
         start = 0
-        for _, group_queries, *_, future in groups:
-            rows = slice(start, start + len(group_queries))
+        for _, group_columns, future in groups:
+            rows = slice(start, start + len(group_columns["queries"]))
             start = rows.stop
             future.set_result(RewardBatch(batch.rewards[rows], batch.failed[rows], batch.seconds))

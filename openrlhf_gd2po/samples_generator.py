@@ -25,6 +25,7 @@ import torch
 from openrlhf.trainer.ppo_utils.samples_generator import SamplesGenerator, _collect_prompt_batch
 from openrlhf.utils.logging_utils import init_logger
 from openrlhf_gd2po.advantages import group_drop_reason
+from openrlhf_gd2po.agent_rewards import request_columns
 from openrlhf_gd2po.experience_maker import CALL_TOTALS, attach_rewards, reward_dimensions, warn_failed
 from openrlhf_gd2po.reward_stream import RewardStream
 
@@ -136,7 +137,9 @@ class GD2POSamplesGenerator(SamplesGenerator):
                 for ref in ready:
                     group = [self._process_response_into_experience(r, **generate_kwargs) for r in ray.get(ref)]
                     queries = [self.tokenizer.decode(s.sequences[0], skip_special_tokens=False) for s in group]
-                    scoring[stream.submit(queries, [s.prompts[0] for s in group], [s.labels[0] for s in group])] = group
+                    agent = request_columns(self.args, group, self.reward_dimensions, self.tokenizer)
+                    future = stream.submit(queries, [s.prompts[0] for s in group], [s.labels[0] for s in group], **agent)
+                    scoring[future] = group
                 if not generating:
                     stream.flush()
                     generation_done = time.perf_counter()

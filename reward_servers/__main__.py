@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         "as the authors do, instead of the raw query; prompts must be ChatML or Llama-3",
     )
     reward_model.add_argument(
+        "--whole-conversation",
+        action="store_true",
+        help="agent rollouts: score the whole transcript as OpenRLHF sends it (environment text included) "
+        "instead of the prompt and the model's last turn",
+    )
+    reward_model.add_argument(
         "--normalize-reward",
         action="store_true",
         help="openrlhf only: serve (reward - mean) / std with config.json's mean/std, as OpenRLHF's "
@@ -224,6 +230,10 @@ def build_scorer(args: argparse.Namespace) -> tuple[list[str], Scorer | ScorerSp
         return math_answer.DIMENSIONS, ScorerSpec("reward_servers.math_answer:make_scorer", (args.sample_timeout,))
     if args.task == "reward_model":
         from reward_servers import reward_model
+
+        if args.whole_conversation and args.rm_chat_template:
+            raise SystemExit("reward_model: --whole-conversation scores the raw transcript; it cannot be combined "
+                             "with --rm-chat-template")
 
         try:
             scorer = reward_model.make_scorer(
@@ -316,6 +326,7 @@ def build_app(args: argparse.Namespace):
         max_queue=args.max_queue,
         read_timeout=args.read_timeout,
         request_log=args.request_log,
+        whole_conversation=getattr(args, "whole_conversation", False),
     )
     return app, scorer
 

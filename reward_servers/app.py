@@ -41,12 +41,15 @@ def create_app(
     max_queue: int = 256,
     read_timeout: float = 30.0,
     request_log: str | None = None,
+    whole_conversation: bool = False,
 ) -> FastAPI:
     """`scorer` is a WorkerPool (CPU tasks) or a function run in a thread of this process (a GPU
     reward model); either way a request waits behind at most `max_queue` others and scores for at
     most `request_timeout` seconds. The body must arrive within `read_timeout` seconds.
     `request_log`: a file to which every answered request appends one JSON line per sample
-    (query, prompt, label and its score on each dimension)."""
+    (query, prompt, label, an agent rollout's model_turns, and its score on each dimension).
+    `whole_conversation` (in-process scorers only): an agent rollout is scored on its whole transcript
+    (`query`), not on its prompt and the model's last turn."""
     if api_key == "":
         raise ValueError("the API key is empty: pass a non-empty key, or none to serve without authentication")
 
@@ -89,7 +92,10 @@ def create_app(
         async def redoc() -> HTMLResponse:
             return get_redoc_html(openapi_url="/openapi.json", title=app.title)
 
-    score = scorer.score if isinstance(scorer, WorkerPool) else in_process(scorer, request_timeout, max_queue)
+    if whole_conversation and isinstance(scorer, WorkerPool):
+        raise ValueError("whole_conversation applies to an in-process scorer (a reward model), not to a worker pool")
+    score = (scorer.score if isinstance(scorer, WorkerPool)
+             else in_process(scorer, request_timeout, max_queue, whole_conversation))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -149,7 +155,7 @@ def create_app(
 RETRY_AFTER = {"Retry-After": "1"}
 
 
-def in_process(scorer: Scorer, request_timeout: float, max_queue: int):
+def in_process(scorer: Scorer, request_timeout: float, max_queue: int, whole_conversation: bool = False):
     """Run `scorer` in a thread of this process with the pool's queue and time limits. A thread
     cannot be stopped: a request over the limit answers 503 while its thread runs on, and it
     still counts against the queue until it ends, so a hung scorer fills the queue, not memory."""
@@ -166,7 +172,9 @@ def in_process(scorer: Scorer, request_timeout: float, max_queue: int):
         # Parsed in the event loop: milliseconds for a usual batch (the pool's workers parse their own).
         batch = parse_request(body)
         running += 1
-        future = asyncio.get_running_loop().run_in_executor(None, scorer, batch.query, batch.prompts, batch.labels)
+        future = asyncio.get_running_loop().run_in_executor(
+            None, scorer, batch.scored_queries(whole_conversation), batch.prompts, batch.labels
+        )
         future.add_done_callback(finished)
         try:
             return await asyncio.wait_for(asyncio.shield(future), request_timeout), len(batch.query)
@@ -195,9 +203,11 @@ async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
 
 def log_samples(path: str, body: bytes, scores: dict[str, list[float]]) -> None:
     request = json.loads(body)  # already validated by the scorer
+    turns = request.get("model_turns") or [None] * len(request["query"])
     lines = [
-        json.dumps({"query": query, "prompt": prompt, "label": label, **{k: v[i] for k, v in scores.items()}}) + "\n"
-        for i, (query, prompt, label) in enumerate(zip(request["query"], request["prompts"], request["labels"]))
+        json.dumps({"query": query, "prompt": prompt, "label": label, **({"model_turns": t} if t is not None else {}),
+                    **{k: v[i] for k, v in scores.items()}}) + "\n"
+        for i, (query, prompt, label, t) in enumerate(zip(request["query"], request["prompts"], request["labels"], turns))
     ]
     with open(path, "a") as log:  # one write: lines of concurrent requests do not interleave
         log.write("".join(lines))

@@ -52,6 +52,11 @@ class RewardRequest(BaseModel):
     query: list[StrictStr] = Field(description="Prompt + response of each sample as OpenRLHF decodes it.")
     prompts: list[StrictStr] = Field(description="The prompt of each sample.")
     labels: list[StrictStr | None] = Field(description="The label (ground truth) of each sample, or null.")
+    model_turns: list[list[StrictStr]] | None = Field(
+        default=None,
+        description="Agent rollouts (--train.agent_func_path) only: each sample's own turns of the model, in order, "
+        "each as decoded with its end token; `query` is then the whole transcript, environment text included.",
+    )
 
     @model_validator(mode="after")
     def one_entry_per_sample(self) -> "RewardRequest":
@@ -60,7 +65,13 @@ class RewardRequest(BaseModel):
                 "query, prompts and labels need one entry per sample, got "
                 f"{len(self.query)}, {len(self.prompts)} and {len(self.labels)} entries"
             )
+        if self.model_turns is not None and len(self.model_turns) != len(self.query):
+            raise ValueError(f"model_turns needs one entry per sample, got {len(self.model_turns)} for "
+                             f"{len(self.query)} queries")
         return self
+
+    def scored_queries(self, whole_conversation: bool = False) -> list[str]:
+        return list(self.query) if whole_conversation else scored_queries(self.query, self.prompts, self.model_turns)
 
 
 class InvalidRequest(ValueError):
@@ -88,7 +99,16 @@ def score_request(scorer: Scorer, body: bytes) -> tuple[dict[str, list[float]], 
     so that parsing a large body (seconds for millions of JSON values, holding the GIL) happens
     outside the server process and /health stays responsive."""
     batch = parse_request(body)
-    return scorer(batch.query, batch.prompts, batch.labels), len(batch.query)
+    return scorer(batch.scored_queries(), batch.prompts, batch.labels), len(batch.query)
+
+
+def scored_queries(queries: list[str], prompts: list[str], model_turns: list[list[str]] | None) -> list[str]:
+    """What a scorer reads as each sample's query: the query as sent or, for an agent rollout (model_turns
+    given), its prompt followed by the model's last turn. So the environment's text is never scored as the
+    model's (a calculator's or a search tool's line may hold the right answer), and the final answer is."""
+    if model_turns is None:
+        return list(queries)
+    return [prompt + (turns[-1] if turns else "") for prompt, turns in zip(prompts, model_turns)]
 
 
 def make_file_scorer(path: str) -> Scorer:

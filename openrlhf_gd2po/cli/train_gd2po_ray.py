@@ -60,7 +60,9 @@ def add_gd2po_arguments(parser):
     group.add_argument("--reward.servers", type=str, default=None,
                        help="reward dimensions as name=url[|replica_url...][#dimension],... or name=reward.py[#dimension] "
                             "(a dimension picks extra_logs[dimension] of a multi-dimension server; replicas share the "
-                            "batches; a .py reward file is scored in the trainer process); all run in parallel")
+                            "batches; a .py reward file is scored in the trainer process); all run in parallel. "
+                            "With --train.agent_func_path, name=agent reads the agent's reward (summed over its steps), "
+                            "name=agent#key its last step's extra_logs[key]")
     group.add_argument("--reward.weights", type=float, nargs="+", default=None,
                        help="one weight per --reward.servers dimension (default all 1)")
     group.add_argument("--reward.timeout", type=float, default=300.0, help="seconds per reward request")
@@ -92,6 +94,10 @@ def validate_gd2po_arguments(args):
         dimensions = parse_reward_servers(servers)
     except ValueError as error:
         return str(error)
+    agent = next((d for d in dimensions if d.is_agent), None)
+    if agent is not None and not get("train.agent_func_path"):
+        return (f"--reward.servers dimension {agent.name!r} reads the agent's results (target `agent`): it needs "
+                "--train.agent_func_path")
     weights = get("reward.weights")
     if weights is not None and len(weights) != len(dimensions):
         return f"--reward.weights has {len(weights)} values for {len(dimensions)} --reward.servers dimensions"

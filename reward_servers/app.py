@@ -204,10 +204,11 @@ async def read_body(request: Request, max_bytes: int, timeout: float) -> bytes:
 def log_samples(path: str, body: bytes, scores: dict[str, list[float]]) -> None:
     request = json.loads(body)  # already validated by the scorer
     turns = request.get("model_turns") or [None] * len(request["query"])
+    columns = zip(request["query"], request["prompts"], request["labels"], turns)
     lines = [
         json.dumps({"query": query, "prompt": prompt, "label": label, **({"model_turns": t} if t is not None else {}),
                     **{k: v[i] for k, v in scores.items()}}) + "\n"
-        for i, (query, prompt, label, t) in enumerate(zip(request["query"], request["prompts"], request["labels"], turns))
+        for i, (query, prompt, label, t) in enumerate(columns)
     ]
     with open(path, "a") as log:  # one write: lines of concurrent requests do not interleave
         log.write("".join(lines))

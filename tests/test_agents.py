@@ -118,8 +118,8 @@ def test_a_missing_or_non_finite_agent_value_is_a_failed_fetch_never_zero(tokeni
     dimensions = parse_reward_servers(SERVERS)
     columns = request_columns(agent_args(), samples, dimensions, tokenizer)
     queries = [tokenizer.decode(s.sequences[0], skip_special_tokens=False) for s in samples]
-    with pytest.raises(RewardServerError, match="agent dimension 'turns', sample 2: extra_logs\\['turns'\\] of the "
-                                                "agent's last step is " + ("missing" if broken == "missing" else broken)):
+    message = "agent dimension 'turns', sample 2: extra_logs\\['turns'\\] of the agent's last step is "
+    with pytest.raises(RewardServerError, match=message + ("missing" if broken == "missing" else broken)):
         fetch_rewards(dimensions, queries, [prompt] * 4, [LABEL] * 4, **columns)
     batch = fetch_rewards(dimensions, queries, [prompt] * 4, [LABEL] * 4, on_failure="mask", **columns)
     assert batch.failed.tolist() == [False, False, True, False]
@@ -156,8 +156,8 @@ def test_environment_tokens_carry_no_advantage_and_no_length(tiny_model, tokeniz
     samples = agent_samples(tokenizer)[0] + agent_samples(tokenizer)[0]  # two groups of N_SAMPLES
     assert len(samples) == 2 * N_SAMPLES
     # after the model's first token, the tokens it did not write
-    environment = [~s.action_mask[0].bool() & (torch.arange(s.action_mask.shape[1]) >= int(s.action_mask[0].nonzero()[0]))
-                   for s in samples]  # fmt: skip
+    environment = [~mask.bool() & (torch.arange(len(mask)) >= int(mask.nonzero()[0]))
+                   for mask in (s.action_mask[0] for s in samples)]
     assert environment[0].sum() > 10 and environment[3].sum() == 0  # rollout 3 answers at once: no environment
     actor = Actor(str(tiny_model), attn_implementation="eager", param_dtype="bf16")
     maker = GD2POExperienceMaker(InProcessActorGroup(actor), None, None, None, FixedKLController(0.0),

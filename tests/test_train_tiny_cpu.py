@@ -200,7 +200,7 @@ def test_the_agents_turns_reach_the_servers_and_the_update_its_environment_does_
     tokenizer = transformers.AutoTokenizer.from_pretrained(snr_run.out / "model")
     logged = {server: {line["query"]: line for line in snr_run.requests(server)} for server in ("math", "length")}
     trained = queries(snr_run, snr_run.replay)
-    turn_counts = torch.cat([r["info"]["turns"] for r in snr_run.replay])  # the agent's extra_logs, as OpenRLHF keeps it
+    turn_counts = torch.cat([r["info"]["turns"] for r in snr_run.replay])  # the agent's extra_logs, in OpenRLHF's info
     assert torch.equal(turn_counts, torch.cat([r["info"]["reward/turns"] for r in snr_run.replay]))
     runs = []
     for record in snr_run.replay:

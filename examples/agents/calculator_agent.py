@@ -44,7 +44,7 @@ class CalculatorEnvironment(AgentInstanceBase):
             self.tool_calls += 1
             reply = f"<result>{calculate(*call.groups())}</result>"
         else:
-            reply = "Use <calculator>2 + 3</calculator> or answer \\boxed{n}."
+            reply = "Use <calculator>2 + 3</calculator> or \\boxed{n}."
         ended = action.endswith(END)
         done = bool(answer) or (ended and not call) or self.turns >= MAX_TURNS
         # The next user turn, closing the model's message first if it was cut at the token limit.

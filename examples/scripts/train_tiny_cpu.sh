@@ -7,7 +7,7 @@
 #   TINY_SERVE=1 ...: the length server is a Ray Serve application on the run's Ray head (--ray-serve
 #     tiny_length), which the trainer calls as serve:tiny_length through a DeploymentHandle
 #   TINY_AGENT=1 ...: rollouts by the calculator agent (examples/agents/calculator_agent.py, up to 3 turns),
-#     its turn count a fifth dimension (turns=agent#turns), --data.max_len 512
+#     its turn count a fifth dimension (turns=agent#turns), 32 tokens a turn
 #   TINY_MODEL=DIR ...: copy the model in DIR (an earlier run's OUT/model) instead of building one: the
 #     build imports transformers in a process of its own, about 7 CPU-seconds, which the tests' runs share
 # Starts what it needs and stops all of it at the end: a local Ray head on free ports with its own
@@ -217,7 +217,9 @@ AGENT_FLAGS=()
 if [ "$TINY_AGENT" = 1 ]; then   # the calculator agent (examples/agents/): up to 3 turns, its turn count a dimension
   SPEC[turns]="agent#turns"
   TINY_DIMENSIONS+=",turns"
-  AGENT_FLAGS=(--train.agent_func_path "$ROOT/examples/agents/calculator_agent.py" --data.max_len 512)
+  # 32 tokens a turn (3 turns and the environment's 2 replies fit in 448): a longer sequence is a slower step
+  AGENT_FLAGS=(--train.agent_func_path "$ROOT/examples/agents/calculator_agent.py" --rollout.max_new_tokens 32
+               --data.max_len 448)
 fi
 SERVERS=""
 for dim in ${TINY_DIMENSIONS//,/ }; do

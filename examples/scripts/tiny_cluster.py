@@ -10,8 +10,8 @@ these namespaces; nothing is sent anywhere else):
                        read-only mounts over them) and imports a copy of the package at another path,
                        so a path resolved on the driver's machine fails there as on a cluster
   rewards  10.23.0.21  the reward servers, bound to that address: a key is required
-The driver gets the key as README tells users: $GD2PO_REWARD_API_KEY in the environment it is launched
-from. The Ray processes do not have it.
+The driver gets the key as README tells users: $GD2PO_REWARD_API_KEY_FILE, a key file every host reads,
+in the environment it is launched from. The Ray processes do not have it.
 
 Shape, scaled down from the recipes: N actor ranks (ZeRO-3, one per node) and N vLLM engines, 4
 prompts per rollout step, 4 samples each, optimizer steps of 2 prompts, and $TINY_PROMPTS prompts
@@ -143,7 +143,7 @@ def copy_for_nodes(site: Path) -> Path:
 
 def base_environment(out: Path) -> dict:
     """What every process inherits, as train_tiny_cpu.sh sets it (its step 2)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GD2PO_REWARD_API_KEY")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GD2PO_REWARD_API_KEY", "GD2PO_REWARD_API_KEY_FILE")}
     env.update(
         GD2PO_CPU_AID_LOG=str(out / "cpu_aid_sites.tsv"), GD2PO_METRICS_LOG=str(out / "metrics.jsonl"),
         GD2PO_REPLAY_DUMP=str(out / "replay"), GD2PO_VLLM_PROBE=str(out / "vllm_probe.jsonl"),
@@ -306,15 +306,17 @@ def main(argv: list[str]) -> int:
     try:
         cluster.build_network()
         env = base_environment(out)
-        key = secrets.token_hex(16)
+        key_file = work / "reward_key"  # every host reads the work dir
+        key_file.touch(0o600)
+        key_file.write_text(secrets.token_hex(16))
         # the head and the reward host see the checkout (with the caller's path: tests/cpu_stand_ins, say)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         log("reward servers")
-        ports = start_reward_servers(cluster, out, dimensions, dict(env, GD2PO_REWARD_API_KEY=key))
+        ports = start_reward_servers(cluster, out, dimensions, dict(env, GD2PO_REWARD_API_KEY_FILE=str(key_file)))
         log("Ray")
         gcs = start_ray(cluster, out, nodes, gpus, env, copy_for_nodes(work / "site"))
         servers = reward_spec(dimensions, cluster.hosts["rewards"], ports)
-        driver_env = dict(env, RAY_ADDRESS=gcs, GD2PO_REWARD_API_KEY=key)
+        driver_env = dict(env, RAY_ADDRESS=gcs, GD2PO_REWARD_API_KEY_FILE=str(key_file))
         command = [PY, "-m", "openrlhf_gd2po.cli.train_gd2po_ray", *train_flags(out, nodes, prompts, servers), *argv[1:]]
         log(f"the job: {nodes} nodes x {gpus} GPUs, head {gcs}, reward servers on {cluster.hosts['rewards']}")
         driver = cluster.start("head", command, out / "train.log", driver_env, cwd=out)

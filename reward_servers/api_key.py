@@ -1,6 +1,6 @@
 """The reward API key, as the servers, the trainer's client and the CLIs read it: from the file that
 $GD2PO_REWARD_API_KEY_FILE names, else from $GD2PO_REWARD_API_KEY. Never from a flag: a process's argv
-is readable by anyone on its node (`ps`) for as long as it runs."""
+is readable by anyone on its node (`ps`) for as long as it runs. And when a server needs one: beyond loopback."""
 
 import argparse
 import ipaddress

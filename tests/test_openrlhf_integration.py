@@ -255,24 +255,43 @@ def test_cli_resolves_a_relative_reward_file_in_the_drivers_directory(tmp_path, 
     assert parse_reward_servers(args.reward.servers) == parse_reward_servers("c=http://h:1#x,mine=mine.py")
 
 
-def test_cli_passes_the_reward_key_to_every_ray_worker_unless_the_job_sets_it(monkeypatch):
+def test_cli_passes_the_key_files_path_never_the_key_to_every_ray_worker(monkeypatch, tmp_path):
+    """The workers get $GD2PO_REWARD_API_KEY_FILE (absolute: their directory is their raylet's) in the
+    runtime env; the key itself would show on the Ray dashboard, so a key in the environment is refused."""
     from ray.runtime_env.runtime_env import _merge_runtime_env  # what ray.init does under `ray job submit`
 
-    monkeypatch.setenv("GD2PO_REWARD_API_KEY", "k1")
+    from openrlhf_gd2po.cli.train_gd2po_ray import reward_key_for_workers
+
+    (tmp_path / "key").write_text("k1-secret\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GD2PO_REWARD_API_KEY", raising=False)
+    monkeypatch.setenv("GD2PO_REWARD_API_KEY_FILE", "key")
     _, calls = parse_cli(training_argv("gdpo", "c=http://h:1"))
     env_vars = calls[0]["runtime_env"]["env_vars"]
-    assert env_vars["GD2PO_REWARD_API_KEY"] == "k1" and env_vars["NCCL_DEBUG"]  # OpenRLHF's own kept
-    # Under `ray job submit --runtime-env-json` with the key, the job's env already has it: adding it
+    assert env_vars["GD2PO_REWARD_API_KEY_FILE"] == str(tmp_path / "key") and env_vars["NCCL_DEBUG"]  # OpenRLHF's kept
+    assert "k1-secret" not in json.dumps(calls[0])
+    # Under `ray job submit --runtime-env-json` with the path, the job's env already has it: adding it
     # again would be Ray's "Failed to merge the Job's runtime env".
-    job_env = {"env_vars": {"GD2PO_REWARD_API_KEY": "k1"}}
+    job_env = {"env_vars": {"GD2PO_REWARD_API_KEY_FILE": str(tmp_path / "key")}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env}))
     _, calls = parse_cli(training_argv("gdpo", "c=http://h:1"))
-    assert "GD2PO_REWARD_API_KEY" not in calls[0]["runtime_env"]["env_vars"]
+    assert "GD2PO_REWARD_API_KEY_FILE" not in calls[0]["runtime_env"]["env_vars"]
     assert _merge_runtime_env(job_env, calls[0]["runtime_env"]) is not None
-    monkeypatch.delenv("GD2PO_REWARD_API_KEY")
+    (tmp_path / "key").write_text("\n")
+    with pytest.raises(SystemExit, match=r"GD2PO_REWARD_API_KEY_FILE=key: the key file is empty"):
+        reward_key_for_workers()
+    monkeypatch.delenv("GD2PO_REWARD_API_KEY_FILE")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"GD2PO_REWARD_API_KEY": "k1"}}}))
+    with pytest.raises(SystemExit, match=r"GD2PO_REWARD_API_KEY is in this Ray job's runtime env, which the Ray "
+                                         r"dashboard shows .* set \$GD2PO_REWARD_API_KEY_FILE"):  # fmt: skip
+        reward_key_for_workers()
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    monkeypatch.setenv("GD2PO_REWARD_API_KEY", "k1")
+    with pytest.raises(SystemExit, match=r"GD2PO_REWARD_API_KEY would reach the Ray workers only in the job's runtime env"):
+        reward_key_for_workers()
+    monkeypatch.delenv("GD2PO_REWARD_API_KEY")
     _, calls = parse_cli(training_argv("gdpo", "c=http://h:1"))
-    assert "GD2PO_REWARD_API_KEY" not in calls[0]["runtime_env"]["env_vars"]
+    assert not {"GD2PO_REWARD_API_KEY", "GD2PO_REWARD_API_KEY_FILE"} & set(calls[0]["runtime_env"]["env_vars"])
 
 
 @pytest.mark.parametrize(

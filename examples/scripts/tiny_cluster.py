@@ -10,8 +10,8 @@ these namespaces; nothing is sent anywhere else):
                        read-only mounts over them) and imports a copy of the package at another path,
                        so a path resolved on the driver's machine fails there as on a cluster
   rewards  10.23.0.21  the reward servers, bound to that address: a key is required
-The driver gets the key as README tells users: $GD2PO_REWARD_API_KEY in the environment it is launched
-from. The Ray processes do not have it.
+The driver gets the key as README tells users: $GD2PO_REWARD_API_KEY_FILE, a key file every host reads,
+in the environment it is launched from. The Ray processes do not have it.
 
 Shape, scaled down from the recipes: N actor ranks (ZeRO-3, one per node) and N vLLM engines, 4
 prompts per rollout step, 4 samples each, optimizer steps of 2 prompts, and $TINY_PROMPTS prompts
@@ -143,7 +143,7 @@ def copy_for_nodes(site: Path) -> Path:
 
 def base_environment(out: Path) -> dict:
     """What every process inherits, as train_tiny_cpu.sh sets it (its step 2); CPU mode (--gd2po.cpu) the rest."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GD2PO_REWARD_API_KEY")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GD2PO_REWARD_API_KEY", "GD2PO_REWARD_API_KEY_FILE")}
     env.update(
         GD2PO_CPU_AID_LOG=str(out / "cpu_aid_sites.tsv"), GD2PO_METRICS_LOG=str(out / "metrics.jsonl"),
         GD2PO_REPLAY_DUMP=str(out / "replay"), GD2PO_VLLM_PROBE=str(out / "vllm_probe.jsonl"),
@@ -331,18 +331,20 @@ def main(argv: list[str]) -> int:
     try:
         cluster.build_network()
         env = base_environment(out)
-        key = secrets.token_hex(16)
+        key_file = work / "reward_key"  # every host reads the work dir
+        key_file.touch(0o600)
+        key_file.write_text(secrets.token_hex(16))
         # the head and the reward host see the checkout
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         log("reward servers")
-        ports = start_reward_servers(cluster, out, dimensions, dict(env, GD2PO_REWARD_API_KEY=key))
+        ports = start_reward_servers(cluster, out, dimensions, dict(env, GD2PO_REWARD_API_KEY_FILE=str(key_file)))
         log("Ray")
         gcs = start_ray(cluster, out, nodes, gpus, env, copy_for_nodes(work / "site"))
         if os.environ.get("TINY_SERVE") == "1" and "length" in dimensions:
             log("the length server on Ray Serve")
             deploy_length(cluster, out, gcs, env)
         servers = reward_spec(dimensions, cluster.hosts["rewards"], ports)
-        driver_env = dict(env, RAY_ADDRESS=gcs, GD2PO_REWARD_API_KEY=key)
+        driver_env = dict(env, RAY_ADDRESS=gcs, GD2PO_REWARD_API_KEY_FILE=str(key_file))
         flags = train_flags(out, nodes, prompts, servers)
         if os.environ.get("TINY_EVAL") == "1":  # train_tiny_cpu.sh's eval flags
             flags += ["--eval.dataset", str(out / "eval.jsonl"), "--eval.steps", "1", "--eval.n_samples_per_prompt", "2",

@@ -33,7 +33,7 @@
 #   REWARD_GPU, COST_GPU  REWARD_SERVE=0: GPU index of each reward-model server (default 0 and 1)
 #   REWARD_PORT, COST_PORT  REWARD_SERVE=0: server ports (default 5101 and 5102)
 #   REWARD_HOST        REWARD_SERVE=0: the servers' address (default 127.0.0.1: the trainer on this node).
-#                      Another node's trainer needs this node's address; then GD2PO_REWARD_API_KEY must be set
+#                      Another node's trainer needs this node's address; then GD2PO_REWARD_API_KEY_FILE must name a key file
 #   RM_DEVICE          device of both reward-model servers (default cuda; cpu runs them without a GPU, slowly,
 #                      and with REWARD_SERVE=1 needs RM_GPUS=0)
 #   SAVE_PATH          checkpoints, logs, tensorboard (default ./ckpt/safety_<ESTIMATOR>)
@@ -85,6 +85,7 @@ require_file DATA
 require_one_of ESTIMATOR gd2po_snr gd2po_hard gdpo grpo
 require_positive_int NUM_GPUS
 require_one_of REWARD_SERVE 0 1
+check_reward_key
 if [[ "$REWARD_SERVE" == 1 ]]; then
     [[ "$RM_GPUS" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "RM_GPUS=$RM_GPUS: must be a number of GPUs (0.5 shares one)"
     [[ "$RM_DEVICE" == cpu || "$RM_GPUS" != 0 ]] || die "RM_GPUS=0 with RM_DEVICE=$RM_DEVICE: give the models GPUs, or RM_DEVICE=cpu"

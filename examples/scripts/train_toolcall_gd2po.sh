@@ -22,7 +22,7 @@
 #                serve:toolcall_rewards; 0: one local server on PORT
 #   PORT         REWARD_SERVE=0: toolcall reward server port (default 5001)
 #   REWARD_HOST  REWARD_SERVE=0: the server's address (default 127.0.0.1: the trainer on this node). Another
-#                node's trainer needs this node's address; then GD2PO_REWARD_API_KEY must be set
+#                node's trainer needs this node's address; then GD2PO_REWARD_API_KEY_FILE must name a key file
 #   SAVE_PATH    checkpoints, logs, tensorboard (default ./ckpt/toolcall_<ESTIMATOR>_r<REWARDS>)
 #   RAY_ADDRESS  Ray dashboard (default http://127.0.0.1:8265); if nothing answers there, a local head is started
 #   PYTHON       interpreter with this project and OpenRLHF installed (default python3)
@@ -64,6 +64,7 @@ require_one_of ESTIMATOR gd2po_snr gd2po_hard gdpo grpo
 require_one_of REWARDS 2 3
 require_positive_int NUM_GPUS
 require_one_of REWARD_SERVE 0 1
+check_reward_key
 if [[ "$REWARD_SERVE" == 1 ]]; then
     require_positive_int SCORER_REPLICAS
     require_positive_int SCORER_WORKERS

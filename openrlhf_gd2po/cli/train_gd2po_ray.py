@@ -4,7 +4,7 @@ OpenRLHF builds its parser inside `train_ppo_ray`'s `__main__` block, so we run 
 unchanged (every OpenRLHF flag, check and default stays as is) and hook two calls while it runs:
 `parse_args`, to add and validate our flags before anything starts, and `ray.init`, to add the
 worker hook that installs GD2POExperienceMaker in every Ray worker (the trainer is a Ray actor) and to
-pass $GD2PO_REWARD_API_KEY on to them. With --reward.servers, OpenRLHF's vLLM engines are built without
+pass $GD2PO_REWARD_API_KEY_FILE (the key file's path, never the key) on to them. With --reward.servers, OpenRLHF's vLLM engines are built without
 a reward endpoint (`engines_score_nothing`).
 """
 
@@ -21,7 +21,8 @@ import ray
 import openrlhf_gd2po
 from openrlhf_gd2po import cpu
 from openrlhf_gd2po.advantages import DYNAMIC_SAMPLING, ESTIMATORS
-from openrlhf_gd2po.reward_client import API_KEY_ENV, parse_reward_servers, with_absolute_reward_files
+from openrlhf_gd2po.reward_client import parse_reward_servers, with_absolute_reward_files
+from reward_servers.api_key import API_KEY_ENV, API_KEY_FILE_ENV, ApiKeyError, read_api_key
 
 WORKER_SETUP_HOOK = "openrlhf_gd2po.install"
 # --reward.remote_url with --reward.servers: only for the driver's `if not args.reward.remote_url`, which
@@ -198,18 +199,35 @@ def logical_gpus_for_a_cpu_run(args) -> int:
 
 
 def reward_key_for_workers() -> dict:
-    """$GD2PO_REWARD_API_KEY for every Ray worker's env_vars: the trainer actor sends it, and it runs in
-    its raylet's environment, not the driver's."""
-    key = os.environ.get(API_KEY_ENV)
-    return not_set_by_the_job({API_KEY_ENV: key} if key else {})
+    """$GD2PO_REWARD_API_KEY_FILE, made absolute, for every Ray worker's env_vars: the trainer actor sends
+    the key, and it runs in its raylet's environment, not the driver's. The path, never the key: a runtime
+    env's env_vars show on the Ray dashboard to whoever can read the job. Not when the Ray job's own runtime
+    env sets it already (`ray job submit --runtime-env-json`)."""
+    use_a_file = (f"which the Ray dashboard shows to whoever can read the job: write the key to a file that every node "
+                  f"can read (chmod 600) and set ${API_KEY_FILE_ENV} to its path instead")
+    if API_KEY_ENV in job_env_vars():
+        raise SystemExit(f"train_gd2po_ray: error: ${API_KEY_ENV} is in this Ray job's runtime env, {use_a_file}")
+    if os.environ.get(API_KEY_ENV) and API_KEY_FILE_ENV not in os.environ:
+        raise SystemExit(f"train_gd2po_ray: error: ${API_KEY_ENV} would reach the Ray workers only in the job's "
+                         f"runtime env, {use_a_file}")
+    if API_KEY_FILE_ENV not in os.environ:
+        return {}
+    try:
+        read_api_key()  # here, before any worker starts; the trainer actor reads it again on its node
+    except ApiKeyError as error:
+        raise SystemExit(f"train_gd2po_ray: error: {error}") from None
+    return not_set_by_the_job({API_KEY_FILE_ENV: os.path.abspath(os.environ[API_KEY_FILE_ENV])})
+
+
+def job_env_vars() -> dict:
+    """The env_vars of the Ray job's own runtime env (`ray job submit --runtime-env-json`), if any."""
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return (job_config.get("runtime_env") or {}).get("env_vars") or {}
 
 
 def not_set_by_the_job(env_vars: dict) -> dict:
-    """`env_vars` less those the Ray job's own runtime env sets (`ray job submit --runtime-env-json`): Ray
-    refuses to merge a variable that both set."""
-    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    job_env = (job_config.get("runtime_env") or {}).get("env_vars") or {}
-    return {name: value for name, value in env_vars.items() if name not in job_env}
+    """`env_vars` less those the Ray job's own runtime env sets: Ray refuses to merge a variable that both set."""
+    return {name: value for name, value in env_vars.items() if name not in job_env_vars()}
 
 
 def engines_score_nothing(ray_package):

@@ -45,6 +45,8 @@ def parse_cli(argv):
         mock.patch.object(sys, "argv", ["train_gd2po_ray", *argv]),
         mock.patch.object(ray, "is_initialized", return_value=False),
         mock.patch.object(ray, "init", side_effect=lambda *a, **kw: ray_init_calls.append(kw)),
+        # a named Ray cluster: on a machine without CUDA, a local one would need --gd2po.cpu (test_cpu_mode.py)
+        mock.patch.dict(os.environ, {"RAY_ADDRESS": "127.0.0.1:1"}),
         mock.patch("openrlhf.utils.get_strategy", side_effect=stop),
     ):
         with pytest.raises(ReachedTraining) as reached:
@@ -438,6 +440,7 @@ def test_parse_args_hook_touches_only_openrlhfs_parser_and_is_removed_after_it()
         mock.patch.object(sys, "argv", ["train_gd2po_ray", *training_argv("gd2po_snr", "c=http://h:1")]),
         mock.patch.object(ray, "is_initialized", return_value=False),
         mock.patch.object(ray, "init"),
+        mock.patch.dict(os.environ, {"RAY_ADDRESS": "127.0.0.1:1"}),  # a named cluster (see parse_with_real_cli)
         mock.patch("openrlhf.utils.get_strategy", side_effect=stop),
     ):
         with pytest.raises(ReachedTraining):

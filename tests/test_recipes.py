@@ -71,6 +71,8 @@ def parse_with_real_cli(argv):
         mock.patch.object(sys, "argv", ["train_gd2po_ray", *argv]),
         mock.patch.object(ray, "is_initialized", return_value=False),
         mock.patch.object(ray, "init"),
+        # a named Ray cluster: on a machine without CUDA, a local one would need --gd2po.cpu (test_cpu_mode.py)
+        mock.patch.dict(os.environ, {"RAY_ADDRESS": "127.0.0.1:1"}),
         mock.patch("openrlhf.utils.get_strategy", side_effect=stop),
     ):
         with pytest.raises(ReachedTraining) as reached:

@@ -43,7 +43,7 @@
 # Extra arguments go to train_gd2po_ray after the recipe's flags, so they override them
 # (e.g. `--gd2po.snr_threshold 0.5`).
 #
-# Settings (the authors' run_gd2po_*.sh and verl defaults; differences: README "Paper experiments"):
+# Settings (the authors' run_gd2po_*.sh and verl defaults; differences: docs/recipes.md):
 # 512 prompts x 4 samples at temperature 0.7, 128 prompts per optimizer step, one pass of 100
 # rollout steps (the first 51,200 prompts), lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay
 # 0.01, clip 0.2, dual clip 3, no KL (no reference model), no entropy bonus, prompts up to 512 tokens

@@ -98,6 +98,9 @@ else
     require_free_port COST_PORT
 fi
 require_command "$PYTHON" "set PYTHON to the interpreter with this project installed"
+# A local head (ensure_ray) holds the trainer's GPUs and, on Serve, the two reward models' own (whole GPUs).
+HEAD_GPUS="$NUM_GPUS"
+[[ "$REWARD_SERVE" == 1 ]] && HEAD_GPUS=$(awk -v n="$NUM_GPUS" -v rm="$RM_GPUS" 'BEGIN { x = n + 2 * rm; print (x == int(x)) ? x : int(x) + 1 }')
 MODEL_PATH="$(realpath "$MODEL_PATH")"
 REWARD_MODEL_PATH="$(realpath "$REWARD_MODEL_PATH")"
 COST_MODEL_PATH="$(realpath "$COST_MODEL_PATH")"

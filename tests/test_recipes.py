@@ -175,6 +175,10 @@ def test_safety_dry_run_deploys_both_models_on_ray_serve(fake_paths):
         assert (f"      --dimension-name {name} \\\n      --ray-serve {app} \\\n      --num-gpus 0.5\n") in result.stdout
     assert f"env RAY_ADDRESS=auto {sys.executable} {SCRIPTS / 'check_reward_direction.py'} \\\n      --reward-servers {servers}" in result.stdout
     assert result.stdout.index("'safety_cm'") < result.stdout.index("Reward direction check") < result.stdout.index("Training job")
+    # A local head holds the trainer's GPUs and the reward models' (docs/recipes.md: NUM_GPUS=6 on one 8-GPU node).
+    assert "ray start \\\n      --head \\\n      --num-gpus 9 \\\n" in result.stdout  # 8 + 2 x 0.5
+    six = run_script("train_safety_gd2po.sh", safety_env(fake_paths, REWARD_SERVE="1", NUM_GPUS="6"))
+    assert "ray start \\\n      --head \\\n      --num-gpus 8 \\\n" in six.stdout
     wrong = run_script("train_safety_gd2po.sh", safety_env(fake_paths, REWARD_SERVE="1", RM_GPUS="0"))
     assert wrong.returncode != 0 and "RM_GPUS=0 with RM_DEVICE=cuda" in wrong.stderr
 

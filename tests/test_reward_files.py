@@ -165,7 +165,7 @@ def test_bad_file_spec_is_a_usage_error(tmp_path, capsys):
 
 
 def test_readme_example_file_runs(tmp_path):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "rewards.md").read_text()
     code = readme.split("```python\n# my_reward.py\n", 1)[1].split("```", 1)[0]
     reward_file = load_reward_file(write(tmp_path, code))
     scores = score_reward_file(reward_file, ["p: <answer>1</answer>", "p: no"], ["p:", "p:"], [None, None])

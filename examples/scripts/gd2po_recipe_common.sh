@@ -1,7 +1,8 @@
 # Shared by train_toolcall_gd2po.sh and train_safety_gd2po.sh (sourced, not run): input checks,
 # printing commands, reward servers (started, health-checked, stopped on exit), Ray, the job.
 #
-# The sourcing script sets REPO_ROOT, PYTHON, RAY_ADDRESS, NUM_GPUS, SAVE_PATH and DRY_RUN first.
+# The sourcing script sets REPO_ROOT, PYTHON, RAY_ADDRESS, NUM_GPUS, SAVE_PATH and DRY_RUN first (and HEAD_GPUS,
+# the GPUs of a local head, when its reward servers need GPUs besides the trainer's NUM_GPUS).
 
 # The GD²PO authors' optimizer and clipping (verl's defaults in both of their experiments): AdamW
 # betas (0.9, 0.999), weight decay 0.01, a constant learning rate without warmup, gradient-norm clip
@@ -155,7 +156,7 @@ ensure_ray() {
     fi
     [[ "$RAY_ADDRESS" =~ ^http://(127\.0\.0\.1|localhost):([0-9]+)$ ]] ||
         die "RAY_ADDRESS=$RAY_ADDRESS: no Ray dashboard answers there (start the cluster, or use http://127.0.0.1:PORT for a local head)"
-    local command=(ray start --head --num-gpus "$NUM_GPUS" --dashboard-host 127.0.0.1 --dashboard-port "${BASH_REMATCH[2]}")
+    local command=(ray start --head --num-gpus "${HEAD_GPUS:-$NUM_GPUS}" --dashboard-host 127.0.0.1 --dashboard-port "${BASH_REMATCH[2]}")
     echo "Ray: nothing answers at $RAY_ADDRESS; starting a local head (it keeps running afterwards; stop it with 'ray stop'):"
     show_command "${command[@]}"
     [[ "$DRY_RUN" == 1 ]] && return

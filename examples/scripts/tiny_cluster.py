@@ -10,7 +10,7 @@ these namespaces; nothing is sent anywhere else):
                        read-only mounts over them) and imports a copy of the package at another path,
                        so a path resolved on the driver's machine fails there as on a cluster
   rewards  10.23.0.21  the reward servers, bound to that address: a key is required
-The driver gets the key as README tells users: $GD2PO_REWARD_API_KEY_FILE, a key file every host reads,
+The driver gets the key as docs/rewards.md tells users: $GD2PO_REWARD_API_KEY_FILE, a key file every host reads,
 in the environment it is launched from. The Ray processes do not have it.
 
 Shape, scaled down from the recipes: N actor ranks (ZeRO-3, one per node) and N vLLM engines, 4

@@ -43,7 +43,7 @@
 # Extra arguments go to train_gd2po_ray after the recipe's flags, so they override them
 # (e.g. `--gd2po.snr_threshold 0.5`).
 #
-# Settings (the authors' run_gd2po_*.sh and verl defaults; differences: README "Paper experiments"):
+# Settings (the authors' run_gd2po_*.sh and verl defaults; differences: docs/recipes.md):
 # 512 prompts x 4 samples at temperature 0.7, 128 prompts per optimizer step, one pass of 100
 # rollout steps (the first 51,200 prompts), lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay
 # 0.01, clip 0.2, dual clip 3, no KL (no reference model), no entropy bonus, prompts up to 512 tokens
@@ -99,6 +99,9 @@ else
     require_free_port COST_PORT
 fi
 require_command "$PYTHON" "set PYTHON to the interpreter with this project installed"
+# A local head (ensure_ray) holds the trainer's GPUs and, on Serve, the two reward models' own (whole GPUs).
+HEAD_GPUS="$NUM_GPUS"
+[[ "$REWARD_SERVE" == 1 ]] && HEAD_GPUS=$(awk -v n="$NUM_GPUS" -v rm="$RM_GPUS" 'BEGIN { x = n + 2 * rm; print (x == int(x)) ? x : int(x) + 1 }')
 MODEL_PATH="$(realpath "$MODEL_PATH")"
 REWARD_MODEL_PATH="$(realpath "$REWARD_MODEL_PATH")"
 COST_MODEL_PATH="$(realpath "$COST_MODEL_PATH")"

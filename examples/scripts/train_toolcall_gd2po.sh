@@ -32,7 +32,7 @@
 #
 # GPU layout: one node, NUM_GPUS GPUs (80 GB class for 7B), actor and vLLM engines (one per GPU)
 # colocated on all of them with sleep mode; the toolcall server runs on CPU. Settings (the GD²PO
-# authors' tool-calling train_*.sh and verl defaults; differences: README "Paper experiments"):
+# authors' tool-calling train_*.sh and verl defaults; differences: docs/recipes.md):
 # 512 prompts x 4 samples per rollout at temperature 1, 128 prompts per optimizer step, 30 passes,
 # lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay 0.01, clip 0.2, dual clip 3, no KL (hence
 # no reference model), no entropy bonus, prompts up to 2048 tokens (longer ones dropped at

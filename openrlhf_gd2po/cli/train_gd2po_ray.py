@@ -260,6 +260,8 @@ def main():
     # parsed (and shown in --help) with OpenRLHF's own flags, which happens after those imports.
     if "--gd2po.cpu" in sys.argv[1:]:
         os.environ[cpu.ENV] = "1"
+    elif {"-h", "--help"} & set(sys.argv[1:]):  # the help page on any machine: the import-only stand-in suffices
+        cpu.add_flash_attn_stand_in()
     openrlhf_gd2po.install()  # the driver too, for anything it builds in-process (CPU mode with $GD2PO_CPU=1)
     with gd2po_hooks():
         try:

@@ -141,8 +141,8 @@ def train(actor, rank, poison_rank=None, poison=None, guarded=True):
 
     trainer_class = ppo_actor.ActorPPOTrainer
     steps = trainer_class.training_step, trainer_class.ppo_train
-    if not guarded:
-        trainer_class.training_step, trainer_class.ppo_train = steps[0].wrapped, steps[1].wrapped
+    if not guarded:  # OpenRLHF's own (getattr: this script also runs against code without the guard)
+        trainer_class.training_step, trainer_class.ppo_train = (getattr(step, "wrapped", step) for step in steps)
     try:
         actor.append(experiences(actor, rank, poison if rank == poison_rank else None))
         before = partitions(actor)

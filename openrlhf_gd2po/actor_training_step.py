@@ -72,7 +72,8 @@ class skipping_non_finite_updates:
 
     def __enter__(self):
         strategy = self.strategy
-        self.overridden = {name: vars(strategy)[name] for name in ("backward", "optimizer_step") if name in vars(strategy)}
+        own = vars(strategy)
+        self.overridden = {name: own[name] for name in ("backward", "optimizer_step") if name in own}
         backward, optimizer_step = strategy.backward, strategy.optimizer_step
 
         def backward_or_skip(loss, model, *args, **kwargs):

@@ -163,7 +163,9 @@ def main():
     actor = build_actor(rank, port, args)
     report = {
         "load": {"wrong_partitions": wrong_partitions(actor.actor.model.module, rank)},
-        "late_all_gathers_load": {"wrong_partitions": wrong_partitions(load_with_late_all_gathers(actor.strategy).model, rank)},
+        "late_all_gathers_load": {
+            "wrong_partitions": wrong_partitions(load_with_late_all_gathers(actor.strategy).model, rank),
+        },
         "guard": {
             "nan_advantage_on_rank1": train(actor, rank, poison_rank=1, poison="advantages"),
             "nan_log_prob_on_rank0": train(actor, rank, poison_rank=0, poison="action_log_probs"),

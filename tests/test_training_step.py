@@ -112,7 +112,8 @@ def dp2_reports(tmp_path_factory):
     args, _ = parse_cli(training_argv(
         "group_norm", "length=http://127.0.0.1:9#length", "--ds.zero_stage", "3", "--ds.param_dtype", "bf16",
         "--ds.attn_implementation", "sdpa", "--train.micro_batch_size", "2", "--train.batch_size", "8",
-        "--actor.adam.lr", "1e-2", "--actor.lr_warmup_ratio", "0", "--algo.kl.init_coef", "0", "--vllm.sync_backend", "gloo",
+        "--actor.adam.lr", "1e-2", "--actor.lr_warmup_ratio", "0", "--algo.kl.init_coef", "0",
+        "--vllm.sync_backend", "gloo",
     ))  # fmt: skip
     torch.save({"args": args}, root / "inputs.pt")
     command = [sys.executable, str(TESTS / "dp2_actor_training_step.py")]

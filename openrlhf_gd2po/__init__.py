@@ -19,7 +19,7 @@ DEEPSPEED_MODULE = "openrlhf.utils.deepspeed.deepspeed"
 def install():
     """Make every OpenRLHF PPO trainer built in this process use GD2POExperienceMaker,
     GD2POSamplesGenerator and our eval metrics and data sources (eval_metrics), and every actor's
-    training step safe for micro-batches without action tokens (actor_training_step).
+    training step safe for micro-batches without action tokens and non-finite losses (actor_training_step).
 
     `BasePPOTrainer.__init__` (sync and async trainers alike) looks `RemoteExperienceMaker` up in
     TRAINER_MODULE's globals, `prepare_datasets` its `PromptDataset`, and each trainer module looks up
@@ -109,11 +109,12 @@ def _patch_async_trainer(trainer_module):
 
 
 def _guard_actor_training_step(actor_module):
-    from openrlhf_gd2po.actor_training_step import wrap_training_step
+    from openrlhf_gd2po.actor_training_step import wrap_ppo_train, wrap_training_step
 
     trainer = actor_module.ActorPPOTrainer
     if not hasattr(trainer.training_step, "wrapped"):
         trainer.training_step = wrap_training_step(trainer.training_step)
+        trainer.ppo_train = wrap_ppo_train(trainer.ppo_train)
 
 
 def _require_cuda_or_cpu_mode(deepspeed_module):

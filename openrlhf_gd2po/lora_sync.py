@@ -74,10 +74,11 @@ def wrap_broadcast_to_vllm(broadcast_to_vllm):
             cache_resets = [engine.reset_prefix_cache.remote() for engine in self.vllm_engines]
         torch.cuda.empty_cache()
         send = _send_by_cuda_ipc if self.use_cuda_ipc else _send_over_sync_group
+        # every rank gathers (a collective), as OpenRLHF's own sync does; the gathered layer is freed before sending
+        gather = deepspeed.zero.GatheredParameters if args.ds.zero_stage == 3 else lambda params: nullcontext()
         plan = sync_plan(self.actor.model.module)
         for count, (name, param, layer) in enumerate(plan, start=1):
-            # every rank gathers (a collective), as OpenRLHF's own sync does
-            with deepspeed.zero.GatheredParameters(layer_params(param, layer)) if args.ds.zero_stage == 3 else nullcontext():
+            with gather(layer_params(param, layer)):
                 weight = merged_weight(param, layer)
             send(self, name, weight, last=count == len(plan))
             del weight

@@ -59,7 +59,11 @@ def test_the_cuda_ipc_path_sends_merged_base_weights_under_the_base_models_names
     engine = RecordingEngine()
     trainer = SimpleNamespace(strategy=SimpleNamespace(args=args), actor=SimpleNamespace(model=SimpleNamespace(module=model)),
                               vllm_engines=[engine], use_cuda_ipc=True)  # fmt: skip
-    with (mock.patch("openrlhf.trainer.ray.utils.get_physical_gpu_id", return_value="GPU-0"),
+    # the two CUDA calls of the path, where OpenRLHF's module and ours look them up
+    cuda_calls = {"get_physical_gpu_id": mock.Mock(return_value="GPU-0"),
+                  "torch_dist_barrier_and_cuda_sync": torch.distributed.barrier}  # fmt: skip
+    with (mock.patch.multiple("openrlhf.trainer.ray.ppo_actor", **cuda_calls),
+          mock.patch("openrlhf.trainer.ray.utils.get_physical_gpu_id", cuda_calls["get_physical_gpu_id"]),
           mock.patch("openrlhf.utils.distributed_util.torch_dist_barrier_and_cuda_sync", torch.distributed.barrier),
           mock.patch.object(ray, "get", side_effect=lambda refs: refs)):  # fmt: skip
         ActorPPOTrainer.broadcast_to_vllm(trainer)

@@ -285,7 +285,8 @@ def test_the_saved_model_is_the_trained_adapter(uninterrupted):
     base = transformers.AutoModelForCausalLM.from_pretrained(uninterrupted.out / "model")
     initial = {name: weight.clone() for name, weight in base.state_dict().items()}
     saved = PeftModel.from_pretrained(base, final).state_dict()
-    master = get_fp32_state_dict_from_zero_checkpoint(str(uninterrupted.out / "ckpt" / "_actor"), tag=f"global_step{STEPS}")
+    checkpoints = str(uninterrupted.out / "ckpt" / "_actor")
+    master = get_fp32_state_dict_from_zero_checkpoint(checkpoints, tag=f"global_step{STEPS}")
     adapter = [name for name in master if "lora_" in name]
     assert len(adapter) == 2 * 7 * 2  # lora_A and lora_B of the 7 linear layers of both blocks
     for name, weight in master.items():

@@ -34,7 +34,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
-import conftest  # noqa: E402,F401  (on CPU: tests/cpu_stand_ins' flash_attn, which OpenRLHF imports, when it is missing)
+import conftest  # noqa: E402,F401  (on CPU: the flash_attn stand-in, which OpenRLHF imports, when it is missing)
 from bench_reward_stage import SERVERS, check_rewards, sleepy_servers  # noqa: E402
 from openrlhf_gd2po.reward_client import fetch_rewards  # noqa: E402
 from scheduled_engine import ScheduledEngine  # noqa: E402

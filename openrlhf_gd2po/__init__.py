@@ -13,6 +13,7 @@ import sys
 TRAINER_MODULE = "openrlhf.trainer.ppo_trainer"
 ASYNC_TRAINER_MODULE = "openrlhf.trainer.ppo_trainer_async"
 ACTOR_MODULE = "openrlhf.trainer.ray.ppo_actor"
+DEEPSPEED_MODULE = "openrlhf.utils.deepspeed.deepspeed"
 
 
 def install():
@@ -26,7 +27,14 @@ def install():
     its own `SamplesGenerator` and `compute_eval_metrics`, so we swap those names. Importing these
     modules here would drag DeepSpeed into vLLM workers, so a module not imported yet is patched right
     after its import.
+
+    With $GD2PO_CPU=1 it first installs CPU mode (openrlhf_gd2po/cpu.py); without it, a training process that
+    finds no CUDA device stops at its DeepSpeed setup (`_require_cuda_or_cpu_mode`).
     """
+    if os.environ.get("GD2PO_CPU") == "1":
+        from openrlhf_gd2po import cpu
+
+        cpu.install()
     run_extra_setups()
     for module_name, patch in PATCHES.items():
         patch_after_import(module_name, patch)
@@ -51,7 +59,7 @@ EXTRA_SETUP_ENV = "GD2PO_WORKER_SETUP"
 
 def run_extra_setups():
     """Run each `module:function` or `/path/file.py:function` in $GD2PO_WORKER_SETUP (comma-separated),
-    e.g. the CPU CUDA aid tests/cpu_stand_ins/cpu_cuda.py:install, in every process install() runs in."""
+    e.g. the tests' recorder tests/train_records.py:install, in every process install() runs in."""
     for entry in filter(None, os.environ.get(EXTRA_SETUP_ENV, "").split(",")):
         target, _, function = entry.strip().rpartition(":")
         if not target or not function:
@@ -112,10 +120,29 @@ def _patch_actor(actor_module):
         trainer.broadcast_to_vllm = wrap_broadcast_to_vllm(trainer.broadcast_to_vllm)
 
 
+def _require_cuda_or_cpu_mode(deepspeed_module):
+    # Every OpenRLHF training actor (policy, reference, critic) sets up DeepSpeed here, on its own node: the
+    # place to catch a GPU node whose CUDA is broken before it trains on CPU in silence.
+    strategy = deepspeed_module.DeepspeedStrategy
+    setup_distributed = strategy.setup_distributed
+    if hasattr(setup_distributed, "wrapped"):
+        return
+
+    def setup_distributed_on_cuda_or_cpu_mode(self, *args, **kwargs):
+        from openrlhf_gd2po.cpu import require_cuda_or_cpu_mode
+
+        require_cuda_or_cpu_mode("a DeepSpeed training process")
+        return setup_distributed(self, *args, **kwargs)
+
+    setup_distributed_on_cuda_or_cpu_mode.wrapped = setup_distributed
+    strategy.setup_distributed = setup_distributed_on_cuda_or_cpu_mode
+
+
 PATCHES = {
     TRAINER_MODULE: _patch_trainer,
     ASYNC_TRAINER_MODULE: _patch_async_trainer,
     ACTOR_MODULE: _patch_actor,
+    DEEPSPEED_MODULE: _require_cuda_or_cpu_mode,
 }
 
 

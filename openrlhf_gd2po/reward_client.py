@@ -30,8 +30,8 @@ from urllib.parse import urlsplit
 
 import torch
 
-from openrlhf_gd2po.reward_http import (  # noqa: F401  (API_KEY_ENV, RewardServerError: part of this API)
-    API_KEY_ENV, Replicas, RewardServerError, open_session, post_with_failover, read_dimensions,
+from openrlhf_gd2po.reward_http import (  # noqa: F401  (API_KEY_ENV*, RewardServerError: part of this API)
+    API_KEY_ENV, API_KEY_FILE_ENV, Replicas, RewardServerError, open_session, post_with_failover, read_dimensions,
 )
 from openrlhf_gd2po.reward_serve import SERVE_PREFIX, call_with_retries, connect_to_ray
 from reward_servers.reward_file import load_reward_file, score_reward_file

@@ -14,9 +14,8 @@ import os
 import aiohttp
 import torch
 
+from reward_servers.api_key import API_KEY_ENV, API_KEY_FILE_ENV, ApiKeyError, read_api_key
 from reward_servers.reward_file import finite_float32
-
-API_KEY_ENV = "GD2PO_REWARD_API_KEY"  # the same variable the reward servers read
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 MAX_RESPONSE_BYTES = 64 << 20  # a reward answer is a few floats per sample; more is a broken server
 
@@ -28,13 +27,20 @@ class RewardServerError(RuntimeError):
 
 
 def key_hint() -> str:
-    state = "set" if os.environ.get(API_KEY_ENV) else "not set"
-    return (f"this process sends ${API_KEY_ENV} ({state} here): set it where you launch train_gd2po_ray, "
-            "which passes it to every Ray worker")
+    if os.environ.get(API_KEY_FILE_ENV) is not None:
+        sent = f"the key in ${API_KEY_FILE_ENV}={os.environ[API_KEY_FILE_ENV]}"
+    else:
+        sent = f"${API_KEY_ENV} ({'set' if os.environ.get(API_KEY_ENV) else 'not set'} here)"
+    return (f"this process sends {sent}: set ${API_KEY_FILE_ENV} where you launch train_gd2po_ray, which "
+            "passes the file's path to every Ray worker")
 
 
 def open_session(urls: list[str], timeout: float, max_in_flight: int) -> aiohttp.ClientSession:
-    headers = {"Authorization": f"Bearer {os.environ[API_KEY_ENV]}"} if os.environ.get(API_KEY_ENV) else {}
+    try:
+        key = read_api_key()
+    except ApiKeyError as error:
+        raise RewardServerError(f"{urls[0]}: {error}") from None
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     return aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=timeout), headers=headers,
         connector=aiohttp.TCPConnector(limit=max_in_flight * len(urls), limit_per_host=max_in_flight),

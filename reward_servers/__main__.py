@@ -1,18 +1,15 @@
-"""`python -m reward_servers <task> --port P [--host H] [--api-key K] [--workers N] [limits] [task options]`,
-or with `--ray-serve NAME` the same app as a Ray Serve application (reward_servers.serve)."""
+"""`python -m reward_servers <task> --port P [--host H] [--workers N] [limits] [task options]`, or with
+`--ray-serve NAME` the same app as a Ray Serve application (reward_servers.serve). The API key comes from
+$GD2PO_REWARD_API_KEY_FILE or $GD2PO_REWARD_API_KEY (reward_servers.api_key), never from argv."""
 
 import argparse
-import ipaddress
-import os
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from reward_servers.app import create_app
-from reward_servers.scoring import Scorer
-from reward_servers.workers import ScorerSpec, WorkerPool, default_workers
-
-API_KEY_ENV = "GD2PO_REWARD_API_KEY"
+from reward_servers.api_key import API_KEY_ENV, API_KEY_FILE_ENV, ApiKeyError, check_exposure, read_api_key
+from reward_servers.tasks import build_app
+from reward_servers.workers import default_workers
 
 
 def positive_int(text: str) -> int:
@@ -52,14 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)"
     )
     server_options.add_argument(
-        "--api-key",
-        default=os.environ.get(API_KEY_ENV),
-        help=f"require 'Authorization: Bearer <key>' on every path but /health (default: ${API_KEY_ENV}, else none)",
-    )
-    server_options.add_argument(
         "--allow-unauthenticated",
         action="store_true",
-        help="serve a --host other than loopback without an API key (anyone who can reach the port can use it)",
+        help=f"serve beyond loopback without an API key (${API_KEY_FILE_ENV} or ${API_KEY_ENV}); anyone who "
+        "can reach the port can use it",
     )
     server_options.add_argument(
         "--max-body-mb", type=positive_float, default=64.0, help="largest request body in MiB (default: %(default)g)"
@@ -108,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     pool_options.add_argument(
         "--workers",
         type=positive_int,
-        default=default_workers(),
-        help="scoring processes (default: the cores this process may use, %(default)s here)",
+        help=f"scoring processes (default: the cores this process may use, {default_workers()} here; with "
+        "--ray-serve 1 per replica, whatever machine deploys it: scale with --replicas, or set it)",
     )
     # The built-in CPU tasks score sample by sample, each under a time limit.
     sample_options = argparse.ArgumentParser(add_help=False)
@@ -209,74 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_scorer(args: argparse.Namespace) -> tuple[list[str], Scorer | ScorerSpec]:
-    """The task's dimensions, and its scorer (GPU, in this process) or the spec its workers build
-    it from (CPU). Each task's module is imported only when served: a toolcall server need not
-    load torch."""
-    if args.task == "toolcall":
-        from reward_servers import toolcall
-
-        spec = ScorerSpec("reward_servers.toolcall:make_scorer", (args.correctness_max, args.sample_timeout))
-        return toolcall.DIMENSIONS, spec
-    if args.task == "math":
-        from reward_servers import math_answer
-
-        return math_answer.DIMENSIONS, ScorerSpec("reward_servers.math_answer:make_scorer", (args.sample_timeout,))
-    if args.task == "reward_model":
-        from reward_servers import reward_model
-
-        try:
-            scorer = reward_model.make_scorer(
-                args.model,
-                args.dimension_name,
-                args.negate,
-                args.max_batch_size,
-                args.max_length,
-                args.device,
-                dtype=args.dtype,
-                model_format=args.model_format,
-                rm_chat_template=args.rm_chat_template,
-                normalize_reward=args.normalize_reward,
-            )
-        except reward_model.RewardModelError as error:
-            raise SystemExit(f"reward_model: {error}") from None
-        return [args.dimension_name], scorer
-    if args.task == "length":
-        from reward_servers import length
-
-        spec = ScorerSpec("reward_servers.length:make_scorer", (args.target_length, args.sample_timeout))
-        return length.DIMENSIONS, spec
-    if args.task == "file":
-        from reward_servers.reward_file import load_reward_file
-
-        # Loaded here once to fail early and to learn the dimensions; each worker loads it again.
-        try:
-            reward_file = load_reward_file(args.path)
-        except (OSError, ValueError, RuntimeError) as error:
-            raise SystemExit(f"gd2po-reward-server file: {error}") from None
-        return reward_file.dimensions, ScorerSpec("reward_servers.scoring:make_file_scorer", (reward_file.path,))
-    raise ValueError(f"unknown task {args.task!r}")
-
-
-def check_exposure(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """An empty key (`--api-key "$UNSET"`) is a mistake, not "no authentication"; a server
-    reachable from other machines needs a key unless the user says otherwise."""
-    if args.api_key == "":
-        parser.error(f"the API key is empty (--api-key or ${API_KEY_ENV}): give a key, or leave both unset")
-    if args.api_key is None and not is_loopback(args.host) and not args.allow_unauthenticated:
-        parser.error(
-            f"--host {args.host} is reachable from other machines: set ${API_KEY_ENV} (or --api-key), "
-            "or pass --allow-unauthenticated"
-        )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, with the API key read (args.api_key) and the defaults that depend on --ray-serve."""
+    args = parser.parse_args(argv)
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to any interface
+        args.api_key = read_api_key()
+    except ApiKeyError as error:
+        parser.error(str(error))
+    if getattr(args, "workers", 1) is None:  # a replica's pool size becomes its num_cpus on whatever node
+        args.workers = 1 if args.ray_serve else default_workers()
+    return args
 
 
 class H11WithHeadTimeout(H11Protocol):
@@ -301,29 +236,9 @@ class H11WithHeadTimeout(H11Protocol):
             self.transport.close()
 
 
-def build_app(args: argparse.Namespace):
-    """The task's FastAPI app and its scorer, in the process that serves them."""
-    dimensions, scorer = build_scorer(args)
-    if isinstance(scorer, ScorerSpec):
-        scorer = WorkerPool(scorer, args.workers, args.request_timeout, args.max_queue)
-    app = create_app(
-        args.task,
-        dimensions,
-        scorer,
-        api_key=args.api_key,
-        max_body_bytes=int(args.max_body_mb * 2**20),
-        request_timeout=args.request_timeout,
-        max_queue=args.max_queue,
-        read_timeout=args.read_timeout,
-        request_log=args.request_log,
-    )
-    return app, scorer
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    check_exposure(parser, args)
+    args = parse_args(parser, argv)
     if args.ray_serve is not None:
         from reward_servers.serve import run_on_serve
 
@@ -331,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.port is None:
         parser.error("--port is required (or --ray-serve NAME)")
+    check_exposure(parser, args, args.host, "--host")
     app, _ = build_app(args)
     H11WithHeadTimeout.read_timeout = args.read_timeout
     uvicorn.run(

@@ -1,6 +1,6 @@
 """Run a reward server (any server with `GET /health` and a `--port` flag) as a local subprocess.
 
-Used by `gd2po-analyze` and `gd2po-cpu-demo` (which start their own servers and call
+Used by `gd2po-analyze` (which starts its own servers and calls
 `exit_on_sigterm`), the benchmarks and the tests, so that all of them start, wait for and stop a
 server the same way.
 """

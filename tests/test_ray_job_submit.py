@@ -5,6 +5,7 @@ as in the README) merges with the worker hook our CLI adds to OpenRLHF's ray.ini
 The job runs through tests/ray_job_driver.py, which stops it right after OpenRLHF's ray.init (no model).
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,9 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ray_ports import ray_port_flags
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT / "examples" / "scripts"))
+from ray_ports import ray_port_flags  # noqa: E402
 TESTS = ROOT / "tests"
 RAY = Path(sys.executable).parent / "ray"
 API_KEY = "job-env-secret"
@@ -109,10 +110,11 @@ JOBS = {
 def job_output(dashboard_url, tmp_path_factory):
     """`ray job submit` of every JOBS entry as the README writes it, run side by side; name -> output."""
     logs = tmp_path_factory.mktemp("jobs")
+    (logs / "reward_key").write_text(API_KEY + "\n")
     running = {}
     for name, (module, flags, more_env_vars) in JOBS.items():
         runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),  # conftest's stand-ins
-                                    "GD2PO_REWARD_API_KEY": API_KEY, **more_env_vars}}  # fmt: skip
+                                    "GD2PO_REWARD_API_KEY_FILE": str(logs / "reward_key"), **more_env_vars}}  # fmt: skip
         command = [str(RAY), "job", "submit", "--address", dashboard_url, "--runtime-env-json", json.dumps(runtime_env),
                    "--", sys.executable, str(TESTS / "ray_job_driver.py"), module, *flags]  # fmt: skip
         log = open(logs / f"{name}.log", "w+")  # a file, not a pipe: no job blocks on a full pipe
@@ -126,11 +128,16 @@ def job_output(dashboard_url, tmp_path_factory):
     return outputs
 
 
-def test_ray_job_submit_reaches_the_trainer_actor(job_output):
+def test_ray_job_submit_reaches_the_trainer_actor(job_output, dashboard_url):
     output = job_output["readme"]
     assert "PROBE experience_maker=openrlhf_gd2po.experience_maker.GD2POExperienceMaker" in output, output[-5000:]
-    assert f"PROBE GD2PO_REWARD_API_KEY={API_KEY}" in output  # the job's env_vars reach the actor beside the hook
+    # The job's env_vars reach the actor beside the hook: it reads the key from the file they name.
+    assert f"PROBE reward key sha256={hashlib.sha256(API_KEY.encode()).hexdigest()}" in output
     assert "'worker_process_setup_hook': 'openrlhf_gd2po.install'" in output
+    # What the dashboard shows of the jobs (their runtime envs included) names the key file, never the key.
+    with urllib.request.urlopen(f"{dashboard_url}/api/jobs/", timeout=10) as answer:
+        jobs = answer.read().decode()
+    assert "GD2PO_REWARD_API_KEY_FILE" in jobs and API_KEY not in jobs and API_KEY not in output
 
 
 def test_ray_job_submit_without_our_cli_keeps_openrlhf_experience_maker(job_output):

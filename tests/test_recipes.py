@@ -5,6 +5,7 @@ The evaluations and the reward direction check have their own test files."""
 
 import json
 import os
+import secrets
 import shlex
 import socket
 import subprocess
@@ -42,7 +43,8 @@ ESTIMATORS = ["gd2po_snr", "gd2po_hard", "gdpo", "grpo"]
 
 def run_script(script, env, *args, timeout=60):
     # PATH leads with this interpreter's bin, where `ray` lives in the project's environment.
-    base = {name: value for name, value in os.environ.items() if name not in ("RAY_ADDRESS", "GD2PO_REWARD_API_KEY")}
+    base = {name: value for name, value in os.environ.items()
+            if name not in ("RAY_ADDRESS", "GD2PO_REWARD_API_KEY", "GD2PO_REWARD_API_KEY_FILE")}  # fmt: skip
     base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base['PATH']}"
     return subprocess.run(["bash", str(SCRIPTS / script), *args], env=base | env, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO_ROOT)  # fmt: skip
@@ -69,6 +71,8 @@ def parse_with_real_cli(argv):
         mock.patch.object(sys, "argv", ["train_gd2po_ray", *argv]),
         mock.patch.object(ray, "is_initialized", return_value=False),
         mock.patch.object(ray, "init"),
+        # a named Ray cluster: on a machine without CUDA, a local one would need --gd2po.cpu (test_cpu_mode.py)
+        mock.patch.dict(os.environ, {"RAY_ADDRESS": "127.0.0.1:1"}),
         mock.patch("openrlhf.utils.get_strategy", side_effect=stop),
     ):
         with pytest.raises(ReachedTraining) as reached:
@@ -171,6 +175,10 @@ def test_safety_dry_run_deploys_both_models_on_ray_serve(fake_paths):
         assert (f"      --dimension-name {name} \\\n      --ray-serve {app} \\\n      --num-gpus 0.5\n") in result.stdout
     assert f"env RAY_ADDRESS=auto {sys.executable} {SCRIPTS / 'check_reward_direction.py'} \\\n      --reward-servers {servers}" in result.stdout
     assert result.stdout.index("'safety_cm'") < result.stdout.index("Reward direction check") < result.stdout.index("Training job")
+    # A local head holds the trainer's GPUs and the reward models' (docs/recipes.md: NUM_GPUS=6 on one 8-GPU node).
+    assert "ray start \\\n      --head \\\n      --num-gpus 9 \\\n" in result.stdout  # 8 + 2 x 0.5
+    six = run_script("train_safety_gd2po.sh", safety_env(fake_paths, REWARD_SERVE="1", NUM_GPUS="6"))
+    assert "ray start \\\n      --head \\\n      --num-gpus 8 \\\n" in six.stdout
     wrong = run_script("train_safety_gd2po.sh", safety_env(fake_paths, REWARD_SERVE="1", RM_GPUS="0"))
     assert wrong.returncode != 0 and "RM_GPUS=0 with RM_DEVICE=cuda" in wrong.stderr
 
@@ -222,17 +230,25 @@ def test_reward_servers_on_an_address_other_nodes_reach_with_the_key(fake_paths,
     env = env_builder(fake_paths, REWARD_HOST=host)
     result = run_script(script, env)
     assert result.returncode != 0 and "Training job" not in result.stdout
-    assert f"REWARD_HOST={host} is not loopback, so the reward servers require a key: set GD2PO_REWARD_API_KEY" in result.stderr
+    assert (f"REWARD_HOST={host} is not loopback, so the reward servers require a key: set GD2PO_REWARD_API_KEY_FILE"
+            in result.stderr)  # fmt: skip
+    # The key itself is refused: the job could only get it in its runtime env, which the dashboard shows.
     result = run_script(script, env | {"GD2PO_REWARD_API_KEY": "s3cret-key"})
+    assert result.returncode != 0 and "GD2PO_REWARD_API_KEY is set, but the recipe gives the job a key file" in result.stderr
+    (fake_paths / "key").write_text("")
+    result = run_script(script, env | {"GD2PO_REWARD_API_KEY_FILE": str(fake_paths / "key")})
+    assert result.returncode != 0 and f"GD2PO_REWARD_API_KEY_FILE={fake_paths / 'key'}: the key file is empty" in result.stderr
+    (fake_paths / "key").write_text("s3cret-key\n")
+    result = run_script(script, env | {"GD2PO_REWARD_API_KEY_FILE": str(fake_paths / "key")})
     assert result.returncode == 0, result.stderr
     ports = [env[name] for name in ("PORT", "REWARD_PORT", "COST_PORT") if name in env]
     args = parse_with_real_cli(printed_train_args(result.stdout))
     assert all(f"=http://{host}:{port}#" in args.reward.servers for port in ports), args.reward.servers
     for port in ports:  # each server bound there (it reads the key from the environment)
         assert f"--port {port} \\\n      --host {host}" in result.stdout
-    # The job's entrypoint runs on the Ray head: the key goes in the job's env, printed by name only.
+    # The job's entrypoint runs on the Ray head: the key file's path goes in the job's env, never the key.
     runtime_env = shlex.split(result.stdout.split("--runtime-env-json ", 1)[1].split(" \\\n", 1)[0])[0]
-    assert json.loads(runtime_env)["env_vars"]["GD2PO_REWARD_API_KEY"] == "$GD2PO_REWARD_API_KEY"
+    assert json.loads(runtime_env)["env_vars"]["GD2PO_REWARD_API_KEY_FILE"] == str(fake_paths / "key")
     assert "s3cret-key" not in result.stdout + result.stderr
 
 
@@ -270,7 +286,8 @@ def test_a_reward_host_that_is_not_this_nodes_address_is_refused(fake_paths):
     host = "192.0.2.123"
     if host in subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout:
         pytest.skip(f"this machine has {host}")
-    env = toolcall_env(fake_paths, REWARD_HOST=host, GD2PO_REWARD_API_KEY="s3cret-key")
+    (fake_paths / "key").write_text("s3cret-key\n")
+    env = toolcall_env(fake_paths, REWARD_HOST=host, GD2PO_REWARD_API_KEY_FILE=str(fake_paths / "key"))
     result = run_script("train_toolcall_gd2po.sh", env)
     assert result.returncode != 0 and "Training job" not in result.stdout
     assert f"REWARD_HOST={host}: not an address of this node" in result.stderr
@@ -495,7 +512,9 @@ def safety_models(tmp_path_factory):
 
 def launch_with_stand_in_ray(tmp_path, script, env, timeout):
     """Run a recipe for real against a stand-in dashboard and a stand-in `ray` whose `job submit`
-    logs its arguments, then what /info answers on every reward server the job was given."""
+    logs its arguments, then what /info answers on every reward server the job was given (with the key
+    from the key file its runtime env names, if any), and writes the argv of every process on this
+    machine at that moment to tmp_path/argv.jsonl."""
     dashboard_root = tmp_path / "dashboard"
     (dashboard_root / "api").mkdir(parents=True)
     (dashboard_root / "api" / "version").write_text("{}")
@@ -504,11 +523,19 @@ def launch_with_stand_in_ray(tmp_path, script, env, timeout):
     fake_bin.mkdir()
     ray_log = tmp_path / "ray_calls.log"
     show_infos = (
-        "import sys, urllib.request\n"
+        "import json, sys, urllib.request, psutil\n"
         "args = sys.argv[1:]\n"
+        f"with open({str(tmp_path / 'argv.jsonl')!r}, 'w') as out:\n"
+        "    out.writelines(json.dumps(p.info['cmdline']) + '\\n' for p in psutil.process_iter(['cmdline']))\n"
+        "key_file = json.loads(args[args.index('--runtime-env-json') + 1])['env_vars'].get('GD2PO_REWARD_API_KEY_FILE')\n"
+        "headers = {'Authorization': 'Bearer ' + open(key_file).read().strip()} if key_file else {}\n"
         "servers = args[args.index('--reward.servers') + 1] if '--reward.servers' in args else ''\n"
         "for url in sorted({spec.split('=', 1)[1].split('#')[0] for spec in servers.split(',') if spec}):\n"
-        "    print(urllib.request.urlopen(url + '/info').read().decode())\n"
+        "    try:\n"
+        "        urllib.request.urlopen(url + '/info')\n"
+        "    except urllib.error.HTTPError as error:\n"
+        "        print(f'/info without the key: HTTP {error.code}')\n"
+        "    print(urllib.request.urlopen(urllib.request.Request(url + '/info', headers=headers)).read().decode())\n"
     )
     (fake_bin / "ray").write_text(
         "#!/usr/bin/env bash\n"
@@ -534,15 +561,23 @@ def launch_with_stand_in_ray(tmp_path, script, env, timeout):
 
 
 def test_toolcall_launch_serves_every_dimension_and_stops_the_server(tmp_path, fake_paths):
-    """A real launch with a stand-in `ray` (the job checks the reward server) and a stand-in dashboard."""
-    env = toolcall_env(fake_paths, REWARDS="3")
+    """A real launch with a stand-in `ray` (the job checks the reward server) and a stand-in dashboard. The
+    server requires the key from the key file, which the job reads from the path in its runtime env; the key
+    is in no process's argv, in nothing printed and in no log."""
+    key = secrets.token_hex(16)
+    (tmp_path / "key").write_text(key + "\n")
+    env = toolcall_env(fake_paths, REWARDS="3", GD2PO_REWARD_API_KEY_FILE=str(tmp_path / "key"))
     result, calls = launch_with_stand_in_ray(tmp_path, "train_toolcall_gd2po.sh", env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "job submit --address" in calls and "job stop" not in calls
     info = json.loads(calls.splitlines()[-1])  # what the job saw: the server up, serving every dimension it uses
     assert set(TOOLCALL_DIMENSIONS[3]) <= set(info["dimensions"])
     assert "Reward server 'toolcall' is up." in result.stdout
-    assert (fake_paths / "out" / "logs" / "reward_server_toolcall.log").is_file()
+    server_log = (fake_paths / "out" / "logs" / "reward_server_toolcall.log").read_text()
+    argv = [json.loads(line) for line in (tmp_path / "argv.jsonl").read_text().splitlines()]
+    assert any("reward_servers" in (args or []) and "toolcall" in args for args in argv)  # the server was running
+    assert key not in json.dumps(argv) + calls + result.stdout + result.stderr + server_log
+    assert "/info without the key: HTTP 401" in calls
     with pytest.raises(httpx.TransportError):  # the trap stopped the server
         httpx.get(f"http://127.0.0.1:{env['PORT']}/health", timeout=2)
 

@@ -123,8 +123,8 @@ def test_server_killed_mid_batch():
 def test_api_key_from_environment(monkeypatch):
     with fault_server("--require-key", "s3cret") as url:
         # the one line says how: where the key must be set (the trainer is a Ray actor)
-        with pytest.raises(RewardServerError, match=r"HTTP 401: .*GD2PO_REWARD_API_KEY \(not set here\): set it where "
-                                                    r"you launch train_gd2po_ray"):  # fmt: skip
+        with pytest.raises(RewardServerError, match=r"HTTP 401: .*GD2PO_REWARD_API_KEY \(not set here\): set "
+                                                    r"\$GD2PO_REWARD_API_KEY_FILE where you launch train_gd2po_ray"):  # fmt: skip
             fetch(f"up={url}")
         monkeypatch.setenv("GD2PO_REWARD_API_KEY", "s3cret")
         assert torch.equal(fetch(f"up={url}").rewards[:, 0], LENGTHS)

@@ -134,7 +134,7 @@ def test_a_raising_reward_func_names_the_file(tmp_path):
         score_reward_file(load_reward_file(path), ["q"], ["p"], [None])
 
 
-# --- The example file as in-process dimensions of gd2po-analyze and gd2po-cpu-demo -----------------------
+# --- The example file as in-process dimensions of gd2po-analyze -----------------------
 
 SPEC = f"correctness={EXAMPLE}#correctness,brevity={EXAMPLE}#brevity"
 
@@ -156,26 +156,8 @@ def test_example_file_in_process_in_gd2po_analyze(tmp_path):
         assert rollout["rewards"]["brevity"] == pytest.approx(-len(rollout["response"]) / 1000)
 
 
-def test_example_file_in_process_in_gd2po_cpu_demo(tmp_path):
-    from tiny_models import build_tiny_chat_model
-
-    torch.manual_seed(0)
-    model = build_tiny_chat_model(tmp_path / "tiny")
-    result = subprocess.run(
-        [sys.executable, "-m", "openrlhf_gd2po.cli.cpu_demo", "--model", str(model), "--steps", "1",
-         "--prompts-per-step", "2", "--n-samples", "3", "--max-new-tokens", "12", "--reward-servers", SPEC,
-         "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "rewards correctness, brevity" in result.stdout
-    (row,) = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert row["reward/correctness"] == 0.0 and -0.2 < row["reward/brevity"] < 0
-    assert row["grad_norm"] > 0  # brevity varies with the length, so the update moves the policy
-
-
 def test_bad_file_spec_is_a_usage_error(tmp_path, capsys):
-    from openrlhf_gd2po.cli.cpu_demo import main
+    from openrlhf_gd2po.cli.analyze import main
 
     with pytest.raises(SystemExit):
         main(["--reward-servers", f"c={tmp_path}/absent.py"])
@@ -183,7 +165,7 @@ def test_bad_file_spec_is_a_usage_error(tmp_path, capsys):
 
 
 def test_readme_example_file_runs(tmp_path):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "rewards.md").read_text()
     code = readme.split("```python\n# my_reward.py\n", 1)[1].split("```", 1)[0]
     reward_file = load_reward_file(write(tmp_path, code))
     scores = score_reward_file(reward_file, ["p: <answer>1</answer>", "p: no"], ["p:", "p:"], [None, None])

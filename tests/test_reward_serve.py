@@ -5,9 +5,11 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,10 +19,11 @@ import psutil
 import pytest
 import torch
 from in_process import run_main
-from servers import free_port
+from servers import KEY_VARIABLES, free_port
 from test_reward_servers import ROWS, THINK, batch, sample
 
 from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards, parse_reward_servers
+from reward_servers.api_key import API_KEY_FILE_ENV
 
 API_KEY = "serve-key-123"
 SPIN_REWARD = Path(__file__).parent / "data" / "spin_reward.py"
@@ -58,23 +61,27 @@ def wait_for_url(process, log) -> str:
 
 
 @pytest.fixture(scope="module")
-def serve_apps(local_ray):
-    """`tc`: toolcall in the foreground, with an API key and a 64 KiB body limit, one worker; `probe`: the
-    direction probes' reward file; `spin`: the spinning reward file, detached, three workers. A quarter CPU
-    each for Ray: the session's Ray has 2 CPUs. Serve is started here first, so that the three CLIs, started
-    side by side, find it running."""
+def serve_apps(local_ray, tmp_path_factory):
+    """`tc`: toolcall in the foreground, with a 64 KiB body limit, one worker; `probe`: the direction probes'
+    reward file; `spin`: the spinning reward file, detached, three workers. A quarter CPU each for Ray: the
+    session's Ray has 2 CPUs. Serve is started here first, as KubeRay starts it: its proxy on 0.0.0.0, so
+    that the three CLIs, started side by side, find it running there, and each needs the API key (read from
+    the key file that GD2PO_REWARD_API_KEY_FILE names)."""
     import ray
     from ray import serve
 
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    env = {k: v for k, v in os.environ.items() if k != "GD2PO_REWARD_API_KEY"}
-    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    serve.start(http_options={"host": "0.0.0.0", "port": free_port()})
+    key_file = tmp_path_factory.mktemp("serve") / "reward_key"
+    key_file.write_text(API_KEY + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in KEY_VARIABLES}
+    env |= {"RAY_ADDRESS": ray.get_runtime_context().gcs_address, API_KEY_FILE_ENV: str(key_file)}
     small = ["--workers", "1", "--num-cpus", "0.25"]
-    tc_args = ["toolcall", *small, "--api-key", API_KEY, "--max-body-mb", str(64 / 1024)]
+    tc_args = ["toolcall", *small, "--max-body-mb", str(64 / 1024)]
     probe_args = ["file", "--path", str(PROBE_REWARD), *small]
     spin_args = ["file", "--path", str(SPIN_REWARD), "--workers", "3", "--num-cpus", "0.25", "--detach"]
     try:
         with deployed((tc_args, "tc"), (probe_args, "probe"), (spin_args, "spin"), env=env) as apps:
+            assert API_KEY not in " ".join(psutil.Process(apps["tc"][1].pid).cmdline())
             assert apps["spin"][1].wait(timeout=30) == 0  # --detach: the CLI is gone, the application stays
             try:
                 yield {"tc": apps["tc"][0], "tc_process": apps["tc"][1], "spin": apps["spin"][0]}
@@ -205,6 +212,64 @@ def test_sigterm_deletes_the_application(serve_apps):
     assert "tc" not in serve.status().applications
 
 
+@pytest.fixture
+def cli_here(monkeypatch):
+    """`python -m reward_servers ARGS` in this process, which is on the session's Ray already (no driver to
+    start), without an API key; returns its SystemExit. The signal handlers it installs are put back."""
+    from reward_servers.__main__ import main
+
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    for name in KEY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def run(*argv) -> SystemExit:
+        with pytest.raises(SystemExit) as exited:
+            main([str(arg) for arg in argv])
+        return exited.value
+
+    yield run
+    for number, handler in handlers.items():
+        signal.signal(number, handler)
+
+
+def test_a_serve_proxy_open_beyond_loopback_needs_a_key(serve_apps, cli_here, capsys):
+    """Serve was started on 0.0.0.0 before the CLI ran (serve_apps, as KubeRay does); the CLI's own --host
+    is 127.0.0.1, but Serve's address is what counts."""
+    from ray import serve
+
+    assert cli_here("math", "--num-cpus", "0.25", "--ray-serve", "open").code == 2
+    assert "Serve's HTTP proxy at 0.0.0.0 is reachable from other machines" in capsys.readouterr().err
+    assert "open" not in serve.status().applications
+
+
+def test_a_failed_deploy_leaves_no_application(serve_apps, cli_here, tmp_path):
+    from ray import serve
+
+    (tmp_path / "broken.py").write_text("raise ValueError('this reward file is broken')\n")
+    exited = cli_here("file", "--path", tmp_path / "broken.py", "--num-cpus", "0.25", "--allow-unauthenticated",
+                      "--ray-serve", "broken")  # fmt: skip
+    assert "--ray-serve broken: Deploying application broken failed" in str(exited.code)
+    assert "this reward file is broken" in str(exited.code)
+    assert "broken" not in serve.status().applications
+
+
+def test_a_signal_while_deploying_deletes_the_application(serve_apps, cli_here, tmp_path):
+    """A replica that asks for a GPU this cluster lacks keeps the application deploying until the signal."""
+    from ray import serve
+
+    def terminate_once_deploying():
+        deadline = time.monotonic() + 60
+        while "waiting" not in serve.status().applications and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_deploying, daemon=True).start()
+    exited = cli_here("file", "--path", PROBE_REWARD, "--num-cpus", "0.25", "--num-gpus", "1", "--allow-unauthenticated",
+                      "--ray-serve", "waiting")  # fmt: skip
+    assert exited.code == "--ray-serve waiting: stopped by a signal while deploying"
+    assert "waiting" not in serve.status().applications
+
+
 def test_serve_targets_are_parsed_and_bad_names_refused():
     dims = parse_reward_servers("c=serve:tc#correctness,rm=serve:safety-rm_2")
     assert [(d.name, d.url, d.field, d.is_serve, d.is_file) for d in dims] == [
@@ -230,13 +295,13 @@ def test_a_pool_that_cannot_replace_its_worker_fails_the_replica_health_check(tm
     """The replica Serve runs, built in this process: its worker dies and every replacement fails to start
     (the reward file is gone), so check_health raises, which makes Serve replace the replica."""
     from reward_servers import workers
-    from reward_servers.__main__ import build_parser
+    from reward_servers.__main__ import build_parser, parse_args
     from reward_servers.serve import RewardServer
 
     monkeypatch.setattr(workers, "RETRY_START_SECONDS", 0.1)
     reward_file = tmp_path / "reward.py"
     reward_file.write_text(SPIN_REWARD.read_text())
-    replica = RewardServer(build_parser().parse_args(["file", "--path", str(reward_file), "--workers", "1"]))
+    replica = RewardServer(parse_args(build_parser(), ["file", "--path", str(reward_file), "--workers", "1"]))
     pool = replica.scorer
 
     async def lose_the_worker():
@@ -263,13 +328,15 @@ def test_a_pool_that_cannot_replace_its_worker_fails_the_replica_health_check(tm
 def test_serves_settings_follow_the_servers_limits():
     from ray import serve
 
-    from reward_servers.__main__ import build_parser
+    from reward_servers.__main__ import build_parser, parse_args
     from reward_servers.serve import RewardServer, deployment_options, replica_app
 
     deployment = serve.deployment(serve.ingress(replica_app)(RewardServer))
     for argv, ongoing, queued, cpus in ((["toolcall", "--workers", "3"], 3 + 256, 256, 3.0),
-                                        (["length", "--target-length", "5", "--workers", "2", "--max-queue", "0"], 2, 1, 2.0)):
-        options = deployment_options(build_parser().parse_args(argv))
+                                        (["length", "--target-length", "5", "--workers", "2", "--max-queue", "0"], 2, 1, 2.0),
+                                        # Not the deploying machine's cores: one worker (and CPU) per replica
+                                        (["math", "--ray-serve", "m"], 1 + 256, 256, 1.0)):  # fmt: skip
+        options = deployment_options(parse_args(build_parser(), argv))
         assert (options["max_ongoing_requests"], options["max_queued_requests"]) == (ongoing, queued)
         assert options["ray_actor_options"] == {"num_cpus": cpus, "num_gpus": 0.0}
         deployment.options(**options)  # Serve validates them as it would at deploy time

@@ -12,7 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from servers import running_server
 
-from reward_servers.__main__ import build_parser, check_exposure
+from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards, parse_reward_servers
+from reward_servers.__main__ import build_parser, parse_args
+from reward_servers.api_key import API_KEY_ENV, API_KEY_FILE_ENV, check_exposure
 from reward_servers.app import create_app
 
 ROWS_FILE = Path(__file__).parent / "data" / "toolrl_rlla_4k_test_rows.json"
@@ -171,11 +173,34 @@ def test_length_server_with_api_key_and_body_limit(length_url):
     assert post(length_url, body, headers=auth).status_code == 200
 
 
-def test_api_key_defaults_to_the_environment(monkeypatch):
-    monkeypatch.setenv("GD2PO_REWARD_API_KEY", "from-env")
-    assert build_parser().parse_args(["length", "--port", "1", "--target-length", "5"]).api_key == "from-env"
-    monkeypatch.delenv("GD2PO_REWARD_API_KEY")
-    assert build_parser().parse_args(["math", "--port", "1"]).api_key is None
+def test_the_api_key_comes_from_the_key_file_or_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv(API_KEY_FILE_ENV, raising=False)
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert parse_args(build_parser(), ["length", "--port", "1", "--target-length", "5"]).api_key == "from-env"
+    (tmp_path / "key").write_text("from-file\n")
+    monkeypatch.setenv(API_KEY_FILE_ENV, str(tmp_path / "key"))
+    assert parse_args(build_parser(), ["math", "--port", "1"]).api_key == "from-file"  # the file wins
+    monkeypatch.delenv(API_KEY_ENV)
+    monkeypatch.delenv(API_KEY_FILE_ENV)
+    assert parse_args(build_parser(), ["math", "--port", "1"]).api_key is None
+
+
+def test_the_client_sends_the_key_from_the_key_file(length_url, tmp_path, monkeypatch):
+    """The server reads its key from a file (length_url); so does the trainer's client, and it says which
+    variable and path when that file is missing or empty."""
+    prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    dimension = parse_reward_servers(f"length={length_url}")
+    key_file = tmp_path / "key"
+    key_file.write_text(f"{API_KEY}\n")
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    monkeypatch.setenv(API_KEY_FILE_ENV, str(key_file))
+    assert fetch_rewards(dimension, [prompt + "x" * 20], [prompt], [None]).rewards.tolist() == [[1.0]]
+    key_file.write_text(" \n")
+    with pytest.raises(RewardServerError, match=f"GD2PO_REWARD_API_KEY_FILE={key_file}: the key file is empty"):
+        fetch_rewards(dimension, [prompt], [prompt], [None])
+    key_file.unlink()
+    with pytest.raises(RewardServerError, match=f"GD2PO_REWARD_API_KEY_FILE={key_file}: cannot read the key file"):
+        fetch_rewards(dimension, [prompt], [prompt], [None])
 
 
 def test_math_server(math_url):
@@ -267,28 +292,34 @@ def test_a_failing_scorer_is_a_500_naming_the_sample_not_a_zero():
 @pytest.mark.parametrize(
     "args, env, message",
     [
-        (["--api-key", ""], {}, "the API key is empty"),
-        ([], {"GD2PO_REWARD_API_KEY": ""}, "the API key is empty"),
+        ([], {API_KEY_FILE_ENV: "/nonexistent/key"}, "$GD2PO_REWARD_API_KEY_FILE=/nonexistent/key: cannot read the key file"),
+        ([], {API_KEY_FILE_ENV: "/dev/null"}, "$GD2PO_REWARD_API_KEY_FILE=/dev/null: the key file is empty"),
+        ([], {API_KEY_ENV: ""}, "$GD2PO_REWARD_API_KEY is set but empty"),
         (["--host", "0.0.0.0"], {}, "--allow-unauthenticated"),
         (["--host", "rm-node.cluster"], {}, "--allow-unauthenticated"),
     ],
 )
 def test_the_server_refuses_to_start_open_by_mistake(args, env, message):
-    server_env = {name: value for name, value in os.environ.items() if name != "GD2PO_REWARD_API_KEY"} | env
+    server_env = {name: value for name, value in os.environ.items() if name not in (API_KEY_ENV, API_KEY_FILE_ENV)} | env
     command = [sys.executable, "-m", "reward_servers", "length", "--target-length", "5", "--port", "1", *args]
     result = subprocess.run(command, env=server_env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
 
 
-def test_an_exposed_host_may_serve_with_a_key_or_when_told():
+def test_an_exposed_host_may_serve_with_a_key_or_when_told(monkeypatch):
     parser = build_parser()
-    for args in (
-        ["--host", "0.0.0.0", "--api-key", "k"],
-        ["--host", "0.0.0.0", "--allow-unauthenticated"],
-        ["--host", "::1"],
+    monkeypatch.delenv(API_KEY_FILE_ENV, raising=False)
+    for args, key in (
+        (["--host", "0.0.0.0"], "k"),
+        (["--host", "0.0.0.0", "--allow-unauthenticated"], None),
+        (["--host", "::1"], None),
     ):
-        check_exposure(parser, parser.parse_args(["math", "--port", "1", *args]))  # no SystemExit
+        monkeypatch.delenv(API_KEY_ENV, raising=False)
+        if key:
+            monkeypatch.setenv(API_KEY_ENV, key)
+        parsed = parse_args(parser, ["math", "--port", "1", *args])
+        check_exposure(parser, parsed, parsed.host, "--host")  # no SystemExit
 
 
 def test_docs_need_the_key_when_one_is_set(length_url):

@@ -61,14 +61,23 @@ class ClusterRun:
 
 
 @pytest.fixture(scope="module")
-def cluster_run(tmp_path_factory):
+def cluster_run(tmp_path_factory, tiny_vllm_model):
+    # As README writes it, in a user's shell: no PYTHONPATH (the tests' stand-ins), TINY_MODEL and TINY_EVAL honoured
     out = tmp_path_factory.mktemp("tiny_cluster")
-    env = dict(os.environ, TINY_NODES="2", TINY_GPUS="1", TINY_TIMEOUT="540")
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    env.update(TINY_NODES="2", TINY_GPUS="1", TINY_TIMEOUT="540", TINY_MODEL=str(tiny_vllm_model), TINY_EVAL="1")
     result = subprocess.run(["bash", str(SCRIPT), str(out), "--train.colocate_all"], env=env, capture_output=True,
                             text=True, timeout=660)  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     return ClusterRun(out, log)
+
+
+def test_the_cluster_path_honours_tiny_model_and_tiny_eval(cluster_run, tiny_vllm_model):
+    weights = "model.safetensors"
+    assert (cluster_run.out / "model" / weights).read_bytes() == (tiny_vllm_model / weights).read_bytes()
+    evaluated = [json.loads(line)["global_step"] for line in (cluster_run.out / "eval_metrics.jsonl").read_text().splitlines()]
+    assert evaluated == [1, 2]
 
 
 def test_gpu_actors_spread_over_both_nodes_and_none_on_the_head(cluster_run):

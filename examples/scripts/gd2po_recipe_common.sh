@@ -1,7 +1,8 @@
 # Shared by train_toolcall_gd2po.sh and train_safety_gd2po.sh (sourced, not run): input checks,
 # printing commands, reward servers (started, health-checked, stopped on exit), Ray, the job.
 #
-# The sourcing script sets REPO_ROOT, PYTHON, RAY_ADDRESS, NUM_GPUS, SAVE_PATH and DRY_RUN first.
+# The sourcing script sets REPO_ROOT, PYTHON, RAY_ADDRESS, NUM_GPUS, SAVE_PATH and DRY_RUN first (and HEAD_GPUS,
+# the GPUs of a local head, when its reward servers need GPUs besides the trainer's NUM_GPUS).
 
 # The GD²PO authors' optimizer and clipping (verl's defaults in both of their experiments): AdamW
 # betas (0.9, 0.999), weight decay 0.01, a constant learning rate without warmup, gradient-norm clip
@@ -15,7 +16,8 @@ AUTHORS_OPTIMIZER_ARGS=(
 
 # Where the reward servers listen and the trainer reaches them. 127.0.0.1 (default) only when the trainer,
 # a Ray actor, runs on this node; on a cluster, an address of this node that every node reaches. The
-# servers then require a key, GD2PO_REWARD_API_KEY: they read it, and the job gets it in its runtime env.
+# servers then require a key, in the file GD2PO_REWARD_API_KEY_FILE names: they read it, and the job gets
+# the file's path in its runtime env (never the key: the Ray dashboard shows a job's env_vars).
 REWARD_HOST="${REWARD_HOST:-127.0.0.1}"
 
 SERVER_STARTUP_SECONDS=900  # a 7B reward model can take minutes to load from a slow disk
@@ -91,10 +93,24 @@ except OSError as error:
     ((status == 0)) || die "REWARD_HOST=$REWARD_HOST: not an address of this node (cannot bind $REWARD_HOST:$port); run the recipe on the node whose address it is"
 }
 
+# The key travels as a file's path, never as the key: not in a process's argv (`ps` shows it to everyone on
+# the node) nor in the job's runtime env (the Ray dashboard shows it).
+check_reward_key() {
+    [[ -z "${GD2PO_REWARD_API_KEY+set}" ]] ||
+        die "GD2PO_REWARD_API_KEY is set, but the recipe gives the job a key file, never the key (the Ray dashboard shows a job's env_vars): write the key to a file every node can read (chmod 600) and set GD2PO_REWARD_API_KEY_FILE to its path"
+    [[ -n "${GD2PO_REWARD_API_KEY_FILE:-}" ]] || return 0
+    [[ -f "$GD2PO_REWARD_API_KEY_FILE" && -r "$GD2PO_REWARD_API_KEY_FILE" ]] ||
+        die "GD2PO_REWARD_API_KEY_FILE=$GD2PO_REWARD_API_KEY_FILE: no such readable file"
+    [[ -n "$(tr -d '[:space:]' <"$GD2PO_REWARD_API_KEY_FILE")" ]] ||
+        die "GD2PO_REWARD_API_KEY_FILE=$GD2PO_REWARD_API_KEY_FILE: the key file is empty"
+    GD2PO_REWARD_API_KEY_FILE="$(realpath "$GD2PO_REWARD_API_KEY_FILE")"
+    export GD2PO_REWARD_API_KEY_FILE  # the reward servers read it
+}
+
 # A reward server bound to an address other nodes reach refuses to start without a key.
 require_reward_key_off_loopback() {
-    [[ "$REWARD_HOST" =~ ^(127\.0\.0\.1|localhost|::1)$ || -n "${GD2PO_REWARD_API_KEY:-}" ]] ||
-        die "REWARD_HOST=$REWARD_HOST is not loopback, so the reward servers require a key: set GD2PO_REWARD_API_KEY (the servers and the training job both get it)"
+    [[ "$REWARD_HOST" =~ ^(127\.0\.0\.1|localhost|::1)$ || -n "${GD2PO_REWARD_API_KEY_FILE:-}" ]] ||
+        die "REWARD_HOST=$REWARD_HOST is not loopback, so the reward servers require a key: set GD2PO_REWARD_API_KEY_FILE to a file holding it (the servers and the training job both read it)"
 }
 
 require_command() {
@@ -140,7 +156,7 @@ ensure_ray() {
     fi
     [[ "$RAY_ADDRESS" =~ ^http://(127\.0\.0\.1|localhost):([0-9]+)$ ]] ||
         die "RAY_ADDRESS=$RAY_ADDRESS: no Ray dashboard answers there (start the cluster, or use http://127.0.0.1:PORT for a local head)"
-    local command=(ray start --head --num-gpus "$NUM_GPUS" --dashboard-host 127.0.0.1 --dashboard-port "${BASH_REMATCH[2]}")
+    local command=(ray start --head --num-gpus "${HEAD_GPUS:-$NUM_GPUS}" --dashboard-host 127.0.0.1 --dashboard-port "${BASH_REMATCH[2]}")
     echo "Ray: nothing answers at $RAY_ADDRESS; starting a local head (it keeps running afterwards; stop it with 'ray stop'):"
     show_command "${command[@]}"
     [[ "$DRY_RUN" == 1 ]] && return
@@ -233,16 +249,15 @@ submit_job() {
     JOB_ID="gd2po_${name}_$(date +%Y%m%d_%H%M%S)"
     # Ray workers import openrlhf_gd2po from this checkout (on other nodes: the same path, or the package
     # installed); Ray expands ${PYTHONPATH} on the worker. The job's entrypoint runs on the Ray head, so the
-    # reward key goes in the job's env; the CLI passes it on to every worker. Printed as the variable's name.
-    local env_json='import json, os, sys; key = os.environ.get("GD2PO_REWARD_API_KEY")
-env = {"PYTHONPATH": sys.argv[1] + ":${PYTHONPATH}"} | ({"GD2PO_REWARD_API_KEY": sys.argv[2] or key} if key else {})
+    # key file's path goes in the job's env; the CLI passes it on to every worker.
+    local env_json='import json, os, sys; key_file = os.environ.get("GD2PO_REWARD_API_KEY_FILE")
+env = {"PYTHONPATH": sys.argv[1] + ":${PYTHONPATH}"} | ({"GD2PO_REWARD_API_KEY_FILE": key_file} if key_file else {})
 print(json.dumps({"env_vars": env}))'
-    local runtime_env shown_env
-    runtime_env=$("$PYTHON" -c "$env_json" "$REPO_ROOT" "")
-    shown_env=$("$PYTHON" -c "$env_json" "$REPO_ROOT" '$GD2PO_REWARD_API_KEY')
+    local runtime_env
+    runtime_env=$("$PYTHON" -c "$env_json" "$REPO_ROOT")
     local command=(ray job submit --address "$RAY_ADDRESS" --submission-id "$JOB_ID" --runtime-env-json "$runtime_env" -- "${entrypoint[@]}")
     echo "Training job $JOB_ID:"
-    show_command "${command[@]:0:8}" "$shown_env" "${command[@]:9}"
+    show_command "${command[@]}"
     if [[ "$DRY_RUN" == 1 ]]; then
         echo "DRY_RUN=1: nothing was launched."
         return

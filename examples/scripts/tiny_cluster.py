@@ -10,15 +10,16 @@ these namespaces; nothing is sent anywhere else):
                        read-only mounts over them) and imports a copy of the package at another path,
                        so a path resolved on the driver's machine fails there as on a cluster
   rewards  10.23.0.21  the reward servers, bound to that address: a key is required
-The driver gets the key as README tells users: $GD2PO_REWARD_API_KEY in the environment it is launched
-from. The Ray processes do not have it.
+The driver gets the key as docs/rewards.md tells users: $GD2PO_REWARD_API_KEY_FILE, a key file every host reads,
+in the environment it is launched from. The Ray processes do not have it.
 
 Shape, scaled down from the recipes: N actor ranks (ZeRO-3, one per node) and N vLLM engines, 4
 prompts per rollout step, 4 samples each, optimizer steps of 2 prompts, and $TINY_PROMPTS prompts
 (default 7), so the last rollout batch is short (3 prompts). Extra flags go after these (the last of a
 flag wins), e.g. --train.colocate_all with TINY_GPUS=1 puts one actor rank and one engine on each node.
 
-Writes under OUT what train_tiny_cpu.sh writes, plus each host's Ray log and actors.json (every Ray
+Honours train_tiny_cpu.sh's TINY_MODEL, TINY_EVAL and TINY_SERVE (the length server as the Serve application
+tiny_length on this cluster, deployed from the head). Writes under OUT what train_tiny_cpu.sh writes, plus each host's Ray log and actors.json (every Ray
 actor of the run: class, node address, state). Everything it started is stopped and every namespace
 removed at the end, on failure too. $TINY_TIMEOUT (default 900) bounds the job; past it, exit 124.
 """
@@ -132,24 +133,21 @@ class Cluster:
 
 
 def copy_for_nodes(site: Path) -> Path:
-    """The package (and the test aids the workers run) at another path, as a node would have it installed."""
+    """The package (and the tests' recorder the workers run) at another path, as a node would have it installed."""
     ignore = shutil.ignore_patterns("__pycache__")
     for package in ("openrlhf_gd2po", "reward_servers"):
         shutil.copytree(ROOT / package, site / package, ignore=ignore)
-    shutil.copytree(ROOT / "tests" / "cpu_stand_ins", site / "cpu_stand_ins", ignore=ignore)
     shutil.copy(ROOT / "tests" / "train_records.py", site / "train_records.py")
     return site
 
 
 def base_environment(out: Path) -> dict:
-    """What every process inherits, as train_tiny_cpu.sh sets it (its step 2)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GD2PO_REWARD_API_KEY")}
+    """What every process inherits, as train_tiny_cpu.sh sets it (its step 2); CPU mode (--gd2po.cpu) the rest."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GD2PO_REWARD_API_KEY", "GD2PO_REWARD_API_KEY_FILE")}
     env.update(
         GD2PO_CPU_AID_LOG=str(out / "cpu_aid_sites.tsv"), GD2PO_METRICS_LOG=str(out / "metrics.jsonl"),
         GD2PO_REPLAY_DUMP=str(out / "replay"), GD2PO_VLLM_PROBE=str(out / "vllm_probe.jsonl"),
-        DS_ACCELERATOR="cpu", TORCHDYNAMO_DISABLE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind",
-        VLLM_ENABLE_V1_MULTIPROCESSING="0",  # the engine's worker in its EngineCore (train_tiny_cpu.sh: why)
-        TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+        GD2PO_EVAL_LOG=str(out / "eval_metrics.jsonl"), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
         # gloo (ZeRO-3's ranks, the weight sync to vLLM) binds to the address of the hostname, which all
         # hosts here share and which names 127.0.0.1; a cluster's nodes each have their own
         GLOO_SOCKET_IFNAME="eth0",
@@ -157,18 +155,32 @@ def base_environment(out: Path) -> dict:
     return env
 
 
-def prepare(out: Path, prompts: int):
-    """The tiny model and the first `prompts` arithmetic prompts (train_tiny_cpu.sh's step 1)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import VLLM_CPU_HEADS, build_tiny_chat_model
+def prepare_inputs(out: Path, prompts: int):
+    """The tiny model ($TINY_MODEL's, else built: 2 heads of 32, as vLLM's CPU attention has no head size 16),
+    the first `prompts` arithmetic prompts and the eval set. train_tiny_cpu.sh runs this too (`--inputs`)."""
+    model = os.environ.get("TINY_MODEL")
+    if model and Path(model).resolve() != (out / "model").resolve():  # TINY_MODEL=OUT/model: already in place
+        shutil.rmtree(out / "model", ignore_errors=True)
+        shutil.copytree(model, out / "model")
+    elif not model:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny_models import VLLM_CPU_HEADS, build_tiny_chat_model
 
-    build_tiny_chat_model(out / "model", **VLLM_CPU_HEADS)
-    lines = (ROOT / "openrlhf_gd2po" / "data" / "arithmetic_prompts.jsonl").read_text().splitlines()[:prompts]
-    (out / "prompts.jsonl").write_text("".join(line + "\n" for line in lines))
+        build_tiny_chat_model(out / "model", **VLLM_CPU_HEADS)
+    rows = [json.loads(line) for line in (ROOT / "openrlhf_gd2po" / "data" / "arithmetic_prompts.jsonl").open()]
+    (out / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows[:prompts]))
+    # The eval set: 4 later prompts (never trained on), an odd and an even label in each data source,
+    # named by OpenRLHF's key in one source and by verl's (the GD²PO authors' files) in the other.
+    sources = [{"datasource": "sums_a"}, {"datasource": "sums_a"}, {"data_source": "sums_b"}, {"data_source": "sums_b"}]
+    (out / "eval.jsonl").write_text("".join(json.dumps({**row, **source}) + "\n" for row, source in zip(rows[-8:-4], sources)))
+
+
+def prepare(out: Path, prompts: int):
+    prepare_inputs(out, prompts)
     # the reward file by a path relative to the driver's directory, as a user may give it
     shutil.copy(ROOT / "examples" / "rewards" / "answer_reward.py", out / "answer_reward.py")
     shutil.rmtree(out / "replay", ignore_errors=True)
-    for name in ("cpu_aid_sites.tsv", "metrics.jsonl", "vllm_probe.jsonl", "actors.json", "node_view.jsonl"):
+    for name in ("cpu_aid_sites.tsv", "metrics.jsonl", "vllm_probe.jsonl", "eval_metrics.jsonl", "actors.json", "node_view.jsonl"):
         (out / name).write_text("")
     for log in out.glob("requests_*.jsonl"):
         log.unlink()
@@ -186,6 +198,8 @@ def wait_for(what: str, ready, processes, seconds: float, log: Path):
 
 def start_reward_servers(cluster: Cluster, out: Path, dimensions: list[str], env: dict) -> dict:
     address = cluster.hosts["rewards"]
+    if os.environ.get("TINY_SERVE") == "1":  # the length server goes on the cluster's Serve instead (deploy_length)
+        dimensions = [d for d in dimensions if d != "length"]
     servers = {"math": ["math"], "length": ["length", "--target-length", "40"],
                "odd_length": ["file", "--path", str(ROOT / "tests" / "data" / "odd_label_length_reward.py")]}  # fmt: skip
     wanted = {"correctness": "math", "format": "math", "length": "length", "odd_length": "odd_length"}
@@ -201,6 +215,16 @@ def start_reward_servers(cluster: Cluster, out: Path, dimensions: list[str], env
     return {server: port for server, (port, _) in started.items()}
 
 
+def deploy_length(cluster: Cluster, out: Path, gcs: str, env: dict):
+    """TINY_SERVE=1: the length server as the Serve application tiny_length on the cluster, deployed from the
+    head by the real CLI (train_tiny_cpu.sh's step 4b), in the foreground until the cluster closes."""
+    command = [PY, "-m", "reward_servers", "length", "--workers", "1", "--target-length", "40", "--request-log",
+               str(out / "requests_length.jsonl"), "--ray-serve", "tiny_length", "--num-cpus", "0.25"]  # fmt: skip
+    log = out / "reward_length.log"
+    process = cluster.start("head", command, log, dict(env, RAY_ADDRESS=gcs), cwd=ROOT)
+    wait_for("the Serve application tiny_length", lambda: '"serve_application"' in log.read_text(), [process], 180, log)
+
+
 def probe(cluster: Cluster, host: str, url: str) -> bool:
     """GET url from inside `host`'s namespace (this process is outside all of them)."""
     check = f"import urllib.request; urllib.request.urlopen({url!r}, timeout=2)"
@@ -210,13 +234,13 @@ def probe(cluster: Cluster, host: str, url: str) -> bool:
 def start_ray(cluster: Cluster, out: Path, nodes: int, gpus: int, env: dict, node_site: Path) -> str:
     gcs = f"{cluster.hosts['head']}:{GCS_PORT}"
     common = ["--block", "--disable-usage-stats", "--object-store-memory", str(300 << 20)]
-    head_env = dict(env, GD2PO_WORKER_SETUP=f"{ROOT}/tests/cpu_stand_ins/cpu_cuda.py:install,{ROOT}/tests/train_records.py:install")
+    head_env = dict(env, GD2PO_WORKER_SETUP=f"{ROOT}/tests/train_records.py:install")
     head = cluster.start("head", [RAY, "start", "--head", "--node-ip-address", cluster.hosts["head"], "--port", str(GCS_PORT),
                                   "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard=false",
                                   "--temp-dir", str(cluster.work / "ray"), *common], out / "ray_head.log", head_env)  # fmt: skip
     wait_for("the Ray head", lambda: ray_gpus(cluster, gcs) is not None, [head], 180, out / "ray_head.log")
     node_env = dict(env, PYTHONPATH=str(node_site),
-                    GD2PO_WORKER_SETUP=f"{node_site}/cpu_stand_ins/cpu_cuda.py:install,{node_site}/train_records.py:install")
+                    GD2PO_WORKER_SETUP=f"{node_site}/train_records.py:install")
     # One after another, each with a temp dir of its own: nodes started together in one session dir race
     # for their socket names, and a raylet slower than 30 s to register fails its node.
     view = ("import json, os, sys, openrlhf_gd2po; print(json.dumps({'node': sys.argv[1], 'package': "
@@ -268,7 +292,8 @@ def train_flags(out: Path, nodes: int, prompts: int, servers: str) -> list[str]:
 def reward_spec(dimensions: list[str], address: str, ports: dict) -> str:
     targets = {"correctness": f"http://{address}:{ports.get('math')}#correctness",
                "format": f"http://{address}:{ports.get('math')}#format",
-               "length": f"http://{address}:{ports.get('length')}#length",
+               "length": "serve:tiny_length#length" if os.environ.get("TINY_SERVE") == "1" else
+                         f"http://{address}:{ports.get('length')}#length",
                "odd_length": f"http://{address}:{ports.get('odd_length')}#odd_length",
                "brevity": "answer_reward.py#brevity"}  # relative to the driver's directory, OUT  # fmt: skip
     return ",".join(f"{d}={targets[d]}" for d in dimensions)
@@ -306,16 +331,25 @@ def main(argv: list[str]) -> int:
     try:
         cluster.build_network()
         env = base_environment(out)
-        key = secrets.token_hex(16)
-        # the head and the reward host see the checkout (with the caller's path: tests/cpu_stand_ins, say)
+        key_file = work / "reward_key"  # every host reads the work dir
+        key_file.touch(0o600)
+        key_file.write_text(secrets.token_hex(16))
+        # the head and the reward host see the checkout
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         log("reward servers")
-        ports = start_reward_servers(cluster, out, dimensions, dict(env, GD2PO_REWARD_API_KEY=key))
+        ports = start_reward_servers(cluster, out, dimensions, dict(env, GD2PO_REWARD_API_KEY_FILE=str(key_file)))
         log("Ray")
         gcs = start_ray(cluster, out, nodes, gpus, env, copy_for_nodes(work / "site"))
+        if os.environ.get("TINY_SERVE") == "1" and "length" in dimensions:
+            log("the length server on Ray Serve")
+            deploy_length(cluster, out, gcs, env)
         servers = reward_spec(dimensions, cluster.hosts["rewards"], ports)
-        driver_env = dict(env, RAY_ADDRESS=gcs, GD2PO_REWARD_API_KEY=key)
-        command = [PY, "-m", "openrlhf_gd2po.cli.train_gd2po_ray", *train_flags(out, nodes, prompts, servers), *argv[1:]]
+        driver_env = dict(env, RAY_ADDRESS=gcs, GD2PO_REWARD_API_KEY_FILE=str(key_file))
+        flags = train_flags(out, nodes, prompts, servers)
+        if os.environ.get("TINY_EVAL") == "1":  # train_tiny_cpu.sh's eval flags
+            flags += ["--eval.dataset", str(out / "eval.jsonl"), "--eval.steps", "1", "--eval.n_samples_per_prompt", "2",
+                      "--eval.temperature", "1.0"]  # fmt: skip
+        command = [PY, "-m", "openrlhf_gd2po.cli.train_gd2po_ray", "--gd2po.cpu", *flags, *argv[1:]]
         log(f"the job: {nodes} nodes x {gpus} GPUs, head {gcs}, reward servers on {cluster.hosts['rewards']}")
         driver = cluster.start("head", command, out / "train.log", driver_env, cwd=out)
         try:
@@ -335,4 +369,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--inputs"]:  # train_tiny_cpu.sh's step 1: `tiny_cluster.py --inputs OUT PROMPTS`
+        sys.exit(prepare_inputs(Path(sys.argv[2]), int(sys.argv[3])))
     sys.exit(main(sys.argv[1:]))

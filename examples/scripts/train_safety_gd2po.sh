@@ -33,7 +33,7 @@
 #   REWARD_GPU, COST_GPU  REWARD_SERVE=0: GPU index of each reward-model server (default 0 and 1)
 #   REWARD_PORT, COST_PORT  REWARD_SERVE=0: server ports (default 5101 and 5102)
 #   REWARD_HOST        REWARD_SERVE=0: the servers' address (default 127.0.0.1: the trainer on this node).
-#                      Another node's trainer needs this node's address; then GD2PO_REWARD_API_KEY must be set
+#                      Another node's trainer needs this node's address; then GD2PO_REWARD_API_KEY_FILE must name a key file
 #   RM_DEVICE          device of both reward-model servers (default cuda; cpu runs them without a GPU, slowly,
 #                      and with REWARD_SERVE=1 needs RM_GPUS=0)
 #   SAVE_PATH          checkpoints, logs, tensorboard (default ./ckpt/safety_<ESTIMATOR>)
@@ -43,7 +43,7 @@
 # Extra arguments go to train_gd2po_ray after the recipe's flags, so they override them
 # (e.g. `--gd2po.snr_threshold 0.5`).
 #
-# Settings (the authors' run_gd2po_*.sh and verl defaults; differences: README "Paper experiments"):
+# Settings (the authors' run_gd2po_*.sh and verl defaults; differences: docs/recipes.md):
 # 512 prompts x 4 samples at temperature 0.7, 128 prompts per optimizer step, one pass of 100
 # rollout steps (the first 51,200 prompts), lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay
 # 0.01, clip 0.2, dual clip 3, no KL (no reference model), no entropy bonus, prompts up to 512 tokens
@@ -85,6 +85,7 @@ require_file DATA
 require_one_of ESTIMATOR gd2po_snr gd2po_hard gdpo grpo
 require_positive_int NUM_GPUS
 require_one_of REWARD_SERVE 0 1
+check_reward_key
 if [[ "$REWARD_SERVE" == 1 ]]; then
     [[ "$RM_GPUS" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "RM_GPUS=$RM_GPUS: must be a number of GPUs (0.5 shares one)"
     [[ "$RM_DEVICE" == cpu || "$RM_GPUS" != 0 ]] || die "RM_GPUS=0 with RM_DEVICE=$RM_DEVICE: give the models GPUs, or RM_DEVICE=cpu"
@@ -98,6 +99,9 @@ else
     require_free_port COST_PORT
 fi
 require_command "$PYTHON" "set PYTHON to the interpreter with this project installed"
+# A local head (ensure_ray) holds the trainer's GPUs and, on Serve, the two reward models' own (whole GPUs).
+HEAD_GPUS="$NUM_GPUS"
+[[ "$REWARD_SERVE" == 1 ]] && HEAD_GPUS=$(awk -v n="$NUM_GPUS" -v rm="$RM_GPUS" 'BEGIN { x = n + 2 * rm; print (x == int(x)) ? x : int(x) + 1 }')
 MODEL_PATH="$(realpath "$MODEL_PATH")"
 REWARD_MODEL_PATH="$(realpath "$REWARD_MODEL_PATH")"
 COST_MODEL_PATH="$(realpath "$COST_MODEL_PATH")"

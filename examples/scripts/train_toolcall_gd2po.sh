@@ -22,7 +22,7 @@
 #                serve:toolcall_rewards; 0: one local server on PORT
 #   PORT         REWARD_SERVE=0: toolcall reward server port (default 5001)
 #   REWARD_HOST  REWARD_SERVE=0: the server's address (default 127.0.0.1: the trainer on this node). Another
-#                node's trainer needs this node's address; then GD2PO_REWARD_API_KEY must be set
+#                node's trainer needs this node's address; then GD2PO_REWARD_API_KEY_FILE must name a key file
 #   SAVE_PATH    checkpoints, logs, tensorboard (default ./ckpt/toolcall_<ESTIMATOR>_r<REWARDS>)
 #   RAY_ADDRESS  Ray dashboard (default http://127.0.0.1:8265); if nothing answers there, a local head is started
 #   PYTHON       interpreter with this project and OpenRLHF installed (default python3)
@@ -32,7 +32,7 @@
 #
 # GPU layout: one node, NUM_GPUS GPUs (80 GB class for 7B), actor and vLLM engines (one per GPU)
 # colocated on all of them with sleep mode; the toolcall server runs on CPU. Settings (the GD²PO
-# authors' tool-calling train_*.sh and verl defaults; differences: README "Paper experiments"):
+# authors' tool-calling train_*.sh and verl defaults; differences: docs/recipes.md):
 # 512 prompts x 4 samples per rollout at temperature 1, 128 prompts per optimizer step, 30 passes,
 # lr 1e-6 constant, AdamW (0.9, 0.999) with weight decay 0.01, clip 0.2, dual clip 3, no KL (hence
 # no reference model), no entropy bonus, prompts up to 2048 tokens (longer ones dropped at
@@ -64,6 +64,7 @@ require_one_of ESTIMATOR gd2po_snr gd2po_hard gdpo grpo
 require_one_of REWARDS 2 3
 require_positive_int NUM_GPUS
 require_one_of REWARD_SERVE 0 1
+check_reward_key
 if [[ "$REWARD_SERVE" == 1 ]]; then
     require_positive_int SCORER_REPLICAS
     require_positive_int SCORER_WORKERS

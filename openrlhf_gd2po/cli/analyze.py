@@ -31,7 +31,8 @@ from openrlhf_gd2po.cli.analyze_report import analyze_rewards, format_report  # 
 from openrlhf_gd2po.cli.generation import (  # noqa: E402
     keep_freed_memory, load_model, sample_rollouts, smollm2_checkpoint,
 )
-from openrlhf_gd2po.reward_client import API_KEY_ENV, fetch_rewards, parse_reward_servers  # noqa: E402
+from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers  # noqa: E402
+from reward_servers.api_key import read_api_key  # noqa: E402
 from reward_servers.__main__ import positive_float, positive_int  # noqa: E402  (the servers' flag types, one definition)
 from reward_servers.local import exit_on_sigterm, running_process  # noqa: E402
 
@@ -215,7 +216,7 @@ def local_reward_server(task_args: list[str]):
     """Run `python -m reward_servers <task_args>` on a free local port until the block ends; yield
     the dimensions it serves (from its /info), one per extra_logs field."""
     with running_process([sys.executable, "-m", "reward_servers", *task_args]) as (url, _):
-        api_key = os.environ.get(API_KEY_ENV)  # the server reads the same variable
+        api_key = read_api_key()  # as the server reads it
         request = urllib.request.Request(
             f"{url}/info", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
         )

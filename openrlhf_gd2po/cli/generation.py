@@ -1,4 +1,4 @@
-"""Model loading and sampling for the CPU commands (`gd2po-analyze`, `gd2po-cpu-demo`)."""
+"""Model loading and sampling for `gd2po-analyze`, and the SmolLM2 checkpoint the CPU main job trains."""
 
 import ctypes
 import os

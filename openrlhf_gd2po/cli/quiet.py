@@ -1,6 +1,6 @@
 """Keep the CPU commands' terminal to their own progress bars and tables.
 
-Called first thing by `gd2po-analyze` and `gd2po-cpu-demo` (the only callers), before torch,
+Called first thing by `gd2po-analyze` (the only caller), before torch,
 transformers or DeepSpeed are imported, never by library code. Each warning filter names one
 known dependency message, so a new warning still shows; transformers is set to errors only.
 """

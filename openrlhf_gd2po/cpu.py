@@ -1,9 +1,15 @@
-"""CPU aid for OpenRLHF 0.11.2's direct CUDA calls: `install()` gives each torch.cuda entry point that
-OpenRLHF's Ray trainer calls its CPU meaning, in this process and in the processes it starts.
+"""CPU mode: OpenRLHF's Ray trainer (vLLM engines, DeepSpeed ZeRO-3 actor) on a machine without CUDA.
 
-Not a stand-in for a missing package (like `flash_attn/` beside it) and never for a GPU machine: it
-changes no file on disk and no OpenRLHF logic, only what these names answer in the processes that
-install it:
+Opt-in only: `train_gd2po_ray --gd2po.cpu`, or $GD2PO_CPU=1 in the environment the job is launched from. The CLI
+passes it to every Ray worker, where `openrlhf_gd2po.install()` (the worker hook) calls `install()` below. A
+trainer process that finds no CUDA device without the opt-in stops (`require_cuda_or_cpu_mode`): a misconfigured
+GPU node must never train 1000x slower in silence. What it is for: debugging rewards and GD²PO on a laptop with
+the same CLI as on the cluster, and the CPU tests; it says nothing about NCCL or GPU speed.
+
+`install()` gives each torch.cuda entry point that OpenRLHF 0.11.2 calls its CPU meaning, in this process and
+in the processes it starts, puts an import-only flash_attn stand-in on the path where flash-attn is missing
+(it has no CPU build; OpenRLHF imports it at module level and never calls it without CUDA), and keeps vLLM's and
+DeepSpeed's CPU builds in step with OpenRLHF. It changes no file on disk and no OpenRLHF logic:
 
 | entry point | CPU meaning | OpenRLHF sites (openrlhf/...) |
 |---|---|---|
@@ -32,10 +38,10 @@ vLLM would load the uninitialised `torch.empty` of vllm_worker_wrap.py:40 as wei
 path, --vllm.sync_with_ray, cannot run here: vLLM's worker is a multiprocessing child of its Ray
 actor, and ray.util.collective refuses any process that is not a Ray actor or task.)
 
-Reaches every Ray worker through the GD²PO worker setup hook (`openrlhf_gd2po.install` runs the
-setups named in $GD2PO_WORKER_SETUP, e.g. `/path/to/cpu_cuda.py:install`), and every process those
-start (vLLM's engine core is a multiprocessing child of its Ray actor, not a Ray worker) through
-`cpu_cuda_site/sitecustomize.py`, which `install()` puts on $PYTHONPATH for children.
+Reaches every Ray worker through the GD²PO worker setup hook (`openrlhf_gd2po.install` calls `install()` when
+$GD2PO_CPU is 1), and every process those start (vLLM's engine core is a multiprocessing child of its Ray
+actor, not a Ray worker) through `cpu_files/child_site/sitecustomize.py`, which `install()` puts on
+$PYTHONPATH for children.
 
 $GD2PO_CPU_AID_LOG, when set, is a file to which every process appends one line per call site that
 needed the aid: `entry point<TAB>file:line<TAB>pid`.
@@ -44,10 +50,49 @@ needed the aid: `entry point<TAB>file:line<TAB>pid`.
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SITE_DIR = os.path.join(HERE, "cpu_cuda_site")
+FILES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_files")
+SITE_DIR = os.path.join(FILES, "child_site")
+FLASH_ATTN_STAND_IN = os.path.join(FILES, "flash_attn_stand_in")
+ENV = "GD2PO_CPU"
 LOG_ENV = "GD2PO_CPU_AID_LOG"
+# What a CPU run needs in every process of the job (set where the user has not set them): DeepSpeed's CPU
+# accelerator; no torch.compile (OpenRLHF compiles its entropy: minutes of Inductor on a laptop); vLLM's
+# CPU KV cache in GiB, its threads unpinned (the actor shares the cores), and its worker inside the
+# EngineCore process (one vLLM import fewer per engine; OpenRLHF sets the same for --train.full_determinism).
+ENV_DEFAULTS = {
+    "DS_ACCELERATOR": "cpu",
+    "TORCHDYNAMO_DISABLE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 _seen = set()
+
+
+def torch_has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV) == "1"
+
+
+def require_cuda_or_cpu_mode(where: str):
+    """Stop a process that would train or generate without CUDA unless CPU mode was asked for."""
+    import torch
+
+    if not torch.cuda.is_available() and not enabled():
+        import socket
+
+        raise RuntimeError(
+            f"train_gd2po_ray: {where} on {socket.gethostname()} found no CUDA device (torch "
+            f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}). On a GPU cluster "
+            f"this node's driver or torch build is broken. To train on CPU on purpose, pass --gd2po.cpu "
+            f"(or set {ENV}=1 where the job is launched)."
+        )
 
 
 class CpuDevice(str):
@@ -88,14 +133,18 @@ def _is_cuda(device):
 
 
 def install():
-    """Idempotent; a no-op where torch has CUDA."""
+    """Idempotent; a no-op where torch has CUDA. The environment first: torch and DeepSpeed read theirs at import."""
+    if torch_has_cuda():
+        return
+    for name, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     import torch
 
     from openrlhf_gd2po import patch_after_import
 
-    if getattr(torch.cuda, "_gd2po_cpu_aid", False) or torch.cuda.is_available():
+    if getattr(torch.cuda, "_gd2po_cpu_aid", False):
         return
-    _add_flash_attn_stand_in()
+    add_flash_attn_stand_in()
     _hand_down_to_children()
 
     # Each answers its CPU meaning (the table above) and records its caller.
@@ -135,7 +184,7 @@ def install():
 
 def _no_shm_comm_build(ops_module):
     """DeepSpeed's CPU init compiles its shared-memory collectives (a C++ op, a minute or more on a
-    fresh machine) unless marked unusable, as gd2po-cpu-demo and tests/cpu_deepspeed.py do; gloo
+    fresh machine) unless marked unusable, as tests/cpu_deepspeed.py does; gloo
     carries the collectives instead."""
     ops_module.__compatible_ops__["deepspeed_shm_comm"] = False
 
@@ -207,13 +256,18 @@ def _keep_weights_reloadable(module):
     module.dispatch_cpu_unquantized_gemm = dispatch_reloadable
 
 
-def _add_flash_attn_stand_in():
-    """flash_attn has no CPU build: its stand-in from beside this file, after site-packages as in
-    tests/conftest.py (so a real vllm still wins over the vllm stand-in)."""
+def add_flash_attn_stand_in():
+    """flash_attn has no CPU build: its import-only stand-in (any call raises), after site-packages, and
+    for the children too (vLLM's EngineCore imports OpenRLHF's worker wrapper)."""
     import importlib.util
 
-    if importlib.util.find_spec("flash_attn") is None and HERE not in sys.path:
-        sys.path.append(HERE)
+    if importlib.util.find_spec("flash_attn") is not None:
+        return
+    if FLASH_ATTN_STAND_IN not in sys.path:
+        sys.path.append(FLASH_ATTN_STAND_IN)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if FLASH_ATTN_STAND_IN not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(paths + [FLASH_ATTN_STAND_IN])
 
 
 def _hand_down_to_children():

@@ -1,1 +1,0 @@
-"""CPU-only test stand-in for flash_attn (see tests/cpu_stand_ins/README.md)."""

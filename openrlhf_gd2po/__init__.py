@@ -18,8 +18,9 @@ DEEPSPEED_MODULE = "openrlhf.utils.deepspeed.deepspeed"
 
 def install():
     """Make every OpenRLHF PPO trainer built in this process use GD2POExperienceMaker,
-    GD2POSamplesGenerator and our eval metrics and data sources (eval_metrics), and every actor's
-    training step safe for micro-batches without action tokens and non-finite losses (actor_training_step).
+    GD2POSamplesGenerator and our eval metrics and data sources (eval_metrics), every actor's
+    training step safe for micro-batches without action tokens and non-finite losses (actor_training_step),
+    and a LoRA actor's weight sync send merged weights under vLLM's names (lora_sync).
 
     `BasePPOTrainer.__init__` (sync and async trainers alike) looks `RemoteExperienceMaker` up in
     TRAINER_MODULE's globals, `prepare_datasets` its `PromptDataset`, and each trainer module looks up
@@ -108,13 +109,16 @@ def _patch_async_trainer(trainer_module):
     _swap_eval_metrics(trainer_module)
 
 
-def _guard_actor_training_step(actor_module):
+def _patch_actor(actor_module):
     from openrlhf_gd2po.actor_training_step import wrap_ppo_train, wrap_training_step
+    from openrlhf_gd2po.lora_sync import wrap_broadcast_to_vllm
 
     trainer = actor_module.ActorPPOTrainer
     if not hasattr(trainer.training_step, "wrapped"):
         trainer.training_step = wrap_training_step(trainer.training_step)
         trainer.ppo_train = wrap_ppo_train(trainer.ppo_train)
+    if not hasattr(trainer.broadcast_to_vllm, "wrapped"):
+        trainer.broadcast_to_vllm = wrap_broadcast_to_vllm(trainer.broadcast_to_vllm)
 
 
 def _require_cuda_or_cpu_mode(deepspeed_module):
@@ -138,7 +142,7 @@ def _require_cuda_or_cpu_mode(deepspeed_module):
 PATCHES = {
     TRAINER_MODULE: _patch_trainer,
     ASYNC_TRAINER_MODULE: _patch_async_trainer,
-    ACTOR_MODULE: _guard_actor_training_step,
+    ACTOR_MODULE: _patch_actor,
     DEEPSPEED_MODULE: _require_cuda_or_cpu_mode,
 }
 

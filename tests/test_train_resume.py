@@ -2,8 +2,10 @@
 (examples/scripts/train_tiny_cpu.sh). Every run scores one dimension, odd_length (signal on odd-label
 prompts only, tests/data/odd_label_length_reward.py), with --gd2po.dynamic_sampling no_signal, so steps
 draw refills. The first two runs train with OpenRLHF's own group_norm (our layer's control: its rewards
-and dynamic sampling, OpenRLHF's advantages) and evaluate after each step (TINY_EVAL=1). Three runs, each
-once per module (a run costs about a minute of start-up, so each serves several checks):
+and dynamic sampling, OpenRLHF's advantages) and evaluate after each step (TINY_EVAL=1). Every run trains
+a LoRA adapter (--ds.lora.rank, synced to vLLM merged: openrlhf_gd2po/lora_sync.py), the masked one
+colocated with its vLLM engine (--train.colocate_all). Three runs, each once per module (a run costs about
+a minute of start-up, so each serves several checks):
 
 - uninterrupted: 33 prompts (16 odd), 4 steps; it also serves the group_norm and dynamic-sampling checks;
 - resumed: the same job, with OpenRLHF's --ckpt.load_enable, from the uninterrupted run's step-2 checkpoint
@@ -31,14 +33,16 @@ import psutil
 import pytest
 import torch
 
-from test_train_tiny_cpu import (EVAL_SAMPLES, EVAL_SOURCES, SAMPLES_PER_PROMPT, SCRIPT, Run, eval_means, queries,
-                                 real_package_missing)
+from test_train_tiny_cpu import (EVAL_SAMPLES, EVAL_SOURCES, SAMPLES_PER_PROMPT, SCRIPT, Run, eval_means, logprobs,
+                                 queries, real_package_missing)
 
 STEPS, PROMPTS, ODD_PROMPTS, DEADLINE = 4, 33, 16, 30
 ODD_LENGTH = {"TINY_DIMENSIONS": "odd_length"}
 FLAGS = ["--gd2po.dynamic_sampling", "no_signal"]
+# LoRA (scaling alpha/rank 4: two steps at lr 1e-2 move the tiny policy well past vLLM's bf16 noise)
+LORA = ["--ds.lora.rank", "8", "--ds.lora.alpha", "32"]
 # the resume pair: no best checkpoint (its `latest` would take over from the regular step's), evaluated
-RESUME_FLAGS = [*FLAGS, "--algo.advantage.estimator", "group_norm", "--ckpt.best_metric_key", "none"]
+RESUME_FLAGS = [*FLAGS, *LORA, "--algo.advantage.estimator", "group_norm", "--ckpt.best_metric_key", "none"]
 RESUME_ENV = dict(ODD_LENGTH, TINY_PROMPTS=str(PROMPTS), TINY_EVAL="1")
 
 pytestmark = pytest.mark.skipif(
@@ -164,7 +168,8 @@ def resumed(tmp_path_factory, tiny_vllm_model, uninterrupted):
 def masked(tmp_path_factory, tiny_vllm_model):
     out, seen = tmp_path_factory.mktemp("masked"), {}
     try:
-        result = launch(out, tiny_vllm_model, *FLAGS, "--reward.on_failure", "mask", "--reward.retries", "5",
+        result = launch(out, tiny_vllm_model, *FLAGS, *LORA, "--train.colocate_all", "--reward.on_failure", "mask",
+                        "--reward.retries", "5",
                         env=dict(ODD_LENGTH, TINY_PROMPTS="14"),
                         during=lambda o: kill_in_step_1_and_restart(o, seen))  # fmt: skip
     finally:
@@ -231,6 +236,65 @@ def test_resume_restores_deepspeeds_step_the_optimizer_and_the_schedule(uninterr
 
     assert gap(resumed.probes[0], uninterrupted.probes[1]) < noise
     assert gap(uninterrupted.probes[1], uninterrupted.probes[0]) > 10 * noise  # step 2 moved the weights
+
+
+def merged_lora_actor(run: Run, step: int):
+    """The base model with step's LoRA adapter merged in, as the actor holds them: step's DeepSpeed checkpoint (the
+    bf16 base, the adapter in fp32: PEFT keeps adapters in fp32) loaded on the run's saved adapter (final/)."""
+    import transformers
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(run.out / "model"),
+                                      run.out / "final")  # fmt: skip
+    master = get_fp32_state_dict_from_zero_checkpoint(str(run.out / "ckpt" / "_actor"), tag=f"global_step{step}")
+    model.load_state_dict(master)
+    return model.merge_and_unload()
+
+
+def test_vllm_serves_the_merged_lora_actor_after_each_sync(uninterrupted, masked):
+    """vLLM's log-probs right after each sync, against transformers' on the merged actor of that step (each
+    step whose checkpoint is kept: --ckpt.max_num 3), separate (uninterrupted) and colocated (masked)."""
+    import transformers
+
+    noise = 1e-2  # test_train_tiny_cpu: bf16 in vLLM's CPU kernels
+
+    def gap(a, b):
+        return max(abs(x - y) for x, y in zip(a, b))
+
+    assert "colocate_all=True" in (masked.out / "train.log").read_text()
+    for run, steps in ((uninterrupted, [2, 3, 4]), (masked, [1, 2])):
+        assert [probe["sync"] for probe in run.probes] == list(range(1, steps[-1] + 1))
+        tokens = run.probes[0]["tokens"]
+        actor = logprobs(transformers.AutoModelForCausalLM.from_pretrained(run.out / "model"), tokens)
+        for step in steps:
+            previous, actor = actor, logprobs(merged_lora_actor(run, step), tokens)
+            assert gap(run.probes[step - 1]["logprobs"][1:], actor) < noise, (run.out, step)  # that step's weights
+            assert gap(actor, previous) > 10 * noise, (run.out, step)  # and the adapter moved the policy
+
+
+def test_the_saved_model_is_the_trained_adapter(uninterrupted):
+    """OpenRLHF saves a LoRA actor as its adapter (final/: adapter_config.json, adapter_model.bin): the last
+    step's weights, exactly; the base weights never move."""
+    import transformers
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from peft import PeftModel
+
+    final = uninterrupted.out / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    base = transformers.AutoModelForCausalLM.from_pretrained(uninterrupted.out / "model")
+    initial = {name: weight.clone() for name, weight in base.state_dict().items()}
+    saved = PeftModel.from_pretrained(base, final).state_dict()
+    checkpoints = str(uninterrupted.out / "ckpt" / "_actor")
+    master = get_fp32_state_dict_from_zero_checkpoint(checkpoints, tag=f"global_step{STEPS}")
+    adapter = [name for name in master if "lora_" in name]
+    assert len(adapter) == 2 * 7 * 2  # lora_A and lora_B of the 7 linear layers of both blocks
+    for name, weight in master.items():
+        if name in adapter:
+            assert torch.equal(saved[name], weight), name
+        else:  # the frozen base, in the bf16 the actor holds it in, as the run started
+            plain = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            assert torch.equal(weight.bfloat16(), initial[plain].bfloat16()), name
 
 
 def test_a_dead_server_with_on_failure_raise_stops_the_job_and_leaves_nothing_behind(resumed):

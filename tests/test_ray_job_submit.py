@@ -36,7 +36,10 @@ HEAD_GPUS, SERVE_GPUS = 3, 1
 def ray_env():
     # Nothing from this process reaches the head or the job but what the job's runtime env carries:
     # conftest puts the CPU stand-ins on PYTHONPATH, and RAY_ADDRESS would point the CLI elsewhere.
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    # The dashboard gives each of its module processes 30 s to start, then dies (its jobs API with it):
+    # under a load average of 15-40 on 2 cores they took longer (2026-12-07).
+    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")} | {
+        "RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT": "180"}
 
 
 def stop_ray_head(head, temp_dir):
@@ -83,6 +86,9 @@ def dashboard_url():
         while True:
             try:
                 with urllib.request.urlopen(f"{url}/api/version", timeout=5) as response:
+                    json.load(response)
+                # the jobs API runs in a module process of its own, which may still be starting
+                with urllib.request.urlopen(f"{url}/api/jobs/", timeout=5) as response:
                     json.load(response)
                 break
             except OSError:
@@ -133,25 +139,30 @@ def job_output(dashboard_url, tmp_path_factory):
     seconds from submission to the job's end)."""
     logs = tmp_path_factory.mktemp("jobs")
     (logs / "serve_gpu_holder.py").write_text(SERVE_GPU_HOLDER)
-    serve = subprocess.Popen([str(RAY), "job", "submit", "--address", dashboard_url, "--", sys.executable,
-                              str(logs / "serve_gpu_holder.py")], env=ray_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     running = {}
 
-    def submit(name, arguments, more_env_vars):
-        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),  # conftest's stand-ins
-                                    "GD2PO_REWARD_API_KEY": API_KEY, **more_env_vars}}  # fmt: skip
+    def submit(name, arguments, runtime_env):
         command = [str(RAY), "job", "submit", "--address", dashboard_url, "--runtime-env-json", json.dumps(runtime_env),
                    "--", sys.executable, *arguments]  # fmt: skip
         log = open(logs / f"{name}.log", "w+")  # a file, not a pipe: no job blocks on a full pipe
-        running[name] = subprocess.Popen(command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT), log, time.monotonic()
+        process = subprocess.Popen(command, env=ray_env(), stdout=log, stderr=subprocess.STDOUT)
+        running[name] = process, log, time.monotonic()
+        # One submission at a time: under load the dashboard dropped one of five sent at once.
+        while "submitted successfully" not in (logs / f"{name}.log").read_text() and process.poll() is None:
+            time.sleep(0.2)
+
+    def job_env(more_env_vars):
+        return {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),  # conftest's stand-ins
+                             "GD2PO_REWARD_API_KEY": API_KEY, **more_env_vars}}  # fmt: skip
 
     for name, (module, flags, more_env_vars) in JOBS.items():
-        submit(name, [str(TESTS / "ray_job_driver.py"), module, *flags], more_env_vars)
-    output, _ = serve.communicate(timeout=240)
-    assert serve.returncode == 0, output[-3000:]
+        submit(name, [str(TESTS / "ray_job_driver.py"), module, *flags], job_env(more_env_vars))
+    submit("serve_gpu_holder", [str(logs / "serve_gpu_holder.py")], {})
+    holder, log, _ = running.pop("serve_gpu_holder")
+    assert holder.wait(timeout=240) == 0, (logs / "serve_gpu_holder.log").read_text()[-3000:]
+    log.close()
     for name, arguments in GPU_JOBS.items():
-        submit(name, arguments, {})
+        submit(name, arguments, job_env({}))
     outputs = {}
     for name, (process, log, started) in running.items():
         process.wait(timeout=240)  # the too-many job: OpenRLHF's placement group would wait forever

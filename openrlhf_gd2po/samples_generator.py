@@ -100,9 +100,10 @@ class GD2POSamplesGenerator(SamplesGenerator):
         left when the prompts run out is dropped. OpenRLHF's trainers skip an empty batch."""
         samples, pass_rate, prompts_consumed, exhausted = super().generate_samples(**generate_kwargs)
         samples = self.carried + samples  # drawn before this batch: trained first
-        full = self.args.rollout.batch_size * self.args.rollout.n_samples_per_prompt
-        unit = self._short_batch_unit()
-        trained = len(samples) if len(samples) == full else len(samples) // unit * unit
+        unit = self.args.rollout.batch_size * self.args.rollout.n_samples_per_prompt  # OpenRLHF's full batch
+        if len(samples) != unit:
+            unit = self._short_batch_unit()
+        trained = len(samples) // unit * unit
         left, samples = samples[trained:], samples[:trained]
         self.carried = [] if exhausted else left
         dropped = len(left) if exhausted else 0

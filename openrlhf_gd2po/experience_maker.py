@@ -28,8 +28,9 @@ from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
 
 logger = init_logger(__name__)
 
-# GD2POSamplesGenerator's totals of one generation call (counts and seconds, not rates): key prefixes.
-CALL_TOTALS = ("gd2po/prompts_consumed", "gd2po/reward_requests", "reward_seconds/")
+# GD2POSamplesGenerator's totals of one generation call, and its per-step counts of samples carried over
+# or dropped (counts and seconds, not rates): key prefixes.
+CALL_TOTALS = ("gd2po/prompts_consumed", "gd2po/reward_requests", "reward_seconds/", "gd2po/samples_")
 
 
 class GD2POExperienceMaker(RemoteExperienceMaker):
@@ -43,8 +44,7 @@ class GD2POExperienceMaker(RemoteExperienceMaker):
         # (another generator, a test) is scored here, the same way, in one fetch.
         if self.reward_dimensions and "reward_fetch_failed" not in rollout_samples[0].info:
             self.fetch_multi_rewards(rollout_samples)
-        elif "gd2po/prompts_consumed" in rollout_samples[0].info:
-            sum_call_totals(rollout_samples)
+        sum_call_totals(rollout_samples)
         return super().make_experience_batch(rollout_samples)
 
     @torch.no_grad()

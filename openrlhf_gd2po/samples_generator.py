@@ -32,6 +32,7 @@ from openrlhf_gd2po.reward_stream import RewardStream
 logger = init_logger(__name__)
 
 DROP_REASONS = ("no_signal", "estimator")
+CARRIED_KEY = "gd2po_carried_groups"  # in the prompt loader's checkpoint state
 POLL_SECONDS = 0.02  # ray.wait cannot also wait on the reward futures, so it polls while both are pending
 
 
@@ -46,12 +47,41 @@ def seed_prompt_order(dataloader, seed):
         generator.manual_seed(seed)
 
 
+def checkpoint_carried_groups(generator):
+    """Save the carried groups in the checkpoint with the prompt loader's position (OpenRLHF saves and
+    restores `prompts_dataloader.state_dict()`): their prompts count as drawn there, so a resumed run
+    without them would never train them, and would not match an uninterrupted one."""
+    loader = generator.prompts_dataloader
+    if not hasattr(loader, "state_dict"):  # a plain list of batches (tests)
+        return
+    save, load = loader.state_dict, loader.load_state_dict
+
+    def load_state_dict(state):
+        state = dict(state)
+        generator.carried = state.pop(CARRIED_KEY, [])
+        load(state)
+
+    loader.state_dict = lambda: {**save(), CARRIED_KEY: generator.carried}
+    loader.load_state_dict = load_state_dict
+
+
+def move_call_totals(source, target):
+    """The call totals (CALL_TOTALS) on samples left out of this step go to one it trains: the step that
+    trains a call's samples logs what the call drew and fetched, as when nothing is left out."""
+    for sample in source:
+        for key in [k for k in sample.info if k.startswith(CALL_TOTALS)]:
+            target.info[key] = target.info.get(key, 0) + sample.info[key]
+            sample.info[key] = torch.zeros_like(sample.info[key])
+
+
 class GD2POSamplesGenerator(SamplesGenerator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reward_dimensions, self.reward_weights = reward_dimensions(self.args)
         self.evaluating = False
+        self.carried = []  # whole groups left over from the last batch, trained first in the next one
         seed_prompt_order(self.prompts_dataloader, self.args.train.seed)
+        checkpoint_carried_groups(self)
 
     @torch.no_grad()
     def generate_eval_samples(self, **generate_kwargs):
@@ -65,21 +95,30 @@ class GD2POSamplesGenerator(SamplesGenerator):
 
     @torch.no_grad()
     def generate_samples(self, **generate_kwargs):
-        """OpenRLHF's batch, with a short one (the episode's last prompts, or dynamic sampling at its cap)
-        cut to whole optimizer steps: see _short_batch_unit. OpenRLHF's trainers skip an empty batch."""
+        """OpenRLHF's batch, after the groups carried over from the last one. A batch that is not OpenRLHF's
+        full one (the episode's last prompts, dynamic sampling at its cap, a carried remainder) trains whole
+        optimizer steps only (_short_batch_unit); the groups drawn last wait for the next batch, and what is
+        left when the prompts run out is dropped. OpenRLHF's trainers skip an empty batch."""
         samples, pass_rate, prompts_consumed, exhausted = super().generate_samples(**generate_kwargs)
-        full = self.args.rollout.batch_size * self.args.rollout.n_samples_per_prompt
-        if 0 < len(samples) < full:
+        samples = self.carried + samples  # drawn before this batch: trained first
+        unit = self.args.rollout.batch_size * self.args.rollout.n_samples_per_prompt  # OpenRLHF's full batch
+        if len(samples) != unit:
             unit = self._short_batch_unit()
-            trained = len(samples) // unit * unit
-            if trained < len(samples):
-                logger.warning(
-                    f"Short batch of {len(samples)} samples (a full one has {full}): this step trains on {trained} "
-                    f"of them and leaves out {len(samples) - trained} (whole optimizer steps on every rank: a "
-                    f"multiple of {unit} samples = lcm(--rollout.n_samples_per_prompt, --train.batch_size, "
-                    f"--rollout.micro_batch_size x data-parallel ranks))"
-                )
-            samples = samples[:trained]
+        trained = len(samples) // unit * unit
+        left, samples = samples[trained:], samples[:trained]
+        self.carried = [] if exhausted else left
+        dropped = len(left) if exhausted else 0
+        if dropped:
+            logger.warning(
+                f"The prompts ran out with {dropped} samples that make no whole optimizer step (a multiple of "
+                f"{unit} samples = lcm(--rollout.n_samples_per_prompt, --train.batch_size, "
+                f"--rollout.micro_batch_size x data-parallel ranks)): they are dropped"
+            )
+        if samples:
+            move_call_totals(left, samples[0])
+            counts = {"gd2po/samples_carried_over": len(self.carried), "gd2po/samples_dropped": dropped}
+            for i, sample in enumerate(samples):  # step totals, on its first sample (sum_call_totals)
+                sample.info.update({key: torch.tensor([0.0 if i else float(n)]) for key, n in counts.items()})
         return samples, pass_rate, prompts_consumed, exhausted
 
     def _generate_vllm(self, dataloader_iter, num_prompts, dynamic_filtering, **generate_kwargs):
@@ -129,7 +168,11 @@ class GD2POSamplesGenerator(SamplesGenerator):
         """OpenRLHF's loop: each group from ray.wait goes to the stream; each group whose rewards are back
         is kept, or dropped and replaced by the next prompt while fewer than max_extra were drawn."""
         generating = self._dispatch_prompts_to_vllm(prompts, labels, images=images, **generate_kwargs)
-        scoring = {}  # reward future -> its group's samples
+        # Groups are kept in the order their prompts were drawn, not finished: a short batch leaves out
+        # the groups drawn last, never the slowest (the longest responses).
+        drawn = {ref: i for i, ref in enumerate(generating)}
+        kept = []  # (draw number, group)
+        scoring = {}  # reward future -> its group's draw number and samples
         generation_done = time.perf_counter()
         while generating or scoring:
             if generating:
@@ -139,29 +182,31 @@ class GD2POSamplesGenerator(SamplesGenerator):
                     queries = [self.tokenizer.decode(s.sequences[0], skip_special_tokens=False) for s in group]
                     agent = request_columns(self.args, group, self.reward_dimensions, self.tokenizer)
                     group_prompts, group_labels = [s.prompts[0] for s in group], [s.labels[0] for s in group]
-                    scoring[stream.submit(queries, group_prompts, group_labels, **agent)] = group
+                    scoring[stream.submit(queries, group_prompts, group_labels, **agent)] = drawn[ref], group
                 if not generating:
                     stream.flush()
                     generation_done = time.perf_counter()
             else:
                 concurrent.futures.wait(scoring, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in [f for f in scoring if f.done()]:
-                group, batch = scoring.pop(future), future.result()  # on_failure raise: raises here
+                (number, group), batch = scoring.pop(future), future.result()  # on_failure raise: raises here
                 attach_rewards(group, batch, self.reward_dimensions, self.reward_weights)
                 step.failed += int(batch.failed.sum())
                 reason = None if batch.failed.any() or self.evaluating else self._drop_reason(batch.rewards)
                 if reason is None:
-                    step.accepted.extend(group)
+                    kept.append((number, group))
                     continue
                 step.drops[reason] += 1
                 if step.prompts_consumed - len(prompts) < max_extra and not step.exhausted:
                     new_prompts, new_labels, new_images, step.exhausted = _collect_prompt_batch(dataloader_iter, 1)
                     step.prompts_consumed += len(new_prompts)
                     if new_prompts:
-                        generating += self._dispatch_prompts_to_vllm(
-                            new_prompts, new_labels, images=new_images, **generate_kwargs
-                        )
+                        for ref in self._dispatch_prompts_to_vllm(new_prompts, new_labels, images=new_images,
+                                                                  **generate_kwargs):  # fmt: skip
+                            drawn[ref] = len(drawn)
+                            generating.append(ref)
         step.reward_wait = time.perf_counter() - generation_done
+        step.accepted = [sample for _, group in sorted(kept, key=lambda k: k[0]) for sample in group]
 
     def _short_batch_unit(self):
         """A short batch is cut to a multiple of this many samples: whole groups, whole optimizer steps

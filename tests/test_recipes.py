@@ -175,10 +175,13 @@ def test_safety_dry_run_deploys_both_models_on_ray_serve(fake_paths):
         assert (f"      --dimension-name {name} \\\n      --ray-serve {app} \\\n      --num-gpus 0.5\n") in result.stdout
     assert f"env RAY_ADDRESS=auto {sys.executable} {SCRIPTS / 'check_reward_direction.py'} \\\n      --reward-servers {servers}" in result.stdout
     assert result.stdout.index("'safety_cm'") < result.stdout.index("Reward direction check") < result.stdout.index("Training job")
-    # A local head holds the trainer's GPUs and the reward models' (docs/recipes.md: NUM_GPUS=6 on one 8-GPU node).
-    assert "ray start \\\n      --head \\\n      --num-gpus 9 \\\n" in result.stdout  # 8 + 2 x 0.5
+    # NUM_GPUS unset: counted once the reward models hold their GPUs (gpu_preflight), not 8 on an 8-GPU node;
+    # a local head gets the node's GPUs as Ray finds them.
+    assert result.stdout.index("Reward direction check") < result.stdout.index("NUM_GPUS unset: a launch counts")
+    assert "ray start \\\n      --head \\\n      --dashboard-host" in result.stdout
+    # NUM_GPUS given: a local head holds the trainer's GPUs and the reward models' (NUM_GPUS=6 on one 8-GPU node).
     six = run_script("train_safety_gd2po.sh", safety_env(fake_paths, REWARD_SERVE="1", NUM_GPUS="6"))
-    assert "ray start \\\n      --head \\\n      --num-gpus 8 \\\n" in six.stdout
+    assert "ray start \\\n      --head \\\n      --num-gpus 8 \\\n" in six.stdout  # 6 + 2 x RM_GPUS 1
     wrong = run_script("train_safety_gd2po.sh", safety_env(fake_paths, REWARD_SERVE="1", RM_GPUS="0"))
     assert wrong.returncode != 0 and "RM_GPUS=0 with RM_DEVICE=cuda" in wrong.stderr
 
@@ -262,7 +265,7 @@ def test_reward_servers_on_an_address_other_nodes_reach_with_the_key(fake_paths,
         ("train_toolcall_gd2po.sh", toolcall_env, {"REWARDS": "4"}, "REWARDS=4: must be one of: 2 3"),
         ("train_safety_gd2po.sh", safety_env, {"EVAL_DATA": "/nonexistent_test.parquet"}, "EVAL_DATA: /nonexistent_test.parquet: no such file"),
         ("train_safety_gd2po.sh", safety_env, {"COST_MODEL_PATH": "/nonexistent/cm"}, "COST_MODEL_PATH=/nonexistent/cm: no such directory"),
-        ("train_safety_gd2po.sh", safety_env, {"REWARD_GPU": "8"}, "REWARD_GPU=8: must be a GPU index below NUM_GPUS=8"),
+        ("train_safety_gd2po.sh", safety_env, {"REWARD_GPU": "8", "NUM_GPUS": "8"}, "REWARD_GPU=8: must be a GPU index below NUM_GPUS=8"),
     ],
 )  # fmt: skip
 def test_bad_input_fails_naming_the_variable(fake_paths, script, env_builder, change, message):
@@ -551,7 +554,8 @@ def launch_with_stand_in_ray(tmp_path, script, env, timeout):
     )  # fmt: skip
     try:
         wait_for(f"http://127.0.0.1:{dashboard_port}/api/version")
-        env = env | {"DRY_RUN": "0", "RAY_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+        # NUM_GPUS: no Ray cluster here to count free GPUs on (the recipes' default)
+        env = {"NUM_GPUS": "8"} | env | {"DRY_RUN": "0", "RAY_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
         env["PATH"] = f"{fake_bin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
         result = run_script(script, env, timeout=timeout)
     finally:

@@ -161,32 +161,45 @@ def test_a_server_that_is_down_raises_or_masks_as_on_failure_says(engine, tiny_m
     assert prompts_consumed == 2 and info(samples, "reward_fetch_failed").eq(1).all()
 
 
-def test_a_short_batch_trains_whole_optimizer_steps_only(engine, tiny_model, odd_length_server, generator_log):
-    # Two ranks, an optimizer step of 8 samples: the one group kept (4 samples) would be half a step
-    # (its gradient would stay accumulated into the next) and one micro-batch on one rank only.
+def test_a_short_batch_trains_whole_optimizer_steps_and_carries_the_rest_over(engine, tiny_model, odd_length_server,
+                                                                               generator_log):
+    # Two ranks, an optimizer step of 8 samples: the one group kept at the cap (4 samples) would be half a
+    # step (its gradient would stay accumulated into the next) and one micro-batch on one rank only. It
+    # waits for the next batch instead of being thrown away (it was: 0 of those samples trained, ever).
     url, _ = odd_length_server
-    made = generator(engine, tiny_model, url, [3, 2, 4, 6], "--gd2po.dynamic_sampling", "no_signal",
+    made = generator(engine, tiny_model, url, [3, 2, 4, 6, 5, 7], "--gd2po.dynamic_sampling", "no_signal",
                      "--gd2po.dynamic_sampling_max_extra_prompts", "2", "--train.batch_size", "8",
                      "--actor.num_gpus_per_node", "2")  # fmt: skip
-    samples, _, prompts_consumed, _ = made.generate_samples(max_new_tokens=8)
-    assert samples == [] and prompts_consumed == 4  # OpenRLHF's trainer then draws the next batch
-    assert "Short batch of 4 samples (a full one has 8): this step trains on 0 of them and leaves out 4" in generator_log.text
-    assert "a multiple of 8 samples" in generator_log.text
+    samples, _, prompts_consumed, exhausted = made.generate_samples(max_new_tokens=8)
+    assert samples == [] and prompts_consumed == 4 and not exhausted  # OpenRLHF's trainer then draws the next batch
+    # The next batch: the carried group first, then prompts 4 and 5 (labels 5 and 7): 12 samples, so one
+    # step of 8, in the order the prompts were drawn; the group drawn last waits again.
+    samples, _, prompts_consumed, exhausted = made.generate_samples(max_new_tokens=8)
+    assert [s.labels[0] for s in samples] == ["3"] * N_SAMPLES + ["5"] * N_SAMPLES and prompts_consumed == 2
+    assert info(samples, "gd2po/samples_carried_over").tolist() == [N_SAMPLES] + [0] * 7
+    assert info(samples, "gd2po/samples_dropped").sum() == 0
+    # Both calls' totals go to the step that trains their samples (the experience maker sums them).
+    assert info(samples, "gd2po/prompts_consumed").sum() == 4 + 2
+    # Out of prompts: what is left makes no whole step and is dropped, with a warning.
+    samples, _, prompts_consumed, exhausted = made.generate_samples(max_new_tokens=8)
+    assert samples == [] and prompts_consumed == 0 and exhausted and made.carried == []
+    assert "The prompts ran out with 4 samples that make no whole optimizer step (a multiple of 8" in generator_log.text
 
 
-def test_a_short_last_batch_is_cut_to_whole_optimizer_steps_without_dynamic_sampling(engine, tiny_model,
-                                                                                      odd_length_server, generator_log):
+def test_a_short_last_batch_trains_the_groups_drawn_first_not_the_fastest(engine, tiny_model, odd_length_server,
+                                                                          generator_log):
     # Three prompts left for a batch of four, two ranks, an optimizer step of 8 samples: 12 samples would
     # give the ranks 2 and 1 rollout micro-batches (ZeRO-3 hangs) and leave half a step's gradient behind.
+    # The first prompt's group finishes last (the longest responses): it is trained all the same.
     url, _ = odd_length_server
     made = generator(engine, tiny_model, url, [3, 5, 7], "--rollout.batch_size", "4", "--train.batch_size", "8",
-                     "--actor.num_gpus_per_node", "2")  # fmt: skip
+                     "--actor.num_gpus_per_node", "2", seconds=[1.0, 0.0, 0.0])  # fmt: skip
     samples, _, prompts_consumed, exhausted = made.generate_samples(max_new_tokens=8)
     assert prompts_consumed == 3 and exhausted
-    # two whole groups, the first two to finish (the engine's order, not the prompts')
-    assert len(samples) == 2 * N_SAMPLES and all(len({s.labels[0] for s in group}) == 1 for group in groups(samples))
-    assert len({s.labels[0] for s in samples}) == 2
-    assert "Short batch of 12 samples (a full one has 16): this step trains on 8 of them and leaves out 4" in generator_log.text
+    assert [s.labels[0] for s in samples] == ["3"] * N_SAMPLES + ["5"] * N_SAMPLES
+    assert info(samples, "gd2po/samples_dropped").tolist() == [N_SAMPLES] + [0] * 7
+    assert info(samples, "gd2po/samples_carried_over").sum() == 0
+    assert "The prompts ran out with 4 samples" in generator_log.text
 
 
 def test_install_swaps_the_generator_and_eval_metrics_of_the_sync_and_the_async_trainer():
@@ -341,7 +354,7 @@ def test_a_generation_call_that_feeds_two_async_steps_counts_its_totals_once(eng
     assert [row["gd2po/dynamic_sampling_pass_rate"] for row in logged] == [1.0, 1.0]  # a rate: the call's, per step
 
 
-def trainer_prompt_loader(tiny_model, *flags):
+def trainer_generator(tiny_model, *flags):
     """The prompt loader and generator OpenRLHF's PPOTrainer builds (its own prepare_datasets and strategy,
     no process group, as in the trainer actor), over the first 16 arithmetic prompts."""
     import openrlhf.trainer.ppo_trainer as ppo_trainer
@@ -357,9 +370,12 @@ def trainer_prompt_loader(tiny_model, *flags):
         "--data.label_key", "label", "--data.max_samples", "16", *flags))  # fmt: skip
     strategy, tokenizer = get_strategy(args), AutoTokenizer.from_pretrained(tiny_model)
     loader, _, _ = ppo_trainer.prepare_datasets(strategy, tokenizer)
-    ppo_trainer.SamplesGenerator(strategy=strategy, prompts_dataloader=loader, eval_dataloader=None,
-                                 tokenizer=tokenizer, vllm_engines=[])  # fmt: skip
-    return loader
+    return ppo_trainer.SamplesGenerator(strategy=strategy, prompts_dataloader=loader, eval_dataloader=None,
+                                        tokenizer=tokenizer, vllm_engines=[])  # fmt: skip
+
+
+def trainer_prompt_loader(tiny_model, *flags):
+    return trainer_generator(tiny_model, *flags).prompts_dataloader
 
 
 def drawn(batches) -> list[str]:
@@ -384,3 +400,21 @@ def test_the_prompt_order_follows_train_seed_and_a_restored_loader_goes_on_with_
     restored = trainer_prompt_loader(tiny_model)
     restored.load_state_dict(state)
     assert drawn(restored) == order[6:]
+
+
+def test_the_groups_carried_over_are_saved_and_restored_with_the_loaders_position(tiny_model, tmp_path):
+    # OpenRLHF checkpoints prompts_dataloader.state_dict() in DeepSpeed's client states (torch.save) and
+    # restores it at resume: the carried groups' prompts count as drawn there, so the groups go with it.
+    from test_openrlhf_integration import rollout_samples
+
+    order = drawn(trainer_prompt_loader(tiny_model))
+    made = trainer_generator(tiny_model)
+    iterator = iter(made.prompts_dataloader)
+    next(iterator), next(iterator)
+    made.carried = rollout_samples(made.tokenizer)[:N_SAMPLES]
+    torch.save({"data_loader_state_dict": made.prompts_dataloader.state_dict()}, tmp_path / "client_states.pt")
+    restored = trainer_generator(tiny_model)
+    restored.prompts_dataloader.load_state_dict(
+        torch.load(tmp_path / "client_states.pt", weights_only=False)["data_loader_state_dict"])
+    assert [s.sequences.tolist() for s in restored.carried] == [s.sequences.tolist() for s in made.carried]
+    assert drawn(restored.prompts_dataloader) == order[2:]

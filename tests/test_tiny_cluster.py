@@ -111,11 +111,13 @@ def test_every_rollout_scored_once_on_the_remote_host_with_the_key(cluster_run):
 
 def test_short_last_batch_cut_to_whole_optimizer_steps(cluster_run):
     # 7 prompts: rollout batches of 4 and 3 prompts. The short one is cut to 2 prompts (8 samples: one
-    # optimizer step of 2 prompts, 2 ranks x micro-batch 2), 4 samples left out, with a warning.
+    # optimizer step of 2 prompts, 2 ranks x micro-batch 2); the prompts ran out, so 4 samples are dropped.
     assert [row["global_step"] for row in cluster_run.metrics] == [1, 2]
     trained = sum(len(record["index"]) for record in cluster_run.replay)
     assert trained == (4 + 2) * SAMPLES_PER_PROMPT
-    assert "Short batch of 12 samples (a full one has 16): this step trains on 8 of them and leaves out 4" in cluster_run.train_log
+    assert [(row["gd2po/samples_carried_over"], row["gd2po/samples_dropped"]) for row in cluster_run.metrics] == [
+        (0, 0), (0, SAMPLES_PER_PROMPT)]
+    assert "The prompts ran out with 4 samples that make no whole optimizer step" in cluster_run.train_log
 
 
 def test_metrics_of_each_step_are_finite(cluster_run):

@@ -9,9 +9,10 @@ a minute of start-up, so each serves several checks):
 
 - uninterrupted: 33 prompts (16 odd), 4 steps; it also serves the group_norm and dynamic-sampling checks;
 - resumed: the same job, with OpenRLHF's --ckpt.load_enable, from the uninterrupted run's step-2 checkpoint
-  (its ckpt folder as a job stopped after step 2 leaves it: global_step2 and `latest` naming it): steps 3
-  and 4. It is also the raise case: its reward server is killed (SIGKILL) once step 4 is logged, so step
-  4's evaluation (after its checkpoint) gets no rewards and, with --reward.on_failure raise, the job stops;
+  (its ckpt folder as a job stopped after step 2 leaves it: global_step2 and `latest` naming it): step 3,
+  then step 4 cut short. It is also the raise case: its reward server is killed (SIGKILL) once step 4 has
+  sent its first reward request, so step 4's refills get no rewards and, with --reward.on_failure raise,
+  the job stops in the middle of step 4, before its checkpoint;
 - masked: gd2po_snr (masking needs a GD²PO-family estimator), 14 prompts, no evaluation,
   --reward.on_failure mask; the server is killed while step 1 generates (after its first
   request, so the refills fail) and restarted once step 1 is logged.
@@ -106,10 +107,14 @@ def launch(out: Path, model: Path, *flags: str, env: dict, during=None) -> subpr
     return subprocess.CompletedProcess(script.args, returncode)
 
 
-def stop_at_the_last_eval(out: Path, seen: dict):
-    """Kill the reward server once the resumed run's second step (step 4) is logged: its checkpoint comes
-    next, then its evaluation. Then time the driver until it exits."""
-    wait_for(lambda: line_count(out / "metrics.jsonl") >= 2)
+def stop_in_step_4(out: Path, seen: dict):
+    """Kill the reward server once the resumed run's second step (step 4) has sent its first reward request:
+    step 3 and its evaluation are logged, and step 4's refills come later. Then time the driver until it
+    exits."""
+    wait_for(lambda: line_count(out / "eval_metrics.jsonl") >= 1)  # step 3's evaluation: the last before step 4
+    requests = out / "requests_odd_length.jsonl"
+    seen["requests_before_step_4"] = line_count(requests)
+    wait_for(lambda: line_count(requests) > seen["requests_before_step_4"])
     driver, server = process(out, "openrlhf_gd2po.cli.train_gd2po_ray"), odd_length_server(out)
     seen["port"] = server.cmdline()[server.cmdline().index("--port") + 1]
     kill(server)
@@ -158,7 +163,7 @@ def resumed(tmp_path_factory, tiny_vllm_model, uninterrupted):
     (checkpoints / "latest").write_text("global_step2")  # as DeepSpeed wrote it after step 2
     env = dict(RESUME_ENV, TINY_LEFTOVERS=str(out / "leftovers.json"))
     result = launch(out, tiny_vllm_model, *RESUME_FLAGS, "--ckpt.load_enable", "--reward.deadline", str(DEADLINE),
-                    env=env, during=lambda o: stop_at_the_last_eval(o, seen))  # fmt: skip
+                    env=env, during=lambda o: stop_in_step_4(o, seen))  # fmt: skip
     run = Run(out, out)
     run.returncode, run.seen = result.returncode, seen
     return run
@@ -203,12 +208,12 @@ def checkpoint(run: Run, step: int) -> tuple[dict, dict]:
 
 def test_the_resumed_run_draws_the_uninterrupted_runs_prompts_step_by_step(uninterrupted, resumed):
     assert [row["global_step"] for row in uninterrupted.metrics] == [1, 2, 3, 4]
-    assert [row["global_step"] for row in resumed.metrics] == [3, 4]  # the same step count, from step 2 on
+    assert [row["global_step"] for row in resumed.metrics] == [3]  # the same step count, from step 2 on
     whole = prompts_by_step(uninterrupted)
-    assert prompts_by_step(resumed) == whole[2:]
+    assert prompts_by_step(resumed) == whole[2:3]
     # Dynamic sampling's refills are in the checkpoint's loader state: no prompt lost or drawn twice.
     consumed = [row["gd2po/prompts_consumed"] for row in uninterrupted.metrics]
-    assert [row["gd2po/prompts_consumed"] for row in resumed.metrics] == consumed[2:]
+    assert [row["gd2po/prompts_consumed"] for row in resumed.metrics] == consumed[2:3]
     assert sum(consumed) == PROMPTS and max(consumed) > 4  # every prompt drawn, refills in steps
     drawn = [prompt for step in whole for prompt in step]
     assert len(set(drawn)) == len(drawn) == PROMPTS
@@ -218,7 +223,7 @@ def test_the_resumed_run_draws_the_uninterrupted_runs_prompts_step_by_step(unint
 
 
 def test_resume_restores_deepspeeds_step_the_optimizer_and_the_schedule(uninterrupted, resumed):
-    for step in (3, 4):
+    for step in (3,):
         (model, optimizer), (want_model, want_optimizer) = checkpoint(resumed, step), checkpoint(uninterrupted, step)
         assert model["global_steps"] == want_model["global_steps"] == step
         assert model["total_consumed_prompts"] == want_model["total_consumed_prompts"]
@@ -227,7 +232,7 @@ def test_resume_restores_deepspeeds_step_the_optimizer_and_the_schedule(uninterr
         assert {float(s["step"]) for s in adam.values()} == {float(s["step"]) for s in want_adam.values()} == {step}
     # The learning-rate schedule goes on where it was (it decays over the run: each step has its own rate).
     rates = [row["actor_lr"] for row in uninterrupted.metrics]
-    assert len(set(rates)) == STEPS and [row["actor_lr"] for row in resumed.metrics] == pytest.approx(rates[2:])
+    assert len(set(rates)) == STEPS and [row["actor_lr"] for row in resumed.metrics] == pytest.approx(rates[2:3])
     # vLLM serves step 2's weights before the resumed run's first rollout (OpenRLHF syncs them at resume).
     noise = 1e-2  # test_train_tiny_cpu: bf16 in vLLM's CPU kernels
 
@@ -303,11 +308,25 @@ def test_a_dead_server_with_on_failure_raise_stops_the_job_and_leaves_nothing_be
     port = resumed.seen["port"]
     log = (resumed.out / "train.log").read_text()
     assert f"reward server http://127.0.0.1:{port}/get_reward" in log and "odd_length" in log, log[-3000:]
-    # It stopped in step 4's evaluation, after step 4's checkpoint: a relaunch would resume from there.
     assert [row["global_step"] for row in resumed.evals] == [3]
-    assert (resumed.out / "ckpt" / "_actor" / "latest").read_text().strip() == f"global_step{STEPS}"
     left = json.loads((resumed.out / "leftovers.json").read_text())
     assert left["left"] == [], left
+
+
+def test_a_step_cut_short_is_redone_with_the_same_prompts(uninterrupted, resumed):
+    # The resumed run was killed in step 4, after it had drawn and generated step 4's first prompts: the
+    # uninterrupted run's step-4 prompts. Nothing of step 4 reached the checkpoints: `latest` is still
+    # step 3's, whose loader position is the uninterrupted run's after step 3 (before step 4's prompts).
+    step_4 = prompts_by_step(uninterrupted)[3]
+    lines = (resumed.out / "requests_odd_length.jsonl").read_text().splitlines()[resumed.seen["requests_before_step_4"]:]
+    cut_short = {json.loads(line)["prompt"] for line in lines}
+    assert cut_short and cut_short <= set(step_4)
+    assert (resumed.out / "ckpt" / "_actor" / "latest").read_text().strip() == "global_step3"
+    assert not (resumed.out / "ckpt" / "_actor" / "global_step4").exists()
+    (model, _), (want_model, _) = checkpoint(resumed, 3), checkpoint(uninterrupted, 3)
+    assert model["total_consumed_prompts"] == want_model["total_consumed_prompts"]
+    # A relaunch resumes from there, and a resume from a step's checkpoint draws the prompts the
+    # uninterrupted run drew next (the resumed run itself, from step 2's: the first test): step 4's again.
 
 
 def test_a_dead_server_with_on_failure_mask_trains_on_the_rest_and_the_restarted_one_serves_the_next_step(masked):

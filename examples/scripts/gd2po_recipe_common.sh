@@ -1,8 +1,8 @@
 # Shared by train_toolcall_gd2po.sh and train_safety_gd2po.sh (sourced, not run): input checks,
 # printing commands, reward servers (started, health-checked, stopped on exit), Ray, the job.
 #
-# The sourcing script sets REPO_ROOT, PYTHON, RAY_ADDRESS, NUM_GPUS, SAVE_PATH and DRY_RUN first (and HEAD_GPUS,
-# the GPUs of a local head, when its reward servers need GPUs besides the trainer's NUM_GPUS).
+# The sourcing script sets REPO_ROOT, PYTHON, RAY_ADDRESS, NUM_GPUS (empty: count_free_gpus), SAVE_PATH and
+# DRY_RUN first (and HEAD_GPUS, the GPUs of a local head, when its reward servers need GPUs besides NUM_GPUS).
 
 # The GD²PO authors' optimizer and clipping (verl's defaults in both of their experiments): AdamW
 # betas (0.9, 0.999), weight decay 0.01, a constant learning rate without warmup, gradient-norm clip
@@ -156,7 +156,8 @@ ensure_ray() {
     fi
     [[ "$RAY_ADDRESS" =~ ^http://(127\.0\.0\.1|localhost):([0-9]+)$ ]] ||
         die "RAY_ADDRESS=$RAY_ADDRESS: no Ray dashboard answers there (start the cluster, or use http://127.0.0.1:PORT for a local head)"
-    local command=(ray start --head --num-gpus "${HEAD_GPUS:-$NUM_GPUS}" --dashboard-host 127.0.0.1 --dashboard-port "${BASH_REMATCH[2]}")
+    local gpus="${HEAD_GPUS:-$NUM_GPUS}"   # empty: Ray counts the node's GPUs
+    local command=(ray start --head ${gpus:+--num-gpus "$gpus"} --dashboard-host 127.0.0.1 --dashboard-port "${BASH_REMATCH[2]}")
     echo "Ray: nothing answers at $RAY_ADDRESS; starting a local head (it keeps running afterwards; stop it with 'ray stop'):"
     show_command "${command[@]}"
     [[ "$DRY_RUN" == 1 ]] && return
@@ -167,6 +168,23 @@ ensure_ray() {
         sleep 1
     done
     die "the Ray head started but its dashboard does not answer at $RAY_ADDRESS after 60 s"
+}
+
+# NUM_GPUS unset: the most GPUs free on one node of the Ray cluster once the reward servers hold theirs,
+# each with a free CPU beside it as OpenRLHF's placement groups take them: the count by which
+# train_gd2po_ray's GPU preflight refuses a job (openrlhf_gd2po/cli/gpu_preflight.py). DRY_RUN=1 starts
+# nothing to count and shows 8.
+count_free_gpus() {
+    [[ -z "$NUM_GPUS" ]] || return 0
+    if [[ "$DRY_RUN" == 1 ]]; then
+        echo "NUM_GPUS unset: a launch counts the GPUs free on the Ray cluster at this point (8 shown below)"
+        NUM_GPUS=8
+        return
+    fi
+    NUM_GPUS=$(env RAY_ADDRESS=auto "$PYTHON" -m openrlhf_gd2po.cli.gpu_preflight) ||
+        die "could not count the GPUs free on the Ray cluster (above); set NUM_GPUS"
+    ((NUM_GPUS > 0)) || die "no GPU of the Ray cluster is free (Ray Serve applications may hold them); set NUM_GPUS or free some"
+    echo "NUM_GPUS=$NUM_GPUS: the GPUs free on the Ray cluster's fullest node"
 }
 
 # start_reward_server NAME PORT COMMAND...: run it in the background, logging to $SAVE_PATH/logs.

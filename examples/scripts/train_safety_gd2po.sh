@@ -25,8 +25,9 @@
 #                      their data_source names each set in the logs), validated every 10 steps, one greedy
 #                      answer each, on both dimensions (unset: none)
 #   ESTIMATOR          gd2po_snr (default) | gd2po_hard | gdpo | grpo
-#   NUM_GPUS           the trainer's GPUs per node (default 8; with REWARD_SERVE=1 leave Ray 2 x RM_GPUS for
-#                      the reward models: 6 on one 8-GPU node; two nodes: NUM_GPUS=7 and append
+#   NUM_GPUS           the trainer's GPUs per node (default: the GPUs free on the Ray cluster's fullest node
+#                      once the reward models hold theirs, as train_gd2po_ray's GPU check counts them: 6 on
+#                      one 8-GPU node with REWARD_SERVE=1; two nodes: NUM_GPUS=7 and append
 #                      `--actor.num_nodes 2 --vllm.num_engines 14`)
 #   REWARD_SERVE       1 (default): Ray Serve applications safety_rm and safety_cm, RM_GPUS GPUs each (default
 #                      1), targets serve:safety_rm and serve:safety_cm; 0: local servers on this node:
@@ -63,7 +64,7 @@ COST_MODEL_PATH="${COST_MODEL_PATH:-}"
 DATA="${DATA:-}"
 EVAL_DATA="${EVAL_DATA:-}"
 ESTIMATOR="${ESTIMATOR:-gd2po_snr}"
-NUM_GPUS="${NUM_GPUS:-8}"
+NUM_GPUS="${NUM_GPUS:-}"
 REWARD_SERVE="${REWARD_SERVE:-1}"
 RM_GPUS="${RM_GPUS:-1}"
 REWARD_GPU="${REWARD_GPU:-0}"
@@ -83,7 +84,7 @@ require_dir REWARD_MODEL_PATH
 require_dir COST_MODEL_PATH
 require_file DATA
 require_one_of ESTIMATOR gd2po_snr gd2po_hard gdpo grpo
-require_positive_int NUM_GPUS
+[[ -z "$NUM_GPUS" ]] || require_positive_int NUM_GPUS
 require_one_of REWARD_SERVE 0 1
 check_reward_key
 if [[ "$REWARD_SERVE" == 1 ]]; then
@@ -91,7 +92,8 @@ if [[ "$REWARD_SERVE" == 1 ]]; then
     [[ "$RM_DEVICE" == cpu || "$RM_GPUS" != 0 ]] || die "RM_GPUS=0 with RM_DEVICE=$RM_DEVICE: give the models GPUs, or RM_DEVICE=cpu"
 else
     for gpu in REWARD_GPU COST_GPU; do
-        [[ "${!gpu}" =~ ^[0-9]+$ ]] && ((${!gpu} < NUM_GPUS)) || die "$gpu=${!gpu}: must be a GPU index below NUM_GPUS=$NUM_GPUS"
+        [[ "${!gpu}" =~ ^[0-9]+$ ]] || die "$gpu=${!gpu}: must be a GPU index"
+        [[ -z "$NUM_GPUS" ]] || ((${!gpu} < NUM_GPUS)) || die "$gpu=${!gpu}: must be a GPU index below NUM_GPUS=$NUM_GPUS"
     done
     [[ "$REWARD_PORT" != "$COST_PORT" ]] || die "REWARD_PORT and COST_PORT are both $REWARD_PORT; give two ports"
     require_reward_key_off_loopback
@@ -100,8 +102,10 @@ else
 fi
 require_command "$PYTHON" "set PYTHON to the interpreter with this project installed"
 # A local head (ensure_ray) holds the trainer's GPUs and, on Serve, the two reward models' own (whole GPUs).
-HEAD_GPUS="$NUM_GPUS"
-[[ "$REWARD_SERVE" == 1 ]] && HEAD_GPUS=$(awk -v n="$NUM_GPUS" -v rm="$RM_GPUS" 'BEGIN { x = n + 2 * rm; print (x == int(x)) ? x : int(x) + 1 }')
+HEAD_GPUS="$NUM_GPUS"   # NUM_GPUS unset: Ray counts the node's GPUs, and the trainer gets what the servers leave
+if [[ -n "$NUM_GPUS" && "$REWARD_SERVE" == 1 ]]; then
+    HEAD_GPUS=$(awk -v n="$NUM_GPUS" -v rm="$RM_GPUS" 'BEGIN { x = n + 2 * rm; print (x == int(x)) ? x : int(x) + 1 }')
+fi
 MODEL_PATH="$(realpath "$MODEL_PATH")"
 REWARD_MODEL_PATH="$(realpath "$REWARD_MODEL_PATH")"
 COST_MODEL_PATH="$(realpath "$COST_MODEL_PATH")"
@@ -123,24 +127,27 @@ PROMPTS=$(wc -l <"$DATA")
 STEPS=$(((PROMPTS < 51200 ? PROMPTS : 51200) / 512))
 echo "DATA: $PROMPTS prompts; $STEPS rollout steps of 512 prompts (the authors: 100)"
 
-TRAIN_ARGS=(
-    --actor.num_nodes 1 --actor.num_gpus_per_node "$NUM_GPUS"
-    --vllm.num_engines "$NUM_GPUS" --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.5
-    --train.colocate_all --vllm.enable_sleep --ds.enable_sleep
-    --ds.zero_stage 3 --ds.param_dtype bf16 --ds.packing_samples --actor.gradient_checkpointing_enable
-    --actor.model_name_or_path "$MODEL_PATH"
-    --data.prompt_dataset "$DATA" --data.input_key prompt --data.apply_chat_template
-    --data.max_len 1536 --rollout.max_new_tokens 1024 --rollout.temperature 0.7
-    --rollout.batch_size 512 --rollout.n_samples_per_prompt 4 --rollout.micro_batch_size 8
-    --train.batch_size 512 --train.micro_batch_size 2 --train.max_epochs 1 --train.num_episodes 1
-    --data.max_samples 51200
-    --actor.adam.lr 1e-6 "${AUTHORS_OPTIMIZER_ARGS[@]}" --algo.kl.init_coef 0
-    --algo.advantage.estimator "$ESTIMATOR"
-    --reward.servers "$REWARD_SERVERS"
-    --ckpt.output_dir "$SAVE_PATH" --ckpt.path "$SAVE_PATH/ckpt" --ckpt.save_steps 20 --ckpt.save_hf
-    --logger.logging_steps 1 --logger.tensorboard_dir "$SAVE_PATH/tensorboard"
-    "${EVAL_ARGS[@]}" "$@"
-)
+train_args() {
+    TRAIN_ARGS=(
+        --actor.num_nodes 1 --actor.num_gpus_per_node "$NUM_GPUS"
+        --vllm.num_engines "$NUM_GPUS" --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.5
+        --train.colocate_all --vllm.enable_sleep --ds.enable_sleep
+        --ds.zero_stage 3 --ds.param_dtype bf16 --ds.packing_samples --actor.gradient_checkpointing_enable
+        --actor.model_name_or_path "$MODEL_PATH"
+        --data.prompt_dataset "$DATA" --data.input_key prompt --data.apply_chat_template
+        --data.max_len 1536 --rollout.max_new_tokens 1024 --rollout.temperature 0.7
+        --rollout.batch_size 512 --rollout.n_samples_per_prompt 4 --rollout.micro_batch_size 8
+        --train.batch_size 512 --train.micro_batch_size 2 --train.max_epochs 1 --train.num_episodes 1
+        --data.max_samples 51200
+        --actor.adam.lr 1e-6 "${AUTHORS_OPTIMIZER_ARGS[@]}" --algo.kl.init_coef 0
+        --algo.advantage.estimator "$ESTIMATOR"
+        --reward.servers "$REWARD_SERVERS"
+        --ckpt.output_dir "$SAVE_PATH" --ckpt.path "$SAVE_PATH/ckpt" --ckpt.save_steps 20 --ckpt.save_hf
+        --logger.logging_steps 1 --logger.tensorboard_dir "$SAVE_PATH/tensorboard"
+        "${EVAL_ARGS[@]}" "$@"
+    )
+}
+train_args "$@"
 # Checked before anything starts: the job's entrypoint goes through a shell.
 require_shell_safe "$PYTHON" "${TRAIN_ARGS[@]}"
 
@@ -166,4 +173,6 @@ else
 fi
 check_reward_direction "$REWARD_SERVERS" "$MODEL_PATH"
 
+count_free_gpus
+train_args "$@"
 submit_job "safety_${ESTIMATOR}" "${TRAIN_ARGS[@]}"

@@ -16,7 +16,8 @@
 #   ESTIMATOR    gd2po_snr (default) | gd2po_hard | gdpo | grpo
 #   REWARDS      2 (default): correctness + length; 3: correctness + length + format. All dimensions come
 #                from one `python -m reward_servers toolcall` server, picked with `url#dimension`.
-#   NUM_GPUS     GPUs of this node (default 8)
+#   NUM_GPUS     GPUs of this node for the trainer (default: the GPUs free on the Ray cluster's fullest
+#                node, as train_gd2po_ray's GPU check counts them)
 #   REWARD_SERVE 1 (default): Ray Serve application toolcall_rewards, SCORER_REPLICAS replicas (default 2) of
 #                SCORER_WORKERS scoring processes each (default 4, each a CPU counted by Ray), target
 #                serve:toolcall_rewards; 0: one local server on PORT
@@ -46,7 +47,7 @@ DATA="${DATA:-}"
 EVAL_DATA="${EVAL_DATA:-}"
 ESTIMATOR="${ESTIMATOR:-gd2po_snr}"
 REWARDS="${REWARDS:-2}"
-NUM_GPUS="${NUM_GPUS:-8}"
+NUM_GPUS="${NUM_GPUS:-}"
 REWARD_SERVE="${REWARD_SERVE:-1}"
 SCORER_REPLICAS="${SCORER_REPLICAS:-2}"
 SCORER_WORKERS="${SCORER_WORKERS:-4}"
@@ -62,7 +63,7 @@ require_dir MODEL_PATH
 require_file DATA
 require_one_of ESTIMATOR gd2po_snr gd2po_hard gdpo grpo
 require_one_of REWARDS 2 3
-require_positive_int NUM_GPUS
+[[ -z "$NUM_GPUS" ]] || require_positive_int NUM_GPUS
 require_one_of REWARD_SERVE 0 1
 check_reward_key
 if [[ "$REWARD_SERVE" == 1 ]]; then
@@ -89,23 +90,26 @@ fi
 
 echo "GD²PO tool calling: estimator $ESTIMATOR, $REWARDS rewards, model $MODEL_PATH, data $DATA, output $SAVE_PATH"
 
-TRAIN_ARGS=(
-    --actor.num_nodes 1 --actor.num_gpus_per_node "$NUM_GPUS"
-    --vllm.num_engines "$NUM_GPUS" --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.6
-    --train.colocate_all --vllm.enable_sleep --ds.enable_sleep
-    --ds.zero_stage 3 --ds.param_dtype bf16 --ds.packing_samples --actor.gradient_checkpointing_enable
-    --actor.model_name_or_path "$MODEL_PATH"
-    --data.prompt_dataset "$DATA" --data.input_key prompt --data.label_key label --data.apply_chat_template
-    --data.max_len 3072 --rollout.max_new_tokens 1024
-    --rollout.batch_size 512 --rollout.n_samples_per_prompt 4 --rollout.micro_batch_size 8
-    --train.batch_size 512 --train.micro_batch_size 2 --train.max_epochs 1 --train.num_episodes 30
-    --actor.adam.lr 1e-6 "${AUTHORS_OPTIMIZER_ARGS[@]}" --algo.kl.init_coef 0
-    --algo.advantage.estimator "$ESTIMATOR"
-    --reward.servers "$REWARD_SERVERS"
-    --ckpt.output_dir "$SAVE_PATH" --ckpt.path "$SAVE_PATH/ckpt" --ckpt.save_steps 5 --ckpt.save_hf
-    --logger.logging_steps 1 --logger.tensorboard_dir "$SAVE_PATH/tensorboard"
-    "${EVAL_ARGS[@]}" "$@"
-)
+train_args() {
+    TRAIN_ARGS=(
+        --actor.num_nodes 1 --actor.num_gpus_per_node "$NUM_GPUS"
+        --vllm.num_engines "$NUM_GPUS" --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.6
+        --train.colocate_all --vllm.enable_sleep --ds.enable_sleep
+        --ds.zero_stage 3 --ds.param_dtype bf16 --ds.packing_samples --actor.gradient_checkpointing_enable
+        --actor.model_name_or_path "$MODEL_PATH"
+        --data.prompt_dataset "$DATA" --data.input_key prompt --data.label_key label --data.apply_chat_template
+        --data.max_len 3072 --rollout.max_new_tokens 1024
+        --rollout.batch_size 512 --rollout.n_samples_per_prompt 4 --rollout.micro_batch_size 8
+        --train.batch_size 512 --train.micro_batch_size 2 --train.max_epochs 1 --train.num_episodes 30
+        --actor.adam.lr 1e-6 "${AUTHORS_OPTIMIZER_ARGS[@]}" --algo.kl.init_coef 0
+        --algo.advantage.estimator "$ESTIMATOR"
+        --reward.servers "$REWARD_SERVERS"
+        --ckpt.output_dir "$SAVE_PATH" --ckpt.path "$SAVE_PATH/ckpt" --ckpt.save_steps 5 --ckpt.save_hf
+        --logger.logging_steps 1 --logger.tensorboard_dir "$SAVE_PATH/tensorboard"
+        "${EVAL_ARGS[@]}" "$@"
+    )
+}
+train_args "$@"
 # Checked before anything starts: the job's entrypoint goes through a shell.
 require_shell_safe "$PYTHON" "${TRAIN_ARGS[@]}"
 
@@ -118,4 +122,6 @@ else
     start_reward_server toolcall "$PORT" "$PYTHON" -m reward_servers toolcall --port "$PORT" --host "$REWARD_HOST"
 fi
 
+count_free_gpus
+train_args "$@"
 submit_job "toolcall_${ESTIMATOR}_r${REWARDS}" "${TRAIN_ARGS[@]}"

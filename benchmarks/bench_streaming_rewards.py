@@ -50,7 +50,7 @@ def trainer_args(servers: str, num_prompts: int):
         rollout=SimpleNamespace(batch_size=num_prompts, n_samples_per_prompt=SAMPLES_PER_PROMPT,
                                 vllm_generate_batch_size=num_prompts),
         vllm=SimpleNamespace(enable_sleep=False),
-        train=SimpleNamespace(seed=42),
+        train=SimpleNamespace(seed=42, agent_func_path=None),
         algo=SimpleNamespace(dynamic_filtering_enable=False,
                              advantage=SimpleNamespace(is_correction_level="off", estimator="gd2po_snr")),
         reward=SimpleNamespace(servers=servers, weights=None, batch_size=256, timeout=300.0, retries=3,

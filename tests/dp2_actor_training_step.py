@@ -24,7 +24,6 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # eager, as in zero3_actor_tr
 import torch
 
 CASE = Path(__file__).resolve().parent / "data" / "dp2_nan_case"
-sys.path.insert(0, str(Path(__file__).resolve().parent / "cpu_stand_ins"))
 
 
 class LateAllGathers:
@@ -72,9 +71,9 @@ class LateHandle:
 
 
 def build_actor(rank, port, args):
-    import cpu_cuda
+    from openrlhf_gd2po import cpu
 
-    cpu_cuda.install()  # the CPU meaning of OpenRLHF's torch.cuda calls, as in the tiny runs
+    cpu.install()  # CPU mode: the CPU meaning of OpenRLHF's torch.cuda calls, as in the tiny runs
     import openrlhf_gd2po
 
     openrlhf_gd2po.install()

@@ -14,7 +14,8 @@ TESTS = Path(__file__).parent
 # OpenRLHF's main block runs until its first use of the model (ray_job_driver.py): one actor rank and one vLLM
 # engine, no KL; the reward server is never asked.
 FLAGS = ["--actor.model_name_or_path", "/nonexistent/model", "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1",
-         "--vllm.num_engines", "1", "--algo.kl.init_coef", "0", "--reward.servers", "length=http://127.0.0.1:9#length"]  # fmt: skip
+         "--vllm.num_engines", "1", "--algo.kl.init_coef", "0", "--reward.servers", "length=http://127.0.0.1:9#length",
+         "--algo.advantage.estimator", "gdpo", "--rollout.n_samples_per_prompt", "2"]  # fmt: skip
 
 
 def run_cli(*flags: str) -> tuple[subprocess.CompletedProcess, float]:

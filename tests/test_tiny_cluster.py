@@ -54,7 +54,10 @@ class ClusterRun:
         self.train_log = (out / "train.log").read_text()
 
     def requests(self, server: str) -> list[dict]:
-        return [json.loads(line) for line in (self.out / f"requests_{server}.jsonl").read_text().splitlines()]
+        """The server's request log, the training rollouts only (TINY_EVAL=1: the eval prompts are scored too)."""
+        evaluated = [json.loads(line)["prompt"] for line in (self.out / "eval.jsonl").read_text().splitlines()]
+        lines = [json.loads(line) for line in (self.out / f"requests_{server}.jsonl").read_text().splitlines()]
+        return [line for line in lines if not any(prompt in line["prompt"] for prompt in evaluated)]
 
     def placed(self, actor_class: str) -> list[str]:
         return sorted(a["node"] for a in self.actors if a["class"] == actor_class)

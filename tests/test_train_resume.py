@@ -152,7 +152,7 @@ def uninterrupted(tmp_path_factory, tiny_vllm_model):
     out = tmp_path_factory.mktemp("uninterrupted")
     result = launch(out, tiny_vllm_model, *RESUME_FLAGS, env=RESUME_ENV)
     assert result.returncode == 0, (out / "script.log").read_text()[-5000:]
-    return Run(out, out)
+    return Run(out, out, ["odd_length"])
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def resumed(tmp_path_factory, tiny_vllm_model, uninterrupted):
     env = dict(RESUME_ENV, TINY_LEFTOVERS=str(out / "leftovers.json"))
     result = launch(out, tiny_vllm_model, *RESUME_FLAGS, "--ckpt.load_enable", "--reward.deadline", str(DEADLINE),
                     env=env, during=lambda o: stop_in_step_4(o, seen))  # fmt: skip
-    run = Run(out, out)
+    run = Run(out, out, ["odd_length"])
     run.returncode, run.seen = result.returncode, seen
     return run
 
@@ -182,7 +182,7 @@ def masked(tmp_path_factory, tiny_vllm_model):
             os.killpg(seen["restarted"].pid, signal.SIGTERM)
             seen["restarted"].wait(timeout=30)
     assert result.returncode == 0, (out / "script.log").read_text()[-5000:]
-    run = Run(out, out)
+    run = Run(out, out, ["odd_length"])
     run.seen = seen
     return run
 

@@ -258,13 +258,14 @@ def gd2po_hooks():
 def logical_gpus_for_a_cpu_run(args) -> int:
     """Enough logical GPUs for every actor and engine OpenRLHF asks for, placed apart: an upper bound of
     gpu_preflight.gpus_asked (colocation needs fewer), from the flat flags, as ray.init comes before OpenRLHF's
-    own args object reaches us. On CPU a GPU is only a placement slot."""
+    own args object reaches us (OpenRLHF adds a critic for `gae` and a reward model without a remote reward).
+    On CPU a GPU is only a placement slot."""
     get = lambda name: getattr(args, name)  # noqa: E731
-    actor = get("actor.num_nodes") * get("actor.num_gpus_per_node")
-    ref = get("ref.num_nodes") * get("ref.num_gpus_per_node") if get("algo.kl.init_coef") > 0 else 0
-    critic = get("critic.num_nodes") * get("critic.num_gpus_per_node") if get("critic.model_name_or_path") else 0
-    engines = (get("vllm.num_engines") or 0) * get("vllm.tensor_parallel_size")
-    return actor + ref + critic + engines
+    roles = [("actor", True), ("ref", get("algo.kl.init_coef") > 0),
+             ("critic", get("algo.advantage.estimator") == "gae"),
+             ("reward", not get("reward.remote_url") and not get("train.agent_func_path"))]  # fmt: skip
+    gpus = sum(get(f"{role}.num_nodes") * get(f"{role}.num_gpus_per_node") for role, asked in roles if asked)
+    return gpus + (get("vllm.num_engines") or 0) * get("vllm.tensor_parallel_size")
 
 
 def reward_key_for_workers() -> dict:

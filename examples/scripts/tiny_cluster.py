@@ -270,14 +270,18 @@ def ray_gpus(cluster: Cluster, gcs: str) -> float | None:
     return float(found.group(1)) if found else 0.0
 
 
-def train_flags(out: Path, nodes: int, prompts: int, servers: str) -> list[str]:
-    return [
+def train_flags(out: Path, prompts: int, servers: str, nodes: int = 1, train_batch: int = 16, micro_batch: int = 4) -> list[str]:
+    """The tiny job's trainer flags, for train_tiny_cpu.sh (`--flags`, one node) and the cluster alike: one ZeRO-3
+    rank and one vLLM engine per node, `train_batch` samples an optimizer step; with $TINY_EVAL=1, an evaluation
+    after every step. Learning rate 1e-2, not OpenRLHF's 1e-6: steps that small leave the random tiny model's
+    bf16 weights where they were."""
+    flags = [
         "--actor.model_name_or_path", str(out / "model"),
         "--data.prompt_dataset", str(out / "prompts.jsonl"), "--data.input_key", "prompt", "--data.label_key", "label",
         "--data.apply_chat_template", "--data.max_samples", str(prompts),
         "--rollout.batch_size", "4", "--rollout.n_samples_per_prompt", "4", "--rollout.micro_batch_size", "4",
-        "--train.batch_size", "8", "--train.micro_batch_size", "2", "--train.max_epochs", "1", "--train.num_episodes", "1",
-        "--data.max_len", "256", "--rollout.max_new_tokens", "48",
+        "--train.batch_size", str(train_batch), "--train.micro_batch_size", str(micro_batch), "--train.max_epochs", "1",
+        "--train.num_episodes", "1", "--data.max_len", "256", "--rollout.max_new_tokens", "48",
         "--actor.num_nodes", str(nodes), "--actor.num_gpus_per_node", "1",
         "--vllm.num_engines", str(nodes), "--vllm.tensor_parallel_size", "1", "--vllm.sync_backend", "gloo",
         "--vllm.enforce_eager", "--vllm.gpu_memory_utilization", "0.5",
@@ -287,6 +291,10 @@ def train_flags(out: Path, nodes: int, prompts: int, servers: str) -> list[str]:
         "--reward.servers", servers,
         "--ckpt.path", str(out / "ckpt"), "--ckpt.output_dir", str(out / "final"), "--ckpt.save_steps", "1",
     ]  # fmt: skip
+    if os.environ.get("TINY_EVAL") == "1":
+        flags += ["--eval.dataset", str(out / "eval.jsonl"), "--eval.steps", "1", "--eval.n_samples_per_prompt", "2",
+                  "--eval.temperature", "1.0"]  # fmt: skip
+    return flags
 
 
 def reward_spec(dimensions: list[str], address: str, ports: dict) -> str:
@@ -345,10 +353,8 @@ def main(argv: list[str]) -> int:
             deploy_length(cluster, out, gcs, env)
         servers = reward_spec(dimensions, cluster.hosts["rewards"], ports)
         driver_env = dict(env, RAY_ADDRESS=gcs, GD2PO_REWARD_API_KEY_FILE=str(key_file))
-        flags = train_flags(out, nodes, prompts, servers)
-        if os.environ.get("TINY_EVAL") == "1":  # train_tiny_cpu.sh's eval flags
-            flags += ["--eval.dataset", str(out / "eval.jsonl"), "--eval.steps", "1", "--eval.n_samples_per_prompt", "2",
-                      "--eval.temperature", "1.0"]  # fmt: skip
+        # optimizer steps of 2 prompts, so that the last rollout batch of 3 prompts is short
+        flags = train_flags(out, prompts, servers, nodes=nodes, train_batch=8, micro_batch=2)
         command = [PY, "-m", "openrlhf_gd2po.cli.train_gd2po_ray", "--gd2po.cpu", *flags, *argv[1:]]
         log(f"the job: {nodes} nodes x {gpus} GPUs, head {gcs}, reward servers on {cluster.hosts['rewards']}")
         driver = cluster.start("head", command, out / "train.log", driver_env, cwd=out)
@@ -371,4 +377,7 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--inputs"]:  # train_tiny_cpu.sh's step 1: `tiny_cluster.py --inputs OUT PROMPTS`
         sys.exit(prepare_inputs(Path(sys.argv[2]), int(sys.argv[3])))
+    if sys.argv[1:2] == ["--flags"]:  # train_tiny_cpu.sh's step 5: `tiny_cluster.py --flags OUT PROMPTS SERVERS`
+        sys.stdout.write("".join(flag + "\0" for flag in train_flags(Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])))
+        sys.exit(0)
     sys.exit(main(sys.argv[1:]))

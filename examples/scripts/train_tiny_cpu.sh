@@ -111,10 +111,6 @@ wait_up() {
 "$PY" "$ROOT/examples/scripts/tiny_cluster.py" --inputs "$OUT" "$TINY_PROMPTS" &   # the same inputs as the cluster's
 BUILD=$!
 PIDS+=($BUILD)
-EVAL_FLAGS=()
-if [ "$TINY_EVAL" = 1 ]; then
-  EVAL_FLAGS=(--eval.dataset "$OUT/eval.jsonl" --eval.steps 1 --eval.n_samples_per_prompt 2 --eval.temperature 1.0)
-fi
 
 # 2. environment every process inherits (Ray workers from the raylet, vLLM's engine from its actor)
 # CPU mode (--gd2po.cpu below) sets up every process of the job; the tests' recorder reads what they need
@@ -182,8 +178,7 @@ if [ "$TINY_SERVE" = 1 ]; then
 fi
 
 # 5. the real trainer, 2 steps: $TINY_PROMPTS prompts (8), 4 per rollout batch, 4 samples each, scored on the
-#    dimensions named in $TINY_DIMENSIONS (default: all four). Learning rate 1e-2, not OpenRLHF's
-#    1e-6: steps that small leave the random tiny model's bf16 weights where they were.
+#    dimensions named in $TINY_DIMENSIONS (default: all four)
 declare -A SPEC=([correctness]="http://127.0.0.1:$MATH_PORT#correctness" [format]="http://127.0.0.1:$MATH_PORT#format"
                  [length]="$LENGTH_TARGET" [brevity]="$ROOT/examples/rewards/answer_reward.py#brevity"
                  [odd_length]="http://127.0.0.1:${ODD_PORT:-0}#odd_length")
@@ -202,18 +197,7 @@ for dim in ${TINY_DIMENSIONS//,/ }; do
 done
 wait "$BUILD"   # step 1's model and prompts (set -e: stops here if that failed)
 cd "$OUT"
-"$PY" -m openrlhf_gd2po.cli.train_gd2po_ray --gd2po.cpu \
-  --actor.model_name_or_path "$OUT/model" \
-  --data.prompt_dataset "$OUT/prompts.jsonl" --data.input_key prompt --data.label_key label --data.apply_chat_template \
-  --data.max_samples "$TINY_PROMPTS" --rollout.batch_size 4 --rollout.n_samples_per_prompt 4 --rollout.micro_batch_size 4 \
-  --train.batch_size 16 --train.micro_batch_size 4 --train.max_epochs 1 --train.num_episodes 1 \
-  --data.max_len 256 --rollout.max_new_tokens 48 \
-  --actor.num_nodes 1 --actor.num_gpus_per_node 1 \
-  --vllm.num_engines 1 --vllm.tensor_parallel_size 1 --vllm.sync_backend gloo \
-  --vllm.enforce_eager --vllm.gpu_memory_utilization 0.5 \
-  --ds.zero_stage 3 --ds.param_dtype bf16 --ds.attn_implementation sdpa \
-  --algo.kl.init_coef 0 --algo.advantage.estimator gd2po_snr \
-  --actor.adam.lr 1e-2 --actor.lr_warmup_ratio 0 \
-  --reward.servers "$SERVERS" \
-  --ckpt.path "$OUT/ckpt" --ckpt.output_dir "$OUT/final" --ckpt.save_steps 1 \
-  "${EVAL_FLAGS[@]}" "${AGENT_FLAGS[@]}" "$@" 2>&1 | tee "$OUT/train.log"
+# the trainer's flags as the cluster's (tiny_cluster.py train_flags, one node), then the agent's and the caller's
+mapfile -d '' TRAIN_FLAGS < <(TINY_EVAL="$TINY_EVAL" "$PY" "$ROOT/examples/scripts/tiny_cluster.py" --flags "$OUT" "$TINY_PROMPTS" "$SERVERS")
+[ "${#TRAIN_FLAGS[@]}" -gt 0 ] || { echo "train_tiny_cpu: tiny_cluster.py --flags printed nothing" >&2; exit 1; }
+"$PY" -m openrlhf_gd2po.cli.train_gd2po_ray --gd2po.cpu "${TRAIN_FLAGS[@]}" "${AGENT_FLAGS[@]}" "$@" 2>&1 | tee "$OUT/train.log"

@@ -73,6 +73,7 @@ class LateHandle:
 def build_actor(rank, port, args):
     from openrlhf_gd2po import cpu
 
+    os.environ[cpu.ENV] = "1"  # the opt-in: without it OpenRLHF's DeepSpeed setup stops on a CPU machine
     cpu.install()  # CPU mode: the CPU meaning of OpenRLHF's torch.cuda calls, as in the tiny runs
     import openrlhf_gd2po
 

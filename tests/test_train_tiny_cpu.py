@@ -177,8 +177,8 @@ def test_replay_buffer_advantages_are_compute_advantages_of_the_logged_rewards(g
         rewards = torch.cat([torch.stack([r["info"][f"reward/{d}"] for d in gd2po_run.dimensions], dim=1)
                              for r in experiences])  # fmt: skip
         index = torch.cat([r["index"] for r in experiences])
-        mask = torch.cat([r["action_mask"] for r in experiences])  # one width per step: the rollout batch's
-        lengths = mask.sum(dim=-1)
+        # each micro-batch of the replay is padded to its own width (OpenRLHF's concat_experiences)
+        lengths = torch.cat([r["action_mask"].sum(dim=-1) for r in experiences])
         expected = compute_advantages(rewards, index // SAMPLES_PER_PROMPT, "gd2po_snr", response_lengths=lengths)
         start = 0
         for record in experiences:
@@ -219,7 +219,7 @@ def test_the_agents_turns_reach_the_servers_and_the_update_its_environment_does_
         rewards = torch.cat([torch.stack([r["info"][f"reward/{d}"] for d in SNR_DIMENSIONS], dim=1)
                              for r in experiences])  # fmt: skip
         index = torch.cat([r["index"] for r in experiences])
-        lengths = torch.cat([r["action_mask"] for r in experiences]).sum(dim=-1)
+        lengths = torch.cat([r["action_mask"].sum(dim=-1) for r in experiences])
         without = compute_advantages(rewards, index // SAMPLES_PER_PROMPT, "gd2po_snr", response_lengths=lengths)
         trained_advantages = torch.cat([(r["advantages"] * r["action_mask"]).sum(-1) / r["action_mask"].sum(-1)
                                         for r in experiences])  # fmt: skip

@@ -85,5 +85,10 @@ def check_gpus(args):
 
 
 if __name__ == "__main__":  # the cluster at $RAY_ADDRESS, else this node's; never a new local one
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m openrlhf_gd2po.cli.gpu_preflight",
+                            description="Print the most GPUs free on one node of the Ray cluster at $RAY_ADDRESS "
+                                        "(else this node's): the recipes' default NUM_GPUS.").parse_args()  # fmt: skip
     ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", logging_level="ERROR", log_to_driver=False)
     print(max(free_gpus().values(), default=0))

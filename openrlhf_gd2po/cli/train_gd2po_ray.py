@@ -184,6 +184,9 @@ def gd2po_hooks():
                 gpus = logical_gpus_for_a_cpu_run(parsed[0])
                 kwargs.setdefault("num_gpus", gpus)
                 kwargs.setdefault("num_cpus", max(os.cpu_count() or 1, gpus + 1))  # one per bundle, one for the trainer
+                # No dashboard: its processes cost 11 CPU-seconds at start on 2 cores (3 without it, measured),
+                # and a CPU run is read from its log and TensorBoard.
+                kwargs.setdefault("include_dashboard", False)
         elif starts_local_ray and not cpu.torch_has_cuda():
             raise SystemExit(
                 "train_gd2po_ray: error: this machine has no CUDA device and no Ray cluster was named (RAY_ADDRESS), so "

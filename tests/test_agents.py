@@ -159,7 +159,7 @@ def test_environment_tokens_carry_no_advantage_and_no_length(tiny_model, tokeniz
     environment = [~mask.bool() & (torch.arange(len(mask)) >= int(mask.nonzero()[0]))
                    for mask in (s.action_mask[0] for s in samples)]
     assert environment[0].sum() > 10 and environment[3].sum() == 0  # rollout 3 answers at once: no environment
-    actor = Actor(str(tiny_model), attn_implementation="eager", param_dtype="bf16")
+    actor = Actor(str(tiny_model), attn_implementation="sdpa", param_dtype="bf16")
     maker = GD2POExperienceMaker(InProcessActorGroup(actor), None, None, None, FixedKLController(0.0),
                                  SimpleNamespace(args=args), tokenizer)  # fmt: skip
     experiences = maker.make_experience_batch(samples)

@@ -147,11 +147,13 @@ def make_experiences(tiny_model, args, reference=False):
 
     strategy = SimpleNamespace(args=args)
     tokenizer = get_tokenizer(str(tiny_model), None, "left", strategy)
-    actor = Actor(str(tiny_model), attn_implementation="eager", param_dtype="bf16")
+    # sdpa, as the real runs' actor: eager attention builds the fp32 attention matrix of the ToolRL prompts
+    # (thousands of byte tokens), which took four times the time of the rest of the step (measured).
+    actor = Actor(str(tiny_model), attn_implementation="sdpa", param_dtype="bf16")
     initial = None
     if reference:
         initial_path = build_tiny_chat_model(Path(tiny_model).parent / "reference")
-        initial = InProcessActorGroup(Actor(str(initial_path), attn_implementation="eager", param_dtype="bf16"))
+        initial = InProcessActorGroup(Actor(str(initial_path), attn_implementation="sdpa", param_dtype="bf16"))
     maker = GD2POExperienceMaker(InProcessActorGroup(actor), None, None, initial, FixedKLController(0.0), strategy,
                                  tokenizer)  # fmt: skip
     samples = rollout_samples(tokenizer)

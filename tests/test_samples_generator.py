@@ -340,7 +340,7 @@ def test_a_generation_call_that_feeds_two_async_steps_counts_its_totals_once(eng
     call = {key: steps[0][0][0].info[key].item() for key in ("gd2po/prompts_consumed", "gd2po/reward_requests")}
     assert call["gd2po/prompts_consumed"] == 4 and call["gd2po/reward_requests"] == 4  # a group each (4 > batch 3)
 
-    actor = InProcessActorGroup(Actor(str(tiny_model), attn_implementation="eager", param_dtype="bf16"))
+    actor = InProcessActorGroup(Actor(str(tiny_model), attn_implementation="sdpa", param_dtype="bf16"))
     maker = GD2POExperienceMaker(actor, None, None, None, FixedKLController(0.0), made.strategy, made.tokenizer)
     logged = []
     for samples, *_ in steps:

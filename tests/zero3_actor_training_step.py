@@ -52,7 +52,8 @@ def build_trainer(args, model_path):
     strategy.setup_ring_attn(strategy.ds_device_mesh)
     strategy.accumulated_gradient = args.train.batch_size // args.train.micro_batch_size
     torch.manual_seed(0)
-    actor = Actor(model_path, attn_implementation="eager", param_dtype="bf16", ds_config=strategy.get_ds_train_config())
+    # sdpa, as the real runs' actor (eager attention on the long ToolRL prompts: 72 -> 42 s for this module's test)
+    actor = Actor(model_path, attn_implementation="sdpa", param_dtype="bf16", ds_config=strategy.get_ds_train_config())
     actor_cfg = dict(optim="adam", adam=dict(vars(args.actor.adam)), lr_scheduler="constant", max_norm=args.actor.max_norm,
                      scheduler_steps=100)  # fmt: skip
     # torch's AdamW: DeepSpeed's CPU Adam would first compile a C++ op for a minute.

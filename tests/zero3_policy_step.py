@@ -30,7 +30,7 @@ def main(model_path, port):
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
         "bf16": {"enabled": True},
     }
-    actor = Actor(model_path, attn_implementation="eager", param_dtype="bf16", ds_config=ds_config)
+    actor = Actor(model_path, attn_implementation="sdpa", param_dtype="bf16", ds_config=ds_config)
     engine, *_ = deepspeed.initialize(model=actor, config=ds_config, model_parameters=actor.parameters())
 
     # Two queries x 4 rollouts; rollouts 1, 2 (query 0) and 5 (query 1) have mixed-sign dimensions.

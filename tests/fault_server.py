@@ -30,11 +30,12 @@ def main():
 
     async def get_reward(request):
         served["requests"] += 1
+        number = served["requests"]  # read now: requests that arrive together each count before any is answered
         if args.require_key and request.headers.get("Authorization") != f"Bearer {args.require_key}":
             return web.json_response({"detail": "missing or wrong API key"}, status=401)
         body = await request.json()
         await asyncio.sleep(args.delay)
-        if served["requests"] <= args.fail_first:
+        if number <= args.fail_first:
             return web.json_response({"detail": "warming up"}, status=500)
         if args.not_json:
             return web.Response(text="<html>oops</html>")

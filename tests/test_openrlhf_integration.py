@@ -18,7 +18,7 @@ import torch
 from openrlhf_gd2po.advantages import compute_advantages
 from openrlhf_gd2po.cli.train_gd2po_ray import SCORED_BY_REWARD_SERVERS, WORKER_SETUP_HOOK, engines_score_nothing, main
 from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
-from servers import free_port
+from servers import free_port, running_process
 from tiny_models import build_tiny_chat_model
 
 TESTS = Path(__file__).parent
@@ -211,6 +211,36 @@ def test_vanilla_estimator_with_reward_servers_is_openrlhf_group_norm(tiny_model
     got = torch.stack([adv[mask][-1] for e in experiences for adv, mask in zip(e.advantages, e.action_mask)])
     assert torch.allclose(got, expected, atol=1e-5)
     assert not any(key.startswith("gd2po/") for key in experiences[0].info)
+
+
+def test_rollouts_whose_reward_fetch_failed_get_no_advantage_and_the_rest_train_alone(tiny_model, toolcall_url,
+                                                                                        local_ray):
+    """--reward.on_failure mask in the experience maker: the fault server answers its first request (2 rollouts of
+    one group, --reward.batch_size 2) with HTTP 500, and no retry is allowed. Those rollouts get no advantage on any
+    token and are not kept; the others get the advantages the fetched rollouts alone give. OpenRLHF's real actor
+    step gives rollouts without advantage no policy gradient (test_training_step.py)."""
+    with running_process([sys.executable, str(TESTS / "fault_server.py"), "--fail-first", "1"]) as (fault, _):
+        servers = f"correctness={toolcall_url}#correctness,length={fault}#up"
+        args, _ = parse_cli(training_argv("gd2po_snr", servers, "--reward.on_failure", "mask", "--reward.retries", "0",
+                                          "--reward.batch_size", "2"))  # fmt: skip
+        experiences, samples, _ = make_experiences(tiny_model, args)
+    info = {key: torch.cat([e.info[key] for e in experiences])
+            for key in ("reward_fetch_failed", "reward/correctness", "reward/length", "gd2po/keep")}  # fmt: skip
+    fetched = info["reward_fetch_failed"] == 0
+    assert (~fetched).sum() == 2
+    rewards = torch.stack([info["reward/correctness"], info["reward/length"]], dim=1)[fetched]
+    lengths = torch.stack([s.action_mask.sum() for s in samples])[fetched]
+    expected = compute_advantages(rewards, (torch.arange(8) // N_SAMPLES)[fetched], "gd2po_snr", lengths,
+                                  snr_threshold=args.gd2po.snr_threshold)  # fmt: skip
+    assert expected.keep_mask.any()  # some fetched rollouts train
+    advantages = [(a, m) for e in experiences for a, m in zip(e.advantages, e.action_mask)]
+    for row, (advantage, action_mask) in enumerate(advantages):
+        if not fetched[row]:
+            assert (advantage == 0).all() and info["gd2po/keep"][row] == 0
+    kept = [advantages[row] for row in fetched.nonzero()[:, 0]]
+    for (advantage, action_mask), want in zip(kept, expected.advantages, strict=True):
+        assert torch.allclose(advantage[action_mask], want.expand(int(action_mask.sum())))
+    assert torch.equal(info["gd2po/keep"][fetched].bool(), expected.keep_mask)
 
 
 @ray.remote

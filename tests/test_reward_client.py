@@ -3,7 +3,9 @@
 import contextlib
 import logging
 import re
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 
 from openrlhf_gd2po import reward_http
 from openrlhf_gd2po.reward_client import RewardDimension, RewardServerError, fetch_rewards, parse_reward_servers
+from reward_servers.local import stop, wait_until_healthy
 from servers import running_process, running_server
 
 FAULT_SERVER = [sys.executable, str(Path(__file__).with_name("fault_server.py"))]
@@ -108,8 +111,9 @@ def test_missing_dimension_is_an_error():
             fetch(f"x={url}#nope")
 
 
-def test_server_killed_mid_batch():
-    """Batches answered before the kill keep their rewards; the rest fail, loudly or masked."""
+def test_server_killed_mid_batch_then_started_again():
+    """Batches answered before the kill keep their rewards; the rest fail, loudly or masked. Started again at the
+    same address, the server scores the next fetch in full (a step's dead server, back, serves the next step)."""
     with running_process([*FAULT_SERVER, "--delay", "0.4"]) as (url, server):
         threading.Timer(0.6, server.kill).start()  # after the first batch, during the second
         started = time.monotonic()
@@ -118,6 +122,14 @@ def test_server_killed_mid_batch():
     assert batch.failed.tolist() == [False] * 4 + [True] * 6
     assert torch.equal(batch.rewards[:4, 0], LENGTHS[:4])
     assert torch.isnan(batch.rewards[4:]).all()
+    with tempfile.TemporaryFile() as log:
+        again = subprocess.Popen([*FAULT_SERVER, "--port", url.rsplit(":", 1)[1]], stdout=log, stderr=log)
+        try:
+            wait_until_healthy(url, again, log)
+            batch = fetch(f"up={url}", batch_size=4, max_in_flight=1, retries=1, on_failure="mask")
+        finally:
+            stop(again, timeout=10)
+    assert not batch.failed.any() and torch.equal(batch.rewards[:, 0], LENGTHS)
 
 
 def test_api_key_from_environment(monkeypatch):

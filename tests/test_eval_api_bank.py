@@ -19,6 +19,7 @@ needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"needs 
 
 sys.path.insert(0, str(SCRIPTS))
 import api_bank_scoring as scoring  # noqa: E402
+import eval_api_bank  # noqa: E402
 
 ANSWER = [{"name": "QueryMeeting", "parameters": {"user_name": "John", "date": "2023-03-26"}}]
 CALL = '{"name": "QueryMeeting", "parameters": {"user_name": "John", "date": "2023-03-26"}}'
@@ -103,7 +104,7 @@ def run_eval(*args):
 
 
 @needs_shared_data
-def test_eval_api_bank_on_a_tiny_model(tmp_path):
+def test_eval_api_bank_on_a_tiny_model(tmp_path, capsys):
     model = build_tiny_chat_model(tmp_path / "tiny")
     output = tmp_path / "eval" / "api_bank.json"
     result = run_eval("--model", model, "--data-dir", SHARED_DATA / "api_bank", "--output", output, "--limit", 2,
@@ -127,15 +128,15 @@ def test_eval_api_bank_on_a_tiny_model(tmp_path):
     assert header == ["total", "scored", "accuracy", "format", "length"]
     assert any(line.startswith("overall") for line in result.stdout.splitlines())
 
+    # The cases below call the script's main in this process: the subprocess above ran its imports (5 s) already.
     # A prompt that does not fit max_model_len is not generated, reported, and left out (the authors' error.json).
-    short = run_eval("--model", model, "--data-dir", SHARED_DATA / "api_bank", "--output", output, "--limit", 1,
-                     "--levels", 2, "--max-model-len", 64, "--max-new-tokens", 4)  # fmt: skip
-    assert short.returncode == 0, short.stderr
+    eval_api_bank.main([*map(str, ("--model", model, "--data-dir", SHARED_DATA / "api_bank", "--output", output,
+                                   "--limit", 1, "--levels", 2, "--max-model-len", 64, "--max-new-tokens", 4))])  # fmt: skip
     report = json.loads(output.read_text())
     assert report["metrics"]["level2"]["total"] == 0 and report["samples"] == []
     assert report["settings"]["not_generated"][0]["level"] == 2
     assert "leaves no room within max_model_len 64" in report["settings"]["not_generated"][0]["error"]
-    assert "1 prompts not generated" in short.stderr
+    assert "1 prompts not generated" in capsys.readouterr().err
 
-    missing = run_eval("--model", model, "--data-dir", tmp_path, "--output", output, "--levels", 2)
-    assert missing.returncode != 0 and "level-2-api_processed.json: no such file" in missing.stderr
+    with pytest.raises(SystemExit, match="level-2-api_processed.json: no such file"):
+        eval_api_bank.main([*map(str, ("--model", model, "--data-dir", tmp_path, "--output", output, "--levels", 2))])

@@ -145,14 +145,20 @@ def test_an_agent_reward_no_dimension_reads_is_named_once(tokenizer, monkeypatch
     assert len(warnings) == 1 and "e.g. 1" in warnings[0] and "`NAME=agent`" in warnings[0], caplog.text
 
 
-def test_environment_tokens_carry_no_advantage_and_no_length(tiny_model, tokenizer, local_ray):
+@pytest.mark.parametrize("estimator", ["gdpo", "grpo", "gd2po_hard", "gd2po_snr"])
+def test_environment_tokens_carry_no_advantage_and_no_length(tiny_model, tokenizer, local_ray, estimator):
+    """Agent dimensions through each estimator; the environment's tokens are in no advantage and no length."""
     from openrlhf.models import Actor
     from openrlhf.trainer.ppo_utils.kl_controller import FixedKLController
 
     from openrlhf_gd2po.advantages import compute_advantages
     from openrlhf_gd2po.experience_maker import GD2POExperienceMaker
 
-    args = agent_args(SERVERS, estimator="gdpo")  # gdpo masks nothing: every rollout has an advantage
+    # SERVERS' four dimensions disagree in sign on every rollout, so GD²PO's filters would keep none: they get the
+    # two agent dimensions, which agree on rollouts 0 and 2 of each group (win 1, 0, 0, 1; calls 1, 1, 0, 0).
+    servers = SERVERS if estimator in ("gdpo", "grpo") else "win=agent,calls=agent#tool_calls"
+    names = [dimension.name for dimension in parse_reward_servers(servers)]
+    args = agent_args(servers, estimator=estimator)
     samples = agent_samples(tokenizer)[0] + agent_samples(tokenizer)[0]  # two groups of N_SAMPLES
     assert len(samples) == 2 * N_SAMPLES
     # after the model's first token, the tokens it did not write
@@ -163,10 +169,10 @@ def test_environment_tokens_carry_no_advantage_and_no_length(tiny_model, tokeniz
     maker = GD2POExperienceMaker(InProcessActorGroup(actor), None, None, None, FixedKLController(0.0),
                                  SimpleNamespace(args=args), tokenizer)  # fmt: skip
     experiences = maker.make_experience_batch(samples)
-    rewards = torch.cat([torch.stack([e.info[f"reward/{d}"] for d in ("win", "turns", "calls", "brevity")], 1)
-                         for e in experiences])  # fmt: skip
+    rewards = torch.cat([torch.stack([e.info[f"reward/{name}"] for name in names], 1) for e in experiences])
     lengths = torch.stack([s.action_mask.sum() for s in samples])  # the model's tokens only
-    expected = compute_advantages(rewards, torch.arange(8) // N_SAMPLES, "gdpo", lengths)
+    expected = compute_advantages(rewards, torch.arange(8) // N_SAMPLES, estimator, lengths,
+                                  snr_threshold=args.gd2po.snr_threshold)  # fmt: skip
     row = 0
     for experience in experiences:
         for advantages, action_mask in zip(experience.advantages, experience.action_mask.bool()):
@@ -176,4 +182,9 @@ def test_environment_tokens_carry_no_advantage_and_no_length(tiny_model, tokeniz
             assert (advantages[~action_mask] == 0).all()
             assert torch.allclose(advantages[action_mask], expected.advantages[row].float()), row
             row += 1
-    assert (expected.advantages != 0).all()
+    if estimator == "gdpo":  # masks nothing: every rollout has an advantage
+        assert (expected.advantages != 0).all()
+    if estimator.startswith("gd2po"):
+        assert expected.keep_mask.tolist() == [True, False, True, False] * 2
+    assert expected.advantages.any() and torch.equal(
+        torch.cat([e.info["gd2po/keep"] for e in experiences]).bool(), expected.keep_mask)

@@ -234,7 +234,7 @@ def test_rollouts_whose_reward_fetch_failed_get_no_advantage_and_the_rest_train_
                                   snr_threshold=args.gd2po.snr_threshold)  # fmt: skip
     assert expected.keep_mask.any()  # some fetched rollouts train
     advantages = [(a, m) for e in experiences for a, m in zip(e.advantages, e.action_mask)]
-    for row, (advantage, action_mask) in enumerate(advantages):
+    for row, (advantage, _) in enumerate(advantages):
         if not fetched[row]:
             assert (advantage == 0).all() and info["gd2po/keep"][row] == 0
     kept = [advantages[row] for row in fetched.nonzero()[:, 0]]

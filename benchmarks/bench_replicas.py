@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from openrlhf_gd2po.reward_client import RewardDimension, fetch_rewards
+from openrlhf_gd2po.reward_client import fetch_rewards
+from openrlhf_gd2po.reward_spec import RewardDimension
 from reward_servers.local import running_process
 
 HERE = Path(__file__).resolve().parent

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from openrlhf_gd2po.reward_client import RewardDimension, fetch_rewards
+from openrlhf_gd2po.reward_client import fetch_rewards
+from openrlhf_gd2po.reward_spec import RewardDimension
 from reward_servers.local import running_process
 
 HERE = Path(__file__).resolve().parent

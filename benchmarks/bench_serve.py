@@ -30,7 +30,8 @@ import time
 
 import torch
 
-from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
+from openrlhf_gd2po.reward_client import fetch_rewards
+from openrlhf_gd2po.reward_spec import parse_reward_servers
 from reward_servers.local import free_port, running_process, stop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

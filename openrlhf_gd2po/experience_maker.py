@@ -24,7 +24,8 @@ from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
 from openrlhf.utils.logging_utils import init_logger
 from openrlhf_gd2po.advantages import ESTIMATORS, compute_advantages
 from openrlhf_gd2po.agent_rewards import request_columns
-from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
+from openrlhf_gd2po.reward_client import fetch_rewards
+from openrlhf_gd2po.reward_spec import parse_reward_servers
 
 logger = init_logger(__name__)
 

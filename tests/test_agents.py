@@ -15,7 +15,8 @@ import torch
 
 from openrlhf_gd2po import agent_rewards
 from openrlhf_gd2po.agent_rewards import request_columns
-from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards, parse_reward_servers
+from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards
+from openrlhf_gd2po.reward_spec import parse_reward_servers
 from test_openrlhf_integration import N_SAMPLES, InProcessActorGroup, parse_cli, real_package_missing, training_argv
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from openrlhf_gd2po.reward_client import SPEC_FORMAT
+from openrlhf_gd2po.reward_spec import SPEC_FORMAT
 from reward_servers.local import running_process
 from test_openrlhf_integration import HELP_FLAGS
 

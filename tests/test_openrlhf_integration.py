@@ -17,7 +17,8 @@ import torch
 
 from openrlhf_gd2po.advantages import compute_advantages
 from openrlhf_gd2po.cli.train_gd2po_ray import SCORED_BY_REWARD_SERVERS, WORKER_SETUP_HOOK, engines_score_nothing, main
-from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers
+from openrlhf_gd2po.reward_client import fetch_rewards
+from openrlhf_gd2po.reward_spec import parse_reward_servers
 from servers import free_port, running_process
 from tiny_models import build_tiny_chat_model
 

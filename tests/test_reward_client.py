@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from openrlhf_gd2po import reward_http
-from openrlhf_gd2po.reward_client import RewardDimension, RewardServerError, fetch_rewards, parse_reward_servers
+from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards
+from openrlhf_gd2po.reward_spec import RewardDimension, parse_reward_servers
 from reward_servers.local import stop, wait_until_healthy
 from servers import running_process, running_server
 

@@ -22,7 +22,8 @@ from in_process import run_main
 from servers import KEY_VARIABLES, free_port
 from test_reward_servers import ROWS, THINK, batch, sample
 
-from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards, parse_reward_servers
+from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards
+from openrlhf_gd2po.reward_spec import parse_reward_servers
 from reward_servers.api_key import API_KEY_FILE_ENV
 
 API_KEY = "serve-key-123"

@@ -12,7 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from servers import running_server
 
-from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards, parse_reward_servers
+from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards
+from openrlhf_gd2po.reward_spec import parse_reward_servers
 from reward_servers.__main__ import build_parser, parse_args
 from reward_servers.api_key import API_KEY_ENV, API_KEY_FILE_ENV, check_exposure
 from reward_servers.app import create_app

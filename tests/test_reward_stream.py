@@ -7,7 +7,8 @@ import httpx
 import pytest
 import torch
 
-from openrlhf_gd2po.reward_client import RewardServerError, parse_reward_servers
+from openrlhf_gd2po.reward_client import RewardServerError
+from openrlhf_gd2po.reward_spec import parse_reward_servers
 from openrlhf_gd2po.reward_stream import RewardStream
 from test_reward_client import fault_server, within
 

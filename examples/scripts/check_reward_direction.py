@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 sys.path.append(str(Path(__file__).resolve().parents[2]))  # openrlhf_gd2po from a checkout
-from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards, parse_reward_servers  # noqa: E402
+from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards  # noqa: E402
+from openrlhf_gd2po.reward_spec import parse_reward_servers  # noqa: E402
 
 PROBES = Path(__file__).resolve().parents[1] / "data" / "reward_direction_probes.json"
 # (probe group, preferred answer, other answer) that each checked dimension must order.

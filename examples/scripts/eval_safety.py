@@ -28,7 +28,8 @@ from eval_generation import InputError, add_generation_arguments, check_generati
 from eval_report import print_table, write_report  # noqa: E402
 from prepare_toolrl_data import check_messages  # noqa: E402
 
-from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards, parse_reward_servers  # noqa: E402
+from openrlhf_gd2po.reward_client import RewardServerError, fetch_rewards  # noqa: E402
+from openrlhf_gd2po.reward_spec import parse_reward_servers  # noqa: E402
 
 
 def load_test_set(path: Path, limit: int | None) -> list[dict]:

@@ -31,7 +31,8 @@ from openrlhf_gd2po.cli.analyze_report import analyze_rewards, format_report  # 
 from openrlhf_gd2po.cli.generation import (  # noqa: E402
     keep_freed_memory, load_model, sample_rollouts, smollm2_checkpoint,
 )
-from openrlhf_gd2po.reward_client import fetch_rewards, parse_reward_servers  # noqa: E402
+from openrlhf_gd2po.reward_client import fetch_rewards  # noqa: E402
+from openrlhf_gd2po.reward_spec import parse_reward_servers  # noqa: E402
 from reward_servers.api_key import read_api_key  # noqa: E402
 from reward_servers.__main__ import positive_float, positive_int  # noqa: E402  (the servers' flag types, one definition)
 from reward_servers.local import exit_on_sigterm, running_process  # noqa: E402

@@ -25,7 +25,7 @@ from openrlhf_gd2po import cpu
 from openrlhf_gd2po.advantages import DYNAMIC_SAMPLING, ESTIMATORS
 from openrlhf_gd2po.cli.gpu_preflight import check_gpus
 from openrlhf_gd2po.lora_sync import lora_refusal
-from openrlhf_gd2po.reward_client import SPEC_FORMAT, parse_reward_servers, with_absolute_reward_files
+from openrlhf_gd2po.reward_spec import SPEC_FORMAT, parse_reward_servers, with_absolute_reward_files
 from reward_servers.api_key import API_KEY_ENV, API_KEY_FILE_ENV, ApiKeyError, read_api_key
 
 WORKER_SETUP_HOOK = "openrlhf_gd2po.install"

@@ -36,7 +36,7 @@ def parse_reward_servers(spec: str) -> list[RewardDimension]:
     """`name=target[#field],...` → dimensions; see SPEC_FORMAT. A URL without a path gets `/get_reward`.
 
     A reward file's path is made absolute against this process's working directory; the file is
-    imported at the first fetch (`load_reward_files`). Without `#field`, its first dimension.
+    imported at the first fetch (reward_client.load_reward_files). Without `#field`, its first dimension.
     """
     dimensions = []
     for item in filter(None, (part.strip() for part in spec.split(","))):

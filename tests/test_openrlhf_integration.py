@@ -238,8 +238,8 @@ def test_rollouts_whose_reward_fetch_failed_get_no_advantage_and_the_rest_train_
     for row, (advantage, _) in enumerate(advantages):
         if not fetched[row]:
             assert (advantage == 0).all() and info["gd2po/keep"][row] == 0
-    kept = [advantages[row] for row in fetched.nonzero()[:, 0]]
-    for (advantage, action_mask), want in zip(kept, expected.advantages, strict=True):
+    fetched_rows = [advantages[row] for row in fetched.nonzero()[:, 0]]
+    for (advantage, action_mask), want in zip(fetched_rows, expected.advantages, strict=True):
         assert torch.allclose(advantage[action_mask], want.expand(int(action_mask.sum())))
     assert torch.equal(info["gd2po/keep"][fetched].bool(), expected.keep_mask)
 
